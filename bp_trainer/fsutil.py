@@ -1,0 +1,75 @@
+"""Filesystem helpers: atomic writes and input protection.
+
+`atomic_path` yields a temporary path in the target's folder; on success the file is fsynced and renamed
+over the target, so readers see either the old file or the complete new one, and a failure (exception,
+disk full, kill -9) leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Iterable
+
+from bp_trainer.errors import BPError
+
+
+def same_file(a: "str | os.PathLike[str]", b: "str | os.PathLike[str]") -> bool:
+    """True when both paths name the same existing file (or the same path when one does not exist yet)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def refuse_overwriting_inputs(out: "str | os.PathLike[str]", inputs: Iterable["str | os.PathLike[str] | None"]) -> None:
+    """Raise a BPError when `out` is one of the input files: inputs are never overwritten."""
+    for src in inputs:
+        if src is not None and os.path.exists(src) and same_file(out, src):
+            raise BPError("the output would overwrite an input file", path=out, hint="choose another output name")
+
+
+def fsync_dir(path: "str | os.PathLike[str]") -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: "str | os.PathLike[str]", *, mode: int | None = 0o644) -> Iterator[Path]:
+    """Yield a temporary file path next to `target`; rename it over `target` when the block succeeds.
+
+    The caller writes the temporary path (any library may write it). On an exception the temporary file
+    is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(target: "str | os.PathLike[str]", data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: "str | os.PathLike[str]", text: str, encoding: str = "utf-8") -> None:
+    atomic_write_bytes(target, text.encode(encoding))

@@ -1,0 +1,108 @@
+"""A tiny, seeded Stable-Diffusion-1.x-shaped model for tests, benchmarks and the demo.
+
+Same component classes and block structure as SD 1.x (cross-attention UNet, 4-level KL VAE with a
+factor-8 latent, CLIP text encoder with the full 49408-token vocabulary and the real tokenizer), only
+narrow: about 3-4 M parameters, so a training step takes milliseconds on a CPU. Built offline (no hub).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bp_trainer.clip_vocab import VOCAB_SIZE, write_tokenizer_files
+
+UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+)
+
+TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=32,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
+
+# SD 1.x noise schedule (the scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    skip_prk_steps=True,
+    trained_betas=None,
+)
+
+
+def build_components(seed: int = 0, vae_seed: int | None = None) -> dict[str, Any]:
+    """unet, vae, text_encoder (fp32, eval mode) and scheduler, deterministically initialised."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    torch.manual_seed(seed + 1 if vae_seed is None else vae_seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    scheduler = PNDMScheduler.from_config(SCHEDULER_CONFIG)
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "scheduler": scheduler}
+
+
+def save_diffusers_folder(components: dict[str, Any], out_dir: "str | os.PathLike[str]") -> Path:
+    """Write a StableDiffusionPipeline-style diffusers folder (no safety checker) readable offline."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    components["unet"].save_pretrained(out / "unet")
+    components["vae"].save_pretrained(out / "vae")
+    components["text_encoder"].save_pretrained(out / "text_encoder")
+    components["scheduler"].save_pretrained(out / "scheduler")
+    write_tokenizer_files(out / "tokenizer")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return out
