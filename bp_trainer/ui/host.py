@@ -1,0 +1,53 @@
+"""What the tab needs from its surroundings: the `Host` protocol.
+
+The WebUI implementation lives in `scripts/` (it talks to `modules.*`); the standalone one is
+`StandaloneHost` in `bp_trainer.ui.standalone`. The tab calls only these methods, so the same UI code
+runs in both places and is testable with a fake host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Host(Protocol):
+    name: str  # "webui" or "standalone"
+
+    # Models
+    def list_checkpoints(self) -> list[str]:
+        """Display names of the available checkpoints (the WebUI's checkpoint titles)."""
+
+    def checkpoint_path(self, name: str) -> str:
+        """File path of a checkpoint named by `list_checkpoints`."""
+
+    def list_vaes(self) -> list[str]:
+        """Display names of the available VAE files."""
+
+    def vae_path(self, name: str) -> str:
+        """File path of a VAE named by `list_vaes`."""
+
+    def refresh_models(self) -> None:
+        """Re-scan checkpoints and VAEs (after a merge or a training save)."""
+
+    def checkpoint_dir(self) -> str:
+        """Folder where merged/trained checkpoints are written so they show up in the checkpoint list."""
+
+    # Tokenizer
+    def tokenizer(self) -> Any:
+        """A CLIPTokenizer-like object: the loaded model's when there is one, else the offline vocabulary's."""
+
+    # Training
+    def runs_dir(self) -> str:
+        """Folder holding one sub-folder per training run."""
+
+    def trainer_python(self) -> str:
+        """Python executable of the trainer's own environment."""
+
+    def release_gpu(self) -> None:
+        """Before a run: move the host's model off the GPU (and make generation wait, unless opted out)."""
+
+    def reclaim_gpu(self) -> None:
+        """After a run: take the GPU back (model back to the device; generation may run again)."""
+
+    def generation_may_run_during_training(self) -> bool:
+        """The user's setting: let generation run while a training run holds the GPU."""
