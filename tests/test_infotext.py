@@ -1,0 +1,141 @@
+"""Infotext parsing against real WebUI v1.10.1 infotexts, and the `infotext` CLI command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bp_trainer import cli
+from bp_trainer.errors import BPError
+from bp_trainer.presets import hires_enabled_on_paste, parse_infotext, preset_from_infotext, quote, split_infotext
+from tests.conftest import load_fixture
+
+CASES = load_fixture("a1111-infotexts.json")["cases"]
+# (case index, infotext index) for every real infotext
+ALL = [(i, j) for i, case in enumerate(CASES) for j in range(len(case["infotexts"]))]
+
+
+@pytest.mark.parametrize("ci,ti", ALL)
+def test_real_infotexts_parse_to_the_request(ci, ti):
+    req = CASES[ci]["request"]
+    text = CASES[ci]["infotexts"][ti]
+    res = parse_infotext(text)
+    assert res["Prompt"] == req["prompt"]
+    assert res["Negative prompt"] == req["negative_prompt"]
+    assert int(res["Steps"]) == req["steps"]
+    assert res["Sampler"] == req["sampler_name"]
+    assert float(res["CFG scale"]) == float(req["cfg_scale"])
+    assert int(res["Seed"]) == req["seed"] + ti  # batch images get consecutive seeds
+    assert (int(res["Size-1"]), int(res["Size-2"])) == (req["width"], req["height"])
+    overrides = req.get("override_settings", {})
+    assert res["Clip skip"] == str(overrides.get("CLIP_stop_at_last_layers", 1))
+    # values stay strings, as in the WebUI
+    assert isinstance(res["Steps"], str) and res["Version"] == "v1.10.1"
+    assert hires_enabled_on_paste(res) == bool(req.get("enable_hr"))
+
+
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_preset_from_real_infotext_matches_request(ci):
+    req = CASES[ci]["request"]
+    preset = preset_from_infotext(CASES[ci]["infotexts"][0], "p")
+    overrides = req.get("override_settings", {})
+    assert preset.clip_skip == overrides.get("CLIP_stop_at_last_layers", 1)
+    # ENSD is written only for samplers that use it (Euler a); Euler drops it, so the preset says 0 then
+    expected_ensd = overrides.get("eta_noise_seed_delta", 0) if req["sampler_name"] == "Euler a" else 0
+    assert preset.ensd == expected_ensd
+    assert preset.steps == req["steps"] and preset.sampler == req["sampler_name"]
+    assert preset.cfg_scale == float(req["cfg_scale"])
+    if req.get("enable_hr"):
+        assert preset.hires is not None
+        assert preset.hires.upscaler == req["hr_upscaler"]
+        assert preset.hires.scale == float(req["hr_scale"])
+        assert preset.hires.denoising == float(req["denoising_strength"])
+        assert preset.hires.steps == req.get("hr_second_pass_steps", 0)
+    else:
+        assert preset.hires is None
+
+
+def test_quoted_values_multiline_prompts_and_defaults():
+    params = {
+        "Steps": 20,
+        "Sampler": "Euler a",
+        "Hires prompt": "1girl, (smile:1.2)\nsecond line",
+        "Lora hashes": "abc: 0123456789ab, def: ba9876543210",
+        "Hires resize": "1024x1536",
+        "BP preset": "My preset, v2",
+    }
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items())
+    text = "masterpiece\n(best quality)\nNegative prompt: lowres\nbad hands\n" + line
+    res = parse_infotext(text)
+    assert res["Prompt"] == "masterpiece\n(best quality)"
+    assert res["Negative prompt"] == "lowres\nbad hands"
+    assert res["Hires prompt"] == params["Hires prompt"]
+    assert res["Lora hashes"] == params["Lora hashes"]
+    assert res["BP preset"] == "My preset, v2"
+    assert (res["Hires resize-1"], res["Hires resize-2"]) == ("1024", "1536")
+    assert res["Emphasis"] == "Original"  # the prompt uses ( ) emphasis
+    assert res["Clip skip"] == "1" and res["Schedule type"] == "Automatic" and res["RNG"] == "GPU"
+    assert parse_infotext(text, skip_fields=["Lora hashes"]).get("Lora hashes") is None
+
+
+def test_a_short_last_line_is_prompt_not_parameters():
+    prompt, negative, params = split_infotext("a cat\nSteps: 20, Seed: 1")
+    assert prompt == "a cat\nSteps: 20, Seed: 1" and negative == "" and params == {}
+    assert "Emphasis" not in parse_infotext("a cat, Steps: 20, Seed: 1, Sampler: Euler")
+
+
+def test_old_first_pass_size_is_converted_like_the_webui():
+    res = parse_infotext("x\nSteps: 20, Sampler: Euler a, Size: 1024x1536, First pass size: 0x0, Denoising strength: 0.6")
+    # first pass: scale = sqrt(512*512 / (1024*1536)), rounded up to multiples of 64
+    assert (res["Size-1"], res["Size-2"]) == (448, 640)
+    assert (res["Hires resize-1"], res["Hires resize-2"]) == (1024, 1536)
+    preset = preset_from_infotext("x\nSteps: 20, Sampler: Euler a, Hires resize: 1024x1536, Denoising strength: 0.6")
+    assert preset.hires is not None and (preset.hires.resize_x, preset.hires.resize_y) == (1024, 1536)
+
+
+def test_old_sampler_names_carry_the_schedule():
+    p = preset_from_infotext("x\nSteps: 28, Sampler: DPM++ 2M Karras, CFG scale: 7, Clip skip: 2")
+    assert (p.sampler, p.scheduler) == ("DPM++ 2M", "Karras")
+    p = preset_from_infotext("x\nSteps: 28, Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale: 7")
+    assert (p.sampler, p.scheduler) == ("DPM++ 2M", "Exponential")
+    p = preset_from_infotext("x\nSteps: 28, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7")
+    assert (p.sampler, p.scheduler) == ("Euler a", None)
+
+
+def test_img2img_denoising_alone_is_not_hires():
+    p = preset_from_infotext("x\nSteps: 28, Sampler: Euler a, CFG scale: 7, Denoising strength: 0.4, Clip skip: 2")
+    assert p.hires is None and p.clip_skip == 2
+
+
+def test_bad_numbers_and_missing_parameter_line_are_user_errors():
+    with pytest.raises(BPError, match="Clip skip: two"):
+        preset_from_infotext("x\nSteps: 28, Sampler: Euler a, Clip skip: two")
+    with pytest.raises(BPError, match="no parameter line"):
+        preset_from_infotext("just a prompt")
+
+
+def test_cli_infotext_json_and_save(tmp_path, capsys):
+    text = CASES[1]["infotexts"][0]
+    out = tmp_path / "presets.yaml"
+    rc = cli.main(["infotext", text, "--json", "--name", "NAI style", "--save", str(out)])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fields"]["ENSD"] == "31337" and result["fields"]["Size-2"] == "96"
+    assert result["preset"] == {"name": "NAI style", "description": "from an infotext", "clip_skip": 2, "ensd": 31337,
+                                "steps": 3, "sampler": "Euler a", "cfg_scale": 12.0}
+    from bp_trainer.presets import load_user_presets
+
+    [saved] = load_user_presets(out)
+    assert saved.name == "NAI style" and saved.ensd == 31337
+    # the same name again is refused (exit 2, one line naming the file)
+    rc = cli.main(["infotext", text, "--name", "NAI style", "--save", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already exists" in err and str(out) in err
+
+
+def test_cli_infotext_human_and_empty(capsys):
+    rc = cli.main(["infotext", CASES[2]["infotexts"][0]])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Hires upscaler" in out and "hires Latent x2 at denoising 0.7" in out
+    assert cli.main(["infotext", "  "]) == 2
