@@ -1,0 +1,116 @@
+"""The WebUI's 75-token chunking (`sd_hijack_clip.TextConditionalModel.tokenize_line`), on token ids only.
+
+A prompt becomes chunks of 75 tokens (plus BOS and EOS = 77 ids each). A chunk closes when it is full, or at
+`BREAK`. When a chunk is full and a comma occurred within its last `backtrack` tokens (the WebUI setting
+"Prompt word wrap length limit", `comma_padding_backtrack`, default 20), the tokens after that comma move to
+the next chunk, so a tag is not cut in two. The count the WebUI shows is 75 per closed chunk plus the real
+tokens of the last one; the limit is the next multiple of 75.
+
+Pure functions: no tokenizer, no model. Textual-inversion embeddings are not expanded here (their names are
+counted as the text tokens they are written with).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Tuple
+
+CHUNK_LENGTH = 75
+COMMA_ID = 267  # ',</w>' in the CLIP ViT-L/14 vocabulary
+BOS_ID = 49406
+EOS_ID = 49407
+DEFAULT_BACKTRACK = 20
+
+# One segment of a parsed prompt: its (token id, weight) pairs, or None for a BREAK.
+Segment = Optional[Sequence[Tuple[int, float]]]
+
+
+@dataclass
+class Chunk:
+    """One 77-id chunk. `start`/`end` are positions in the prompt's flat token stream (end exclusive)."""
+
+    index: int
+    start: int
+    end: int
+    ids: list = field(repr=False)  # 77 ids: BOS, tokens, EOS padding, EOS
+    multipliers: list = field(repr=False)
+    closed_by: str  # "full", "comma" (text after the last comma moved on), "BREAK", "end"
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+    @property
+    def padding(self) -> int:
+        return CHUNK_LENGTH - self.count
+
+    def to_dict(self, with_ids: bool = False) -> dict:
+        d = {"index": self.index, "start": self.start, "end": self.end, "tokens": self.count,
+             "padding": self.padding, "closed_by": self.closed_by}
+        if with_ids:
+            d["ids"] = list(self.ids)
+            d["multipliers"] = list(self.multipliers)
+        return d
+
+
+def target_token_count(count: int, chunk_length: int = CHUNK_LENGTH) -> int:
+    """The limit shown beside the count: `ceil(max(count, 1) / 75) * 75`."""
+    return math.ceil(max(count, 1) / chunk_length) * chunk_length
+
+
+def chunk_segments(segments: Iterable[Segment], *, backtrack: int = DEFAULT_BACKTRACK,
+                   comma_id: int = COMMA_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
+                   chunk_length: int = CHUNK_LENGTH) -> tuple[list[Chunk], int]:
+    """(chunks, token_count) for a prompt given as segments of (id, weight) pairs and BREAKs (None)."""
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    mults: list[float] = []
+    first = 0  # flat position of ids[0]
+    count = 0
+    last_comma = -1
+
+    def close(reason: str, last: bool = False) -> None:
+        nonlocal ids, mults, first, count, last_comma
+        count += len(ids) if last else chunk_length
+        pad = max(0, chunk_length - len(ids))
+        chunks.append(Chunk(
+            index=len(chunks), start=first, end=first + len(ids),
+            ids=[bos_id] + ids + [eos_id] * pad + [eos_id],
+            multipliers=[1.0] + mults + [1.0] * pad + [1.0],
+            closed_by=reason,
+        ))
+        first += len(ids)
+        ids, mults = [], []
+        last_comma = -1
+
+    for segment in segments:
+        if segment is None:
+            close("BREAK")
+            continue
+        for token, weight in segment:
+            if token == comma_id:
+                last_comma = len(ids)
+            elif (backtrack != 0 and len(ids) == chunk_length and last_comma != -1
+                  and len(ids) - last_comma <= backtrack):
+                cut = last_comma + 1
+                moved_ids, moved_mults = ids[cut:], mults[cut:]
+                ids, mults = ids[:cut], mults[:cut]
+                close("comma")
+                ids, mults = moved_ids, moved_mults
+            if len(ids) == chunk_length:
+                close("full")
+            ids.append(token)
+            mults.append(weight)
+
+    if ids or not chunks:
+        close("end", last=True)
+    return chunks, count
+
+
+def chunk_dicts(chunks: Sequence[Chunk], with_ids: bool = False) -> list[dict]:
+    return [c.to_dict(with_ids) for c in chunks]
+
+
+__all__ = ["Chunk", "chunk_segments", "target_token_count", "chunk_dicts",
+           "CHUNK_LENGTH", "COMMA_ID", "BOS_ID", "EOS_ID", "DEFAULT_BACKTRACK"]

@@ -1,0 +1,195 @@
+"""How CLIP reads a prompt: the WebUI's token counter, its 75-token chunks, and every tag with its weight,
+BPE pieces and ids.
+
+    >>> from bp_trainer.tokens import inspect_prompt
+    >>> r = inspect_prompt("(masterpiece:1.2), long_hair")    # doctest: +SKIP
+    >>> r["count"], r["limit"], r["tags"][1]["pieces"]          # doctest: +SKIP
+    (5, 75, ['long</w>', '_</w>', 'hair</w>'])
+
+A tag is a comma-separated piece of the prompt after emphasis parsing (`(masterpiece:1.2)` is the tag
+`masterpiece` with weight 1.2). Token ids are exactly those the WebUI feeds to CLIP: each emphasis segment is
+tokenized on its own, as `tokenize_line` does.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from bp_trainer.errors import BPError
+from bp_trainer.tokens.attention import is_break, parse_prompt_attention
+from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, Chunk, chunk_segments, target_token_count
+from bp_trainer.tokens.schedules import counter_prompts, strip_extra_networks, unique
+from bp_trainer.tokens.tokenizer import TokenizerView
+
+
+@dataclass
+class LineTokens:
+    """One prompt line tokenized and chunked the WebUI's way."""
+
+    text: str
+    parsed: list  # [[text, weight], ...] with ["BREAK", -1] markers
+    chunks: list  # [Chunk]
+    count: int
+    tags: list  # [dict]
+
+    @property
+    def limit(self) -> int:
+        return target_token_count(self.count)
+
+
+def _parse(text: str, emphasis: bool) -> list:
+    if not emphasis:
+        return [[text, 1.0]]
+    try:
+        return parse_prompt_attention(text)
+    except ValueError as exc:  # e.g. '(x:1.2.3)': the WebUI fails the same way
+        raise BPError(f"the prompt's emphasis weight is not a number ({exc})", hint="write weights like (tag:1.2)") from exc
+
+
+def _segment_tags(text: str, weight: float, ids: list[int], view: TokenizerView) -> list[tuple[str, list[int]]]:
+    """Split one emphasis segment at its commas: [(piece text, piece ids)], the ids summing to `ids`.
+
+    Each comma-separated piece is tokenized alone; when that equals the segment's own tokenization with comma
+    tokens between (the usual case) the pieces are exact. Otherwise (a comma glued to other punctuation such
+    as ',,' is one BPE token) the segment's ids are split at its comma tokens, or kept as one piece.
+    """
+    pieces = text.split(",")
+    if len(pieces) == 1:
+        return [(text, ids)]
+    piece_ids = view.encode_many(pieces)
+    joined: list[int] = []
+    for i, p in enumerate(piece_ids):
+        if i:
+            joined.append(view.comma_id)
+        joined.extend(p)
+    if joined == ids:
+        return list(zip(pieces, piece_ids))
+    groups: list[list[int]] = [[]]
+    for t in ids:
+        if t == view.comma_id:
+            groups.append([])
+        else:
+            groups[-1].append(t)
+    if len(groups) == len(pieces):
+        return list(zip(pieces, groups))
+    return [(text, ids)]
+
+
+def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_BACKTRACK,
+                  emphasis: bool = True) -> LineTokens:
+    """Chunks, count and tags of one prompt line (no schedule expansion), as `tokenize_line` in the WebUI.
+
+    `emphasis=False` is the WebUI's emphasis mode "None" (brackets are literal text).
+    """
+    view = TokenizerView.of(tokenizer)
+    parsed = _parse(text, emphasis)
+    texts = [t for t, w in parsed if not is_break([t, w])]
+    seg_ids = iter(view.encode_many(texts))
+
+    segments: list[Optional[list[tuple[int, float]]]] = []
+    tags: list[dict] = []
+    current: dict | None = None
+    pos = 0
+
+    def close_tag() -> None:
+        nonlocal current
+        if current is not None and (current["text"].strip() or current["ids"]):
+            tags.append(current)
+        current = None
+
+    for seg_text, weight in parsed:
+        if is_break([seg_text, weight]):
+            close_tag()
+            segments.append(None)
+            continue
+        ids = next(seg_ids)
+        segments.append([(t, weight) for t in ids])
+        for i, (piece_text, piece_ids) in enumerate(_segment_tags(seg_text, weight, ids, view)):
+            if i:  # a comma token separates this piece from the previous one
+                close_tag()
+                pos += 1
+            if current is None:
+                current = {"text": "", "ids": [], "weights": [], "start": pos}
+            current["text"] += piece_text
+            current["ids"].extend(piece_ids)
+            current["weights"].extend([weight] * len(piece_ids))
+            pos += len(piece_ids)
+    close_tag()
+
+    chunks, count = chunk_segments(segments, backtrack=backtrack, comma_id=view.comma_id,
+                                   bos_id=view.bos_id, eos_id=view.eos_id)
+    for tag in tags:
+        _finish_tag(tag, chunks, view)
+    return LineTokens(text=text, parsed=parsed, chunks=chunks, count=count, tags=tags)
+
+
+def _chunk_at(chunks: list[Chunk], position: int) -> int:
+    for c in chunks:
+        if c.start <= position < c.end:
+            return c.index
+    return chunks[-1].index if chunks else 0
+
+
+def _finish_tag(tag: dict, chunks: list[Chunk], view: TokenizerView) -> None:
+    weights = tag["weights"]
+    tag["text"] = tag["text"].strip()
+    tag["end"] = tag["start"] + len(tag["ids"])
+    tag["pieces"] = view.pieces(tag["ids"])
+    if weights:
+        counts = Counter(weights)
+        top = max(counts.values())
+        tag["weight"] = next(w for w in weights if counts[w] == top)  # the most frequent; first seen on ties
+    else:
+        tag["weight"] = 1.0
+    tag["mixed_weights"] = len(set(weights)) > 1
+    tag["chunk"] = _chunk_at(chunks, tag["start"])
+    tag["crosses_chunk"] = bool(tag["ids"]) and _chunk_at(chunks, tag["end"] - 1) != tag["chunk"]
+    order = ["text", "weight", "pieces", "ids", "weights", "mixed_weights", "start", "end", "chunk", "crosses_chunk"]
+    items = {k: tag[k] for k in order}
+    tag.clear()
+    tag.update(items)
+
+
+def token_counter(text: str, tokenizer: Any = None, *, steps: int = 20, negative: bool = False,
+                  backtrack: int = DEFAULT_BACKTRACK, emphasis: bool = True, hires_steps: int | None = None,
+                  use_old_scheduling: bool = False) -> tuple[int, int]:
+    """(count, limit) exactly as the WebUI's prompt box shows them for `steps` sampling steps."""
+    best = max(_variants(text, tokenizer, steps, negative, backtrack, emphasis, hires_steps, use_old_scheduling),
+               key=lambda v: v.count)
+    return best.count, best.limit
+
+
+def _variants(text, tokenizer, steps, negative, backtrack, emphasis, hires_steps, use_old_scheduling) -> list[LineTokens]:
+    texts = unique(counter_prompts(text, steps, negative=negative, hires_steps=hires_steps,
+                                   use_old_scheduling=use_old_scheduling))
+    return [tokenize_line(t, tokenizer, backtrack=backtrack, emphasis=emphasis) for t in texts]
+
+
+def inspect_prompt(text: str, tokenizer: Any = None, *, steps: int = 20, negative: bool = False,
+                   backtrack: int = DEFAULT_BACKTRACK, emphasis: bool = True, hires_steps: int | None = None,
+                   use_old_scheduling: bool = False, with_ids: bool = False) -> dict:
+    """Everything the inspector shows for a prompt, as a JSON-ready dict.
+
+    `count`/`limit` are the WebUI's counter (the largest over `AND` parts and schedule variants at `steps`).
+    `chunks` and `tags` describe the variant that gives that count (`text`); `variants` lists each distinct
+    text the counter measured with its own count.
+    """
+    if steps < 1:
+        raise BPError("steps must be at least 1", hint="pass --steps N with N >= 1")
+    variants = _variants(text, tokenizer, steps, negative, backtrack, emphasis, hires_steps, use_old_scheduling)
+    best = max(variants, key=lambda v: v.count)
+    _, networks = strip_extra_networks(text)
+    return {
+        "prompt": text,
+        "negative": negative,
+        "steps": steps,
+        "count": best.count,
+        "limit": best.limit,
+        "text": best.text,
+        "chunks": [c.to_dict(with_ids) for c in best.chunks],
+        "tags": best.tags,
+        "variants": [{"text": v.text, "count": v.count, "limit": v.limit} for v in variants],
+        "extra_networks": networks,
+    }

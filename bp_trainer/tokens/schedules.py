@@ -1,0 +1,171 @@
+"""Prompt editing and alternation (`[a:b:0.4]`, `[a::10]`, `[a:12]`, `[a|b]`), extra networks and `AND`,
+as the WebUI v1.10.1 expands them before it counts tokens (`modules/ui.py::update_token_counter`).
+
+The WebUI parses schedules with a lark Earley grammar; the same grammar is used here (lark is imported lazily,
+so the rest of `bp_trainer.tokens` works without it), because an Earley parser resolves this ambiguous grammar
+in ways a hand-written parser would only approximate.
+
+Step rules (new timelines, the WebUI default): a number written with a '.' is a fraction of the steps, an
+integer is an absolute step; with `use_old_scheduling` a value below 1 is a fraction. A value is clamped to
+the step count; the text before `:` is used up to and including that step.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Iterable
+
+from bp_trainer.errors import BPError
+
+# Extra networks `<lora:name:0.8>` / `<hypernet:...>` are removed before counting (extra_networks.re_extra_net).
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+# Composable diffusion: sub-prompts separated by the word AND, each with an optional ':weight' at its end.
+AND_SPLIT = re.compile(r"\bAND\b")
+AND_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+_GRAMMAR = r"""
+!start: (prompt | /[][():]/+)*
+prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
+!emphasized: "(" prompt ")"
+           | "(" prompt ":" prompt ")"
+           | "[" prompt "]"
+scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
+alternate: "[" prompt ("|" [prompt])+ "]"
+WHITESPACE: /\s+/
+plain: /([^\\\[\]():|]|\\.)+/
+%import common.SIGNED_NUMBER -> NUMBER
+"""
+
+
+def _lark():
+    try:
+        import lark
+    except ImportError as exc:  # pragma: no cover - lark is pinned in requirements and present in the WebUI
+        raise BPError("prompt schedules need the `lark` package", hint="pip install lark==1.1.2") from exc
+    return lark
+
+
+@functools.lru_cache(maxsize=1)
+def _parser():
+    lark = _lark()
+    # maybe_placeholders=True: an absent optional `[x]` is a None child, so `scheduled` always has 5 children.
+    return lark.Lark(_GRAMMAR, maybe_placeholders=True)
+
+
+def strip_extra_networks(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """The prompt without `<name:args>` tags, and those tags as `{"name", "args"}` (extra_networks.parse_prompt)."""
+    found: list[dict[str, Any]] = []
+
+    def take(m: "re.Match[str]") -> str:
+        found.append({"name": m.group(1), "args": m.group(2).split(":")})
+        return ""
+
+    return EXTRA_NETWORK.sub(take, text), found
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """Sub-prompts of a positive prompt split on `AND`, each with its weight (get_multicond_prompt_list).
+
+    Equal sub-prompt texts are kept once, in first-seen order, as the WebUI's flat list does.
+    """
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for sub in AND_SPLIT.split(prompt):
+        m = AND_WEIGHT.search(sub)
+        text, weight = m.groups() if m is not None else (sub, None)
+        if text not in seen:
+            seen.add(text)
+            out.append((text, float(weight) if weight is not None else 1.0))
+    return out
+
+
+def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
+                    use_old_scheduling: bool = False) -> list[tuple[int, str]]:
+    """`[(last_step, text), ...]`: the text the model sees up to each step (get_learned_conditioning_prompt_schedules).
+
+    A prompt that does not parse is used as it is for all steps, as in the WebUI.
+    """
+    lark = _lark()
+    if hires_steps is None or use_old_scheduling:
+        int_offset, frac_offset, total = 0, 0.0, steps
+    else:
+        int_offset, frac_offset, total = steps, 1.0, hires_steps
+
+    try:
+        tree = _parser().parse(prompt)
+    except lark.exceptions.LarkError:
+        return [(total, prompt)]
+
+    switch_steps = {total}
+    has_alternation = False
+    for node in tree.iter_subtrees():
+        if node.data == "scheduled":
+            raw = node.children[-2]
+            value = float(raw)
+            if use_old_scheduling:
+                value = value * total if value < 1 else value
+            elif "." in raw:
+                value = (value - frac_offset) * total
+            else:
+                value = value - int_offset
+            when = min(total, int(value))
+            node.children[-2] = when  # resolved once; read by _text_at
+            if when >= 1:
+                switch_steps.add(when)
+        elif node.data == "alternate":
+            has_alternation = True
+    if has_alternation:
+        switch_steps.update(range(1, total + 1))
+
+    return [(step, _text_at(tree, step)) for step in sorted(switch_steps)]
+
+
+def _text_at(tree: Any, step: int) -> str:
+    parts: list[str] = []
+    _emit(tree, step, parts)
+    return "".join(parts)
+
+
+def _emit(node: Any, step: int, parts: list[str]) -> None:
+    """Append the text of `node` at `step` (iterative over siblings, recursive over depth like the WebUI)."""
+    if node is None:
+        return
+    if isinstance(node, str):  # a lark Token (WHITESPACE, brackets kept by `!` rules, plain text)
+        parts.append(str(node))
+        return
+    kind = node.data
+    children = node.children
+    if kind == "plain":
+        parts.append(str(children[0]))
+    elif kind == "scheduled":
+        before, after, _ws1, when, _ws2 = children
+        _emit(before if step <= when else after, step, parts)
+    elif kind == "alternate":
+        options = list(children)
+        _emit(options[(step - 1) % len(options)], step, parts)
+    else:  # start, prompt, emphasized: their children in order
+        for child in children:
+            _emit(child, step, parts)
+
+
+def counter_prompts(text: str, steps: int = 20, *, negative: bool = False,
+                    hires_steps: int | None = None, use_old_scheduling: bool = False) -> list[str]:
+    """Every text the WebUI's token counter measures for this prompt (the counter shows the maximum).
+
+    Extra networks are removed; a positive prompt is split on AND (a negative one is not); each part is
+    expanded into its schedule variants.
+    """
+    stripped, _ = strip_extra_networks(text)
+    try:
+        parts = [stripped] if negative else [t for t, _ in split_and(stripped)]
+        schedules = [prompt_schedule(p, steps, hires_steps, use_old_scheduling) for p in parts]
+    except BPError:
+        raise
+    except Exception:  # the WebUI falls back to the raw text when expansion fails while typing
+        schedules = [[(steps, stripped)]]
+    return [t for schedule in schedules for _, t in schedule]
+
+
+def unique(texts: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(texts))
