@@ -1,0 +1,159 @@
+"""Progress as JSON lines: `RUN_DIR/events.jsonl`, written by the trainer, followed by UIs.
+
+One JSON object per line, each with `type` and `time` (Unix seconds):
+
+- `start`: run_dir, config, world_size, total_steps, epochs, resumed_from_step, images, buckets
+- `step`: step, epoch, loss, lr, images_per_second, eta_seconds, total_steps
+- `sample`: step, path, prompt, ema
+- `checkpoint`: step, epoch, reason, files {kind: {path, sha256, autov2, legacy}}, state
+- `warning`: message
+- `error`: message
+- `done`: step, reason (finished | stopped), outputs
+
+The file is append-only, so a UI follows a run by remembering a byte offset (`follow`) and re-attaches
+after a restart by reading from 0. Only complete lines are returned, so a line being written is picked up
+on the next call. Importable without torch (the WebUI process uses `follow`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+EVENTS_FILE = "events.jsonl"
+TYPES = ("start", "step", "sample", "checkpoint", "warning", "error", "done")
+
+
+class EventWriter:
+    """Appends events to RUN_DIR/events.jsonl (main process only) and echoes them.
+
+    echo: "json" prints every event line to stdout (a pipe, a log); "human" prints non-step events as
+    short lines (a terminal with a tqdm bar shows the steps); "none" prints nothing.
+    """
+
+    def __init__(self, run_dir: "str | os.PathLike[str]", *, enabled: bool = True, echo: str = "json"):
+        self.path = Path(run_dir) / EVENTS_FILE
+        self.enabled = enabled
+        self.echo = echo
+        self._fh = None
+        self.listeners: List[Any] = []
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+
+    def emit(self, type: str, **fields: Any) -> Dict[str, Any]:
+        event = {"type": type, "time": round(time.time(), 3), **fields}
+        if not self.enabled:
+            return event
+        line = json.dumps(event, ensure_ascii=False, default=str)
+        assert self._fh is not None
+        self._fh.write(line + "\n")
+        self._fh.flush()
+        if type in ("checkpoint", "done", "error", "start"):
+            os.fsync(self._fh.fileno())
+        if self.echo == "json":
+            print(line, flush=True)
+        elif self.echo == "human" and type != "step":
+            print(human_line(event), file=sys.stderr, flush=True)
+        for listener in self.listeners:
+            listener(event)
+        return event
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def human_line(event: Dict[str, Any]) -> str:
+    """One readable line for an event (terminal output, UI logs)."""
+    t = event.get("type")
+    if t == "start":
+        return (f"start: {event.get('images')} images, {event.get('total_steps')} steps, "
+                f"{event.get('world_size')} process(es), run folder {event.get('run_dir')}")
+    if t == "step":
+        return (f"step {event.get('step')}/{event.get('total_steps')} epoch {event.get('epoch')} "
+                f"loss {event.get('loss', float('nan')):.4f} lr {event.get('lr', 0):.2e} "
+                f"{event.get('images_per_second', 0):.2f} img/s")
+    if t == "sample":
+        return f"sample: {event.get('path')}"
+    if t == "checkpoint":
+        files = event.get("files", {})
+        main = files.get("webui", {}).get("path") if isinstance(files, dict) else None
+        return f"checkpoint at step {event.get('step')} ({event.get('reason')}): {main or event.get('state')}"
+    if t == "done":
+        return f"done ({event.get('reason')}) at step {event.get('step')}"
+    return f"{t}: {event.get('message', '')}"
+
+
+def follow(run_dir: "str | os.PathLike[str]", offset: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+    """Events appended since byte `offset`, and the offset to pass next time.
+
+    Returns only complete lines; a missing file gives ([], offset); a file shorter than `offset` (a new
+    run in the same folder) is read from the start. Undecodable lines are skipped.
+    """
+    path = Path(run_dir) / EVENTS_FILE
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], offset
+    if size < offset:
+        offset = 0
+    if size == offset:
+        return [], offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size - offset)
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    events = []
+    for raw in data[: end + 1].splitlines():
+        try:
+            ev = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(ev, dict):
+            events.append(ev)
+    return events, offset + end + 1
+
+
+def read_all(run_dir: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
+    return follow(run_dir, 0)[0]
+
+
+def summarize(events: List[Dict[str, Any]], previous: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Fold events into a status dict a UI can show: status, step, total_steps, loss, last checkpoint/sample.
+
+    Pass the previous summary to fold only new events (`follow` + `summarize` = incremental status).
+    """
+    s: Dict[str, Any] = dict(previous or {"status": "starting", "step": 0, "total_steps": None, "epoch": 0,
+                                          "loss": None, "lr": None, "images_per_second": None, "eta_seconds": None,
+                                          "last_checkpoint": None, "samples": [], "warnings": [], "error": None})
+    s["samples"] = list(s.get("samples", []))
+    s["warnings"] = list(s.get("warnings", []))
+    for ev in events:
+        t = ev.get("type")
+        if t == "start":
+            s.update(status="running", total_steps=ev.get("total_steps"), run_dir=ev.get("run_dir"),
+                     step=ev.get("resumed_from_step") or s.get("step", 0), error=None)
+        elif t == "step":
+            for key in ("step", "epoch", "loss", "lr", "images_per_second", "eta_seconds", "total_steps"):
+                if key in ev:
+                    s[key] = ev[key]
+            s["status"] = "running"
+        elif t == "sample":
+            s["samples"] = (s["samples"] + [ev.get("path")])[-16:]
+        elif t == "checkpoint":
+            s["last_checkpoint"] = ev
+        elif t == "warning":
+            s["warnings"] = (s["warnings"] + [ev.get("message")])[-16:]
+        elif t == "error":
+            s.update(status="error", error=ev.get("message"))
+        elif t == "done":
+            s.update(status=ev.get("reason", "finished"), step=ev.get("step", s.get("step")))
+    return s

@@ -1,0 +1,182 @@
+"""Load the base model for training and encode captions the way the WebUI does.
+
+- `load_base(cfg)`: a diffusers folder or a WebUI single file (through `bp_trainer.checkpoint`) ->
+  unet, vae, text_encoder, tokenizer, a DDPMScheduler for the training noise, and the prediction type
+  (v-prediction detected from the scheduler config, or forced by `model.v_prediction`).
+- `chunk_ids(ids)`: the WebUI's 75-token chunking (a chunk that fills up breaks after the last comma
+  within 20 tokens, like `comma_padding_backtrack`); `encode_captions(...)` wraps each chunk in
+  BOS ... EOS + padding to 77, runs the text encoder on every chunk, takes the hidden state of the
+  `clip_skip`-th last layer followed by the final layer norm (WebUI "Clip skip"; naifu does the same), and
+  concatenates the chunks: (batch, 77 * chunks, dim). Captions in a batch are padded to the same number
+  of chunks with empty chunks, as the WebUI pads cond/uncond.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from bp_trainer.errors import BPError
+
+CHUNK = 75
+COMMA_TOKEN = 267  # ",</w>"
+BACKTRACK = 20
+
+
+def chunk_ids(ids: Sequence[int], max_chunks: int, *, comma: int = COMMA_TOKEN, backtrack: int = BACKTRACK
+              ) -> List[List[int]]:
+    """Split token ids (no BOS/EOS) into at most `max_chunks` chunks of <= 75 tokens (WebUI rules)."""
+    chunks: List[List[int]] = []
+    current: List[int] = []
+    last_comma = -1
+    for tok in ids:
+        if tok == comma:
+            last_comma = len(current)
+        elif backtrack and len(current) == CHUNK and last_comma != -1 and len(current) - last_comma <= backtrack:
+            cut = last_comma + 1
+            chunks.append(current[:cut])
+            current = current[cut:]
+            last_comma = -1
+        if len(current) == CHUNK:
+            chunks.append(current)
+            current = []
+            last_comma = -1
+        current.append(tok)
+    if current or not chunks:
+        chunks.append(current)
+    return chunks[:max_chunks]
+
+
+def tokenize_chunks(tokenizer: Any, captions: Sequence[str], max_chunks: int) -> torch.Tensor:
+    """Token ids (batch, chunks, 77): BOS + chunk + EOS + padding, batch padded to the same chunk count."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = tokenizer(list(captions), add_special_tokens=False, truncation=False).input_ids
+    per_caption = [chunk_ids(ids, max_chunks) for ids in encoded]
+    n = max(len(c) for c in per_caption)
+    out = torch.full((len(captions), n, CHUNK + 2), pad, dtype=torch.long)
+    for i, chunks in enumerate(per_caption):
+        for j in range(n):
+            body = chunks[j] if j < len(chunks) else []
+            row = [bos] + body + [eos]
+            out[i, j, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def encode_tokens(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """Hidden states (batch, chunks*77, dim) of token chunks (batch, chunks, 77) with WebUI clip skip."""
+    b, n, length = tokens.shape
+    flat = tokens.reshape(b * n, length).to(text_encoder.device)
+    if clip_skip <= 1:
+        hidden = text_encoder(flat, return_dict=True).last_hidden_state
+    else:
+        out = text_encoder(flat, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[-clip_skip]
+        final_ln = getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm")
+        hidden = final_ln(hidden)
+    return hidden.reshape(b, n * length, hidden.shape[-1])
+
+
+def encode_captions(text_encoder: Any, tokenizer: Any, captions: Sequence[str], *, clip_skip: int,
+                    max_chunks: int) -> torch.Tensor:
+    return encode_tokens(text_encoder, tokenize_chunks(tokenizer, captions, max_chunks), clip_skip)
+
+
+def pad_to_same_length(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Pad two (batch, k*77, dim) conditionings with copies of an empty chunk until they are as long."""
+    while a.shape[1] < b.shape[1]:
+        a = torch.cat([a, empty.expand(a.shape[0], -1, -1)], dim=1)
+    while b.shape[1] < a.shape[1]:
+        b = torch.cat([b, empty.expand(b.shape[0], -1, -1)], dim=1)
+    return a, b
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "unet").is_dir()
+
+
+def load_base(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """unet, vae, text_encoder, tokenizer, noise_scheduler (DDPM), prediction_type of `model.base`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    base = Path(cfg["model"]["base"])
+    if _is_diffusers_folder(base):
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        vae = AutoencoderKL.from_pretrained(base / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+        tokenizer = _load_tokenizer(base / "tokenizer")
+        scheduler_config = dict(DDPMScheduler.load_config(base / "scheduler"))
+    elif base.is_file():
+        try:
+            from bp_trainer.checkpoint import load_diffusers_components
+        except ImportError as exc:  # the checkpoint module is missing: say so plainly
+            raise BPError(f"loading WebUI single files needs bp_trainer.checkpoint ({exc})", path=base,
+                          hint="convert it to a diffusers folder with `python -m bp_trainer convert`") from None
+        parts = load_diffusers_components(base)
+        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+        tokenizer = parts.get("tokenizer") or _load_tokenizer(None)
+        sched = parts.get("scheduler")
+        scheduler_config = dict(sched.config) if sched is not None else {}
+    else:
+        raise BPError("base model not found", path=base, hint="a WebUI .safetensors/.ckpt file or a diffusers folder")
+    vae_path = cfg["model"].get("vae")
+    if vae_path:
+        vae = _load_vae(Path(vae_path), vae)
+    noise_scheduler = DDPMScheduler.from_config(_ddpm_config(scheduler_config))
+    setting = cfg["model"]["v_prediction"]
+    if setting == "auto":
+        prediction_type = scheduler_config.get("prediction_type", "epsilon") or "epsilon"
+    else:
+        prediction_type = "v_prediction" if setting == "true" else "epsilon"
+    noise_scheduler.register_to_config(prediction_type=prediction_type)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "noise_scheduler": noise_scheduler, "prediction_type": prediction_type,
+            "scheduler_config": scheduler_config}
+
+
+def _ddpm_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "steps_offset", "timestep_spacing", "rescale_betas_zero_snr")
+    out = {k: config[k] for k in keep if k in config}
+    out.setdefault("num_train_timesteps", 1000)
+    out.setdefault("beta_start", 0.00085)
+    out.setdefault("beta_end", 0.012)
+    out.setdefault("beta_schedule", "scaled_linear")
+    out["clip_sample"] = False
+    return out
+
+
+def _load_tokenizer(path: "Path | None") -> Any:
+    from transformers import CLIPTokenizer
+
+    if path is not None and ((path / "vocab.json").exists() or (path / "tokenizer.json").exists()):
+        try:
+            return CLIPTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            pass
+    from bp_trainer.clip_vocab import clip_tokenizer
+
+    return clip_tokenizer()
+
+
+def _load_vae(path: Path, current: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(path if (path / "config.json").exists() else path / "vae")
+    try:
+        from bp_trainer.checkpoint import load_vae_file  # type: ignore[attr-defined]
+    except ImportError:
+        load_vae_file = None
+    if load_vae_file is None:
+        raise BPError("loading a VAE file needs bp_trainer.checkpoint.load_vae_file", path=path,
+                      hint="use a diffusers VAE folder")
+    return load_vae_file(path, current)
+
+
+def model_name(cfg: Dict[str, Any]) -> str:
+    return Path(cfg["model"]["base"]).stem if os.path.isfile(cfg["model"]["base"]) else Path(cfg["model"]["base"]).name
