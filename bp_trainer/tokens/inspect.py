@@ -49,32 +49,35 @@ def _parse(text: str, emphasis: bool) -> list:
 
 
 def _segment_tags(text: str, weight: float, ids: list[int], view: TokenizerView) -> list[tuple[str, list[int]]]:
-    """Split one emphasis segment at its commas: [(piece text, piece ids)], the ids summing to `ids`.
+    """Split one emphasis segment at its commas: [(piece text, piece ids)], the pieces' ids plus one comma
+    token between neighbours making up exactly `ids`.
 
-    Each comma-separated piece is tokenized alone; when that equals the segment's own tokenization with comma
-    tokens between (the usual case) the pieces are exact. Otherwise (a comma glued to other punctuation such
-    as ',,' is one BPE token) the segment's ids are split at its comma tokens, or kept as one piece.
+    Each comma-separated piece is tokenized alone and checked against the segment's own tokenization. Where
+    a comma is glued to other punctuation (',,' or ',(' is one BPE token, not the comma token), neighbouring
+    pieces are joined until their text tokenizes to the stream up to a real comma token.
     """
     pieces = text.split(",")
     if len(pieces) == 1:
         return [(text, ids)]
-    piece_ids = view.encode_many(pieces)
-    joined: list[int] = []
-    for i, p in enumerate(piece_ids):
-        if i:
-            joined.append(view.comma_id)
-        joined.extend(p)
-    if joined == ids:
-        return list(zip(pieces, piece_ids))
-    groups: list[list[int]] = [[]]
-    for t in ids:
-        if t == view.comma_id:
-            groups.append([])
-        else:
-            groups[-1].append(t)
-    if len(groups) == len(pieces):
-        return list(zip(pieces, groups))
-    return [(text, ids)]
+    out: list[tuple[str, list[int]]] = []
+    last = len(pieces) - 1
+    i = off = 0
+    while i <= last:
+        j, joined = i, pieces[i]
+        while True:
+            t_ids = view.encode(joined)
+            end = off + len(t_ids)
+            if ids[off:end] == t_ids and ((j == last and end == len(ids))
+                                          or (j < last and end < len(ids) and ids[end] == view.comma_id)):
+                break
+            if j == last:  # no alignment: the rest of the segment is one piece
+                t_ids, end = ids[off:], len(ids)
+                break
+            j += 1
+            joined = joined + "," + pieces[j]
+        out.append((joined, t_ids))
+        off, i = end + 1, j + 1
+    return out
 
 
 def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_BACKTRACK,

@@ -1,0 +1,90 @@
+"""Prompt parsing against the WebUI v1.10.1: its recorded answers (fixture) and its documented examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from bp_trainer.tokens.attention import parse_prompt_attention
+from bp_trainer.tokens.schedules import counter_prompts, prompt_schedule, split_and, strip_extra_networks
+from tests.conftest import load_fixture
+
+PROMPTS = load_fixture("a1111-prompts.json")["prompts"]
+
+
+@pytest.mark.parametrize("case", PROMPTS, ids=lambda c: c["text"][:40])
+def test_attention_matches_webui_fixture(case):
+    assert parse_prompt_attention(case["text"]) == case["attention"]
+
+
+# Examples from the WebUI's parse_prompt_attention docstring (its expected outputs, not ours).
+@pytest.mark.parametrize("text,expected", [
+    ("normal text", [["normal text", 1.0]]),
+    ("an (important) word", [["an ", 1.0], ["important", 1.1], [" word", 1.0]]),
+    ("(unbalanced", [["unbalanced", 1.1]]),
+    ("\\(literal\\]", [["(literal]", 1.0]]),
+    ("(unnecessary)(parens)", [["unnecessaryparens", 1.1]]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [["a ", 1.0], ["house", 1.1 * 1.1 * 1.3], [" ", 1.1], ["on", 1.0], [" a ", 1.1], ["hill", 0.55],
+      [", sun, ", 1.1], ["sky", 1.1 ** 4], [".", 1.1]]),
+])
+def test_attention_webui_doc_examples(text, expected):
+    got = parse_prompt_attention(text)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+def test_attention_break_and_empty():
+    assert parse_prompt_attention("a BREAK b") == [["a", 1.0], ["BREAK", -1], ["b", 1.0]]
+    assert parse_prompt_attention("") == [["", 1.0]]
+    # A word that merely contains BREAK is not a break.
+    assert parse_prompt_attention("BREAKING news") == [["BREAKING news", 1.0]]
+    # Escaped backslash, and a lone backslash before an ordinary character.
+    assert parse_prompt_attention("a\\\\b") == [["a\\b", 1.0]]
+    assert parse_prompt_attention("[x]") == [["x", 1 / 1.1]]
+
+
+# Examples from the WebUI's get_learned_conditioning_prompt_schedules docstring (10 steps).
+SCHEDULE_DOC = [
+    ("test", [[10, "test"]]),
+    ("a [b:3]", [[3, "a "], [10, "a b"]]),
+    ("a [b: 3]", [[3, "a "], [10, "a b"]]),
+    ("a [[[b]]:2]", [[2, "a "], [10, "a [[b]]"]]),
+    ("[(a:2):3]", [[3, ""], [10, "(a:2)"]]),
+    ("a [b : c : 1] d", [[1, "a b  d"], [10, "a  c  d"]]),
+    ("a[b:[c:d:2]:1]e", [[1, "abe"], [2, "ace"], [10, "ade"]]),
+    ("a [unbalanced", [[10, "a [unbalanced"]]),
+    ("a [b:.5] c", [[5, "a  c"], [10, "a b c"]]),
+    ("((a][:b:c [d:3]", [[3, "((a][:b:c "], [10, "((a][:b:c d"]]),
+    ("[a|(b:1.1)]", [[i, "a" if i % 2 else "(b:1.1)"] for i in range(1, 11)]),
+    ("[fe|]male", [[i, "female" if i % 2 else "male"] for i in range(1, 11)]),
+    ("[fe|||]male", [[i, "female" if i % 4 == 1 else "male"] for i in range(1, 11)]),
+]
+
+
+@pytest.mark.parametrize("text,expected", SCHEDULE_DOC, ids=[t for t, _ in SCHEDULE_DOC])
+def test_schedule_webui_doc_examples(text, expected):
+    assert [list(x) for x in prompt_schedule(text, 10)] == expected
+
+
+def test_schedule_hires_and_old_rules():
+    # WebUI docstring: with 10 hires steps a fraction counts in the range 1-2.
+    assert [list(x) for x in prompt_schedule("a [b:.5] c", 10, 10)] == [[10, "a b c"]]
+    assert [list(x) for x in prompt_schedule("a [b:1.5] c", 10, 10)] == [[5, "a  c"], [10, "a b c"]]
+    # Old rules: 0.5 is a fraction, 3 is a step; new rules: "3.0" (has a '.') is a fraction of the steps.
+    assert [list(x) for x in prompt_schedule("[a:b:0.5]", 10, use_old_scheduling=True)] == [[5, "a"], [10, "b"]]
+    assert [list(x) for x in prompt_schedule("[a:b:3.0]", 10)] == [[10, "a"]]
+    assert [list(x) for x in prompt_schedule("[a::4]", 10)] == [[4, "a"], [10, ""]]
+    assert [list(x) for x in prompt_schedule("[a:b:12]", 10)] == [[10, "a"]]
+
+
+def test_and_split_and_extra_networks():
+    # The weight regex is lazy: trailing spaces go; leading ones stay, so " a cat" differs from "a cat".
+    assert split_and("a cat AND a dog:0.5 AND a cat AND a cat") == [("a cat", 1.0), (" a dog", 0.5), (" a cat", 1.0)]
+    assert split_and("ANDROID") == [("ANDROID", 1.0)]
+    text, nets = strip_extra_networks("1girl, <lora:my_style:0.8>, smile<hypernet:x:1>")
+    assert text == "1girl, , smile"
+    assert nets == [{"name": "lora", "args": ["my_style", "0.8"]}, {"name": "hypernet", "args": ["x", "1"]}]
+    # Positive prompts split on AND; negative prompts are measured whole.
+    assert counter_prompts("a AND b", 20) == ["a", " b"]
+    assert counter_prompts("a AND b", 20, negative=True) == ["a AND b"]
+    assert counter_prompts("x [y:z:5]", 20) == ["x y", "x z"]
