@@ -106,3 +106,55 @@ def save_diffusers_folder(components: dict[str, Any], out_dir: "str | os.PathLik
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return out
+
+
+def build_vae(seed: int):
+    """A tiny AutoencoderKL alone (same config as in build_components), initialised from `seed`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG).eval()
+
+
+def ema_perturbation(state_dict: dict[str, Any], seed: int, scale: float = 0.01) -> dict[str, Any]:
+    """A seeded small perturbation of every floating tensor: stand-in EMA weights that differ from the UNet."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state_dict.items():
+        if v.is_floating_point():
+            out[k] = (v + scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)).contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def save_webui_file(components: dict[str, Any], path: "str | os.PathLike[str]", *, ema_seed: int | None = 1234,
+                    metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write the tiny model as a WebUI (LDM-layout) single `.safetensors`, with `model_ema.*` weights when
+    `ema_seed` is not None (the UNet plus a seeded perturbation, so EMA promotion is observable)."""
+    from bp_trainer.checkpoint.io import write_checkpoint
+    from bp_trainer.checkpoint.ldm_keys import diffusers_to_ldm
+
+    unet_sd = components["unet"].state_dict()
+    ema = ema_perturbation(unet_sd, ema_seed) if ema_seed is not None else None
+    sd = diffusers_to_ldm(
+        unet_sd,
+        components["vae"].state_dict(),
+        components["text_encoder"].state_dict(),
+        ema_unet=ema,
+        scheduler_config=dict(components["scheduler"].config),
+        ema_decay=0.9999,
+        ema_num_updates=100,
+    )
+    meta = {"bp_model": "tiny-sd", "bp_configs": json.dumps(tiny_configs())}
+    meta.update(metadata or {})
+    return write_checkpoint(sd, path, meta)
+
+
+def tiny_configs() -> dict[str, Any]:
+    """diffusers configs of the tiny model (stored in its single files' metadata)."""
+    return {"unet": dict(UNET_CONFIG), "vae": dict(VAE_CONFIG), "text_encoder": dict(TEXT_CONFIG),
+            "scheduler": {"_class_name": "PNDMScheduler", **SCHEDULER_CONFIG}}

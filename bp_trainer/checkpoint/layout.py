@@ -1,0 +1,326 @@
+"""What a model file is, from its key names and shapes; and a lazy view of it in the WebUI (LDM) layout.
+
+`describe(source)` -> kind (`checkpoint`|`unet`|`vae`|`text_encoder`), layout (`ldm`, `ldm-bare`, `diffusers`,
+`transformers`), arch (`sd1`|`sd2`|`sdxl`|`unknown`), EMA presence, prediction type when detectable.
+`ldm_view(source)` -> a `MappedSource` whose keys are WebUI keys (`model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.*`, `model_ema.*`, schedule buffers), converting diffusers /
+transformers / bare-VAE layouts on the fly, tensor by tensor. No diffusers import (WebUI-safe).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping
+
+import torch
+
+from bp_trainer.errors import BPError
+from bp_trainer.checkpoint import ldm_keys as lk
+from bp_trainer.checkpoint.io import DiffusersFolderSource, TensorInfo, TensorSource
+
+SDXL_MARKERS = ("conditioner.embedders.", "model.diffusion_model.label_emb.0.0.weight")
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+
+
+def _has(keys, *prefixes) -> bool:
+    return any(k.startswith(prefixes) for k in keys)
+
+
+def detect_layout(shapes: Mapping[str, tuple]) -> tuple[str, str]:
+    """(kind, layout) of a flat key -> shape mapping."""
+    keys = list(shapes)
+    if _has(keys, "conditioner.embedders."):
+        return "checkpoint", "sgm"
+    unet = _has(keys, lk.UNET_PREFIX)
+    vae = _has(keys, lk.VAE_PREFIX)
+    te = _has(keys, "cond_stage_model.")
+    ema = _has(keys, lk.EMA_PREFIX)
+    if unet and (vae or te):
+        return "checkpoint", "ldm"
+    if unet or (ema and not vae and not te):
+        return "unet", "ldm"
+    if vae and not te:
+        return "vae", "ldm"
+    if te and not vae:
+        return "text_encoder", "ldm"
+    if vae and te:
+        return "checkpoint", "ldm"
+    if "input_blocks.0.0.weight" in shapes or "diffusion_model.input_blocks.0.0.weight" in shapes:
+        return "unet", "ldm-bare"
+    if _has(keys, "encoder.down.", "decoder.up.") and _has(keys, "quant_conv.", "post_quant_conv.", "decoder."):
+        return "vae", "ldm-bare"
+    if _has(keys, "encoder.down_blocks.", "decoder.up_blocks."):
+        return "vae", "diffusers"
+    if _has(keys, "down_blocks.") and _has(keys, "time_embedding."):
+        return "unet", "diffusers"
+    if _has(keys, "text_model.embeddings.", "embeddings.token_embedding.") :
+        return "text_encoder", "transformers"
+    return "unknown", "unknown"
+
+
+def _context_dim(shapes: Mapping[str, tuple]) -> "int | None":
+    for k, s in shapes.items():
+        if k.endswith("attn2.to_k.weight") and len(s) == 2:
+            return int(s[1])
+    return None
+
+
+def detect_arch(shapes: Mapping[str, tuple], layout: str) -> str:
+    """`sd1`, `sd2`, `sdxl` or `unknown`. SD-1.x-shaped models of other widths (the tiny model) are `sd1`."""
+    keys = list(shapes)
+    if layout == "sgm" or any(k in shapes for k in SDXL_MARKERS) or _has(keys, "conditioner."):
+        return "sdxl"
+    ctx = _context_dim(shapes)
+    if ctx in (2048, 1280):
+        return "sdxl"
+    if ctx == 1024 or _has(keys, SD2_TEXT_PREFIX):
+        return "sd2"
+    if ctx == 768:
+        return "sd1"
+    for k, s in shapes.items():  # text encoders alone
+        if k.endswith("token_embedding.weight") and len(s) == 2:
+            return {1024: "sd2", 1280: "sdxl"}.get(int(s[1]), "sd1")
+    if _has(keys, "model.", "first_stage_model.", "encoder.", "decoder.", "down_blocks.", "input_blocks.",
+            "cond_stage_model.", "diffusion_model."):
+        return "sd1"
+    return "unknown"
+
+
+def detect_prediction(arch: str, metadata: Mapping[str, str], extra: "Mapping[str, Any] | None" = None) -> str:
+    """`epsilon`, `v_prediction` or `unknown`: weights do not tell; metadata and configs may."""
+    extra = extra or {}
+    for key in ("bp_prediction_type", "modelspec.prediction_type", "prediction_type"):
+        v = str(metadata.get(key, "")).lower()
+        if v in ("v", "v_prediction", "v-prediction"):
+            return "v_prediction"
+        if v in ("epsilon", "eps"):
+            return "epsilon"
+    if str(metadata.get("ss_v_parameterization", "")).lower() == "true":
+        return "v_prediction"
+    if extra.get("prediction_type") in ("epsilon", "v_prediction"):
+        return extra["prediction_type"]
+    if arch == "sd1":
+        return "epsilon"
+    return "unknown"
+
+
+def refuse_sdxl(arch: str, path: str) -> None:
+    if arch == "sdxl":
+        raise BPError("this is an SDXL model; BP Train handles SD 1.x/2.x only", path=path,
+                      hint="use an SDXL-capable tool for SDXL checkpoints")
+
+
+class MappedSource(TensorSource):
+    """A lazy view: out key -> (underlying source, key, transform)."""
+
+    def __init__(self, base: TensorSource, mapping: "dict[str, tuple[TensorSource, str, Callable | None, TensorInfo]]",
+                 *, kind: str, layout: str, arch: str, path: str, metadata=None, extras=None):
+        self.base = base
+        self._map = mapping
+        self._infos = {k: v[3] for k, v in mapping.items()}
+        self.kind, self.layout, self.arch = kind, layout, arch
+        self.path, self.format = path, base.format
+        self.metadata = dict(metadata if metadata is not None else base.metadata)
+        self.extras = dict(extras or {})
+
+    def get(self, key: str) -> torch.Tensor:
+        src, k, fn, _ = self._map[key]
+        t = src.get(k)
+        return fn(t) if fn is not None else t
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def _ident(src: TensorSource, k: str):
+    return (src, k, None, src.info(k))
+
+
+def _map_component(src: TensorSource, keys: list[str], component: str, strip: str = "") -> dict:
+    """Map one diffusers/transformers component's keys (given with `strip` prefix) to LDM keys."""
+    bare = [k[len(strip):] for k in keys]
+    out: dict = {}
+    if component in ("unet", "unet_ema"):
+        m = lk.unet_key_map(bare)
+        for k, b in zip(keys, bare):
+            ldm = m[b]
+            if component == "unet_ema":
+                ldm = lk.ema_key(ldm)
+            out[ldm] = _ident(src, k)
+    elif component == "vae":
+        m = lk.vae_key_map(bare)
+        for k, b in zip(keys, bare):
+            ldm = m[b]
+            info = src.info(k)
+            fn = (lambda t, ldm=ldm: lk.vae_tensor_to_ldm(ldm, t)) if lk.vae_needs_conv_shape(ldm) and len(info.shape) == 2 else None
+            out[lk.VAE_PREFIX + ldm] = (src, k, fn, TensorInfo(info.dtype, lk.vae_shape_to_ldm(ldm, info.shape)))
+    elif component == "text_encoder":
+        m = lk.text_key_map(bare)
+        for k, b in zip(keys, bare):
+            if b in m:
+                out[m[b]] = _ident(src, k)
+    return out
+
+
+class _Const(TensorSource):
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._t = dict(tensors)
+        self._infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self._t.items()}
+        self.metadata, self.format, self.path = {}, "memory", "<computed>"
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._t[key]
+
+
+def ldm_view(src: TensorSource) -> MappedSource:
+    """The source in the WebUI layout, whatever layout it has on disk. Unknown layouts raise a BPError."""
+    path = src.path
+    if isinstance(src, DiffusersFolderSource):
+        mapping: dict = {}
+        for comp in src.components():
+            keys = [k for k in src.keys() if k.startswith(comp + "/")]
+            if comp in ("unet", "vae", "text_encoder", "unet_ema"):
+                mapping.update(_map_component(src, keys, comp, strip=comp + "/"))
+        extras: dict[str, Any] = {"configs": src.configs}
+        consts: dict[str, torch.Tensor] = {}
+        if "unet" in src.components():
+            consts.update(lk.schedule_buffers(src.configs.get("scheduler")))
+        if "unet_ema" in src.components():
+            st = src.configs.get("ema_state", {})
+            consts["model_ema.decay"] = torch.tensor(float(st.get("decay", 0.9999)), dtype=torch.float32)
+            consts["model_ema.num_updates"] = torch.tensor(int(st.get("num_updates", 0)), dtype=torch.int32)
+        if "text_encoder" in src.components() and lk.POSITION_IDS not in mapping:
+            emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
+            consts[lk.POSITION_IDS] = lk.position_ids(int(emb[3].shape[0]) if emb else 77)
+        c = _Const(consts)
+        mapping.update({k: _ident(c, k) for k in consts})
+        shapes = {k: v[3].shape for k, v in mapping.items()}
+        kinds = [x for x in ("unet", "vae", "text_encoder") if x in src.components()]
+        kind = "checkpoint" if len(kinds) > 1 else (kinds[0] if kinds else "unknown")
+        arch = detect_arch(shapes, "ldm")
+        refuse_sdxl(arch, path)
+        pred = (src.configs.get("scheduler") or {}).get("prediction_type")
+        extras["prediction_type"] = pred
+        return MappedSource(src, mapping, kind=kind, layout="diffusers", arch=arch, path=path, extras=extras)
+
+    shapes = src.shapes()
+    kind, layout = detect_layout(shapes)
+    arch = detect_arch(shapes, layout)
+    refuse_sdxl(arch, path)
+    keys = src.keys()
+    if kind == "unknown":
+        sample = ", ".join(keys[:3])
+        raise BPError(f"unknown model layout (first keys: {sample})", path=path,
+                      hint="expected an SD 1.x/2.x checkpoint, UNet, VAE or text encoder in WebUI or diffusers layout")
+    if layout == "ldm":
+        mapping = {k: _ident(src, k) for k in keys}
+    elif layout == "ldm-bare" and kind == "vae":
+        mapping = {lk.VAE_PREFIX + k: _ident(src, k) for k in keys if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+    elif layout == "ldm-bare" and kind == "unet":
+        mapping = {}
+        for k in keys:
+            if k.startswith("diffusion_model."):
+                mapping["model." + k] = _ident(src, k)
+            elif not k.startswith(lk.EMA_PREFIX):
+                mapping[lk.UNET_PREFIX + k] = _ident(src, k)
+            else:
+                mapping[k] = _ident(src, k)
+    elif layout in ("diffusers", "transformers"):
+        mapping = _map_component(src, keys, {"vae": "vae", "unet": "unet", "text_encoder": "text_encoder"}[kind])
+        if kind == "text_encoder" and lk.POSITION_IDS not in mapping:
+            emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
+            c = _Const({lk.POSITION_IDS: lk.position_ids(int(emb[3].shape[0]) if emb else 77)})
+            mapping[lk.POSITION_IDS] = _ident(c, lk.POSITION_IDS)
+    else:
+        raise BPError(f"unsupported layout {layout}", path=path)
+    return MappedSource(src, mapping, kind=kind, layout=layout, arch=arch, path=path)
+
+
+# ------------------------------------------------------------------------------------------------ groups
+def group_of(key: str) -> str:
+    """Which part of a WebUI checkpoint a key belongs to."""
+    if key.startswith(lk.UNET_PREFIX):
+        return "unet"
+    if key.startswith(lk.EMA_PREFIX):
+        return "ema"
+    if key.startswith(lk.VAE_PREFIX):
+        return "vae"
+    if key.startswith("cond_stage_model."):
+        return "text_encoder"
+    if key in lk.SCHEDULE_KEYS:
+        return "schedule"
+    return "other"
+
+
+def ema_unet_map(view: TensorSource, unet_keys: "list[str] | None" = None) -> dict[str, str]:
+    """LDM UNet key -> EMA key present in `view` (EMA names are matched through the UNet key names)."""
+    if unet_keys is None:
+        unet_keys = [k for k in view.keys() if k.startswith(lk.UNET_PREFIX)]
+    return {u: e for e, u in lk.ema_key_map(unet_keys).items() if e in view}
+
+
+def describe(src: TensorSource) -> dict[str, Any]:
+    """The `inspect` report of an opened source."""
+    view = ldm_view_or_raw(src)
+    shapes = {k: view.info(k).shape for k in view.keys()} if view is not None else src.shapes()
+    raw_dtypes: dict[str, int] = {}
+    params = 0
+    for k in src.keys():
+        info = src.info(k)
+        name = str(info.dtype).replace("torch.", "")
+        raw_dtypes[name] = raw_dtypes.get(name, 0) + 1
+        params += info.numel
+    groups: dict[str, int] = {}
+    group_counts: dict[str, int] = {}
+    if view is not None:
+        for k in view.keys():
+            g = group_of(k)
+            groups[g] = groups.get(g, 0) + view.info(k).numel
+            group_counts[g] = group_counts.get(g, 0) + 1
+    kind = view.kind if view is not None else detect_layout(shapes)[0]
+    layout = view.layout if view is not None else detect_layout(shapes)[1]
+    arch = view.arch if view is not None else detect_arch(shapes, layout)
+    ema_keys = [k for k in (view.keys() if view is not None else []) if k.startswith(lk.EMA_PREFIX) and k not in lk.EMA_BUFFERS]
+    extras = view.extras if view is not None else {}
+    report = {
+        "path": src.path,
+        "format": src.format,
+        "kind": kind,
+        "layout": layout,
+        "arch": arch,
+        "prediction": detect_prediction(arch, src.metadata, extras),
+        "has_ema": bool(ema_keys),
+        "ema_tensors": len(ema_keys),
+        "dtypes": raw_dtypes,
+        "tensors": len(src.keys()),
+        "parameters": params,
+        "parameters_by_part": groups,
+        "tensors_by_part": group_counts,
+        "context_dim": _context_dim(shapes),
+        "metadata": _decode_metadata(src.metadata),
+    }
+    return report
+
+
+def ldm_view_or_raw(src: TensorSource) -> "MappedSource | None":
+    try:
+        return ldm_view(src)
+    except BPError as exc:
+        if "SDXL" in str(exc):
+            return None
+        if "unknown model layout" in str(exc):
+            return None
+        raise
+
+
+def _decode_metadata(meta: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        if isinstance(v, str) and v[:1] in "{[":
+            try:
+                out[k] = json.loads(v)
+                continue
+            except json.JSONDecodeError:
+                pass
+        out[k] = v
+    return out
