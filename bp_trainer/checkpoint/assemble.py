@@ -1,0 +1,305 @@
+"""Assemble one WebUI checkpoint from parts, or merge checkpoints the WebUI's way; streamed tensor by tensor.
+
+`plan_merge(options)` opens every input lazily (any layout: WebUI/LDM, diffusers folder or file, bare VAE),
+checks that the parts fit the base (same keys and shapes), and returns a list of `io.Entry` (key, final
+dtype/shape, producer) plus the recipe. `merge(options, out)` writes it with the streaming atomic writer:
+at most a few tensors are in memory at any time.
+
+Assemble (mode `assemble`): the base checkpoint; `unet` replaces its UNet (from a UNet-only file, a
+checkpoint's UNet, or with `use_ema` that file's EMA weights; an EMA-only file is matched through the base's
+UNet key names); `use_ema` without `unet` promotes the base's own EMA to the UNet; `vae` bakes a VAE (WebUI or
+diffusers layout, converted; a file without VAE weights is an error, never a silent no-op); `text_encoder`
+takes the text encoder of another file; `drop_ema` removes `model_ema.*`; `precision` converts every
+floating tensor. EMA in the output is the EMA of whichever file the UNet came from.
+
+Merge modes follow the WebUI's Checkpoint Merger (`modules/extras.py run_modelmerger`): for every key of A
+whose name contains "model" (UNet, VAE, text encoder, EMA) and that B (and C) also have,
+weighted sum `(1 - alpha) * A + alpha * B`, add difference `A + alpha * (B - C)`; the text encoder's
+`position_ids` and keys missing from B/C are taken from A unchanged; keys only B has are added from B.
+Differently from the WebUI, arithmetic is done in float32 and the precision applies to every tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bp_trainer.errors import BPError
+from bp_trainer.checkpoint import ldm_keys as lk
+from bp_trainer.checkpoint.hashes import file_hashes
+from bp_trainer.checkpoint.io import PRECISIONS, Entry, TensorSource, cast, open_file, out_dtype, write_checkpoint
+from bp_trainer.checkpoint.layout import MappedSource, ema_unet_map, group_of, ldm_view
+
+MODES = ("assemble", "weighted-sum", "add-difference")
+SKIP_ON_MERGE = (lk.POSITION_IDS,)
+
+
+@dataclass
+class MergeOptions:
+    base: str
+    unet: "str | None" = None
+    use_ema: bool = False
+    vae: "str | None" = None
+    text_encoder: "str | None" = None
+    drop_ema: bool = False
+    precision: "str | None" = None
+    mode: str = "assemble"
+    b: "str | None" = None
+    c: "str | None" = None
+    alpha: float = 0.5
+    fmt: str = "safetensors"
+    extra_metadata: dict = field(default_factory=dict)
+
+    def inputs(self) -> dict[str, str]:
+        named = {"base": self.base, "unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "b": self.b, "c": self.c}
+        return {k: v for k, v in named.items() if v}
+
+
+# ----------------------------------------------------------------------------------------------- plan
+@dataclass
+class _Ref:
+    view: TensorSource
+    key: str
+    fn: "Callable[[], torch.Tensor] | None" = None  # computed tensors (merges)
+    dtype: "torch.dtype | None" = None
+    shape: "tuple | None" = None
+
+    def info(self):
+        if self.fn is not None:
+            return self.dtype, self.shape
+        i = self.view.info(self.key)
+        return i.dtype, i.shape
+
+    def load(self) -> torch.Tensor:
+        return self.fn() if self.fn is not None else self.view.get(self.key)
+
+
+def _open_view(path: str, role: str) -> MappedSource:
+    try:
+        return ldm_view(open_file(path))
+    except BPError as exc:
+        raise BPError(f"{role}: {exc}") from None
+
+
+def _check_part(part: str, new: dict[str, _Ref], old: dict[str, _Ref], path: str) -> None:
+    """A replacement part must have exactly the base's keys and shapes for that part (when the base has it)."""
+    if not old:
+        return
+    missing = sorted(set(old) - set(new))
+    extra = sorted(set(new) - set(old))
+    if missing or extra:
+        raise BPError(f"the {part} does not fit the base: {len(missing)} tensors missing (e.g. {missing[:1]}), "
+                      f"{len(extra)} unexpected (e.g. {extra[:1]})", path=path,
+                      hint=f"use a {part} of the same architecture as the base model")
+    for k, ref in new.items():
+        if tuple(ref.info()[1]) != tuple(old[k].info()[1]):
+            raise BPError(f"wrong-shaped {part} for the base: {k} is {tuple(ref.info()[1])}, the base has "
+                          f"{tuple(old[k].info()[1])}", path=path, hint=f"use a {part} made for this architecture")
+
+
+def _part(plan: dict[str, _Ref], group: str) -> dict[str, _Ref]:
+    return {k: r for k, r in plan.items() if group_of(k) == group}
+
+
+def _unet_from(view: MappedSource, use_ema: bool, base_unet_keys: list[str], path: str) -> tuple[dict, dict]:
+    """(UNet refs under model.diffusion_model.*, EMA refs under model_ema.*) from a view."""
+    unet_keys = [k for k in view.keys() if k.startswith(lk.UNET_PREFIX)]
+    names = unet_keys or base_unet_keys  # EMA-only files: match through the base's UNet names
+    emap = ema_unet_map(view, names)
+    ema_refs = {e: _Ref(view, e) for e in emap.values()}
+    for b in lk.EMA_BUFFERS:
+        if b in view:
+            ema_refs[b] = _Ref(view, b)
+    if use_ema:
+        if not emap:
+            raise BPError("--use-ema: no EMA weights (model_ema.*) matching the UNet were found", path=path,
+                          hint="this file has no EMA; drop --use-ema")
+        if len(emap) != len(names):
+            raise BPError(f"--use-ema: the EMA covers {len(emap)} of {len(names)} UNet tensors", path=path)
+        unet = {u: _Ref(view, e) for u, e in emap.items()}
+    else:
+        if not unet_keys:
+            raise BPError("no UNet weights in this file (only EMA?)", path=path, hint="add --use-ema to use its EMA")
+        unet = {k: _Ref(view, k) for k in unet_keys}
+    return unet, ema_refs
+
+
+def _merge_fn(mode: str, alpha: float, a: _Ref, b: _Ref, c: "_Ref | None") -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        ta = a.load()
+        dtype = ta.dtype
+        ta = ta.to(torch.float32)
+        tb = b.load().to(torch.float32)
+        if mode == "weighted-sum":
+            out = (1 - alpha) * ta + alpha * tb
+        else:
+            out = ta + alpha * (tb - c.load().to(torch.float32))
+        return out.to(dtype)
+
+    return run
+
+
+def plan_merge(opts: MergeOptions) -> tuple[list[Entry], dict[str, Any], list[TensorSource]]:
+    """Entries to write, the recipe, and the opened sources (close them after writing)."""
+    if opts.mode not in MODES:
+        raise BPError(f"unknown mode {opts.mode!r}", hint="use assemble, weighted-sum or add-difference")
+    if opts.precision is not None and opts.precision not in PRECISIONS:
+        raise BPError(f"unknown precision {opts.precision!r}", hint="use fp16, bf16 or fp32")
+    if opts.mode != "assemble" and (opts.unet or opts.use_ema):
+        raise BPError("--unet/--use-ema apply to assemble mode only", hint="assemble first, then merge the result")
+    if opts.mode in ("weighted-sum", "add-difference") and not opts.b:
+        raise BPError(f"{opts.mode} needs model B (--b FILE)")
+    if opts.mode == "add-difference" and not opts.c:
+        raise BPError("add-difference needs model C (--c FILE)")
+    if opts.mode != "assemble" and not (0.0 <= float(opts.alpha) <= 1.0) and opts.mode == "weighted-sum":
+        raise BPError(f"alpha must be between 0 and 1 for a weighted sum, got {opts.alpha}")
+    views: list[TensorSource] = []
+    try:
+        base = _open_view(opts.base, "base")
+        views.append(base)
+        plan: dict[str, _Ref] = {k: _Ref(base, k) for k in base.keys()}
+        notes: list[str] = []
+
+        if opts.mode != "assemble":
+            vb = _open_view(opts.b, "model B")
+            views.append(vb)
+            vc = _open_view(opts.c, "model C") if opts.mode == "add-difference" else None
+            if vc is not None:
+                views.append(vc)
+            merged = 0
+            for k in list(plan):
+                if "model" not in k or k in SKIP_ON_MERGE or k not in vb or (vc is not None and k not in vc):
+                    continue
+                a = plan[k]
+                shapes = {tuple(base.info(k).shape), tuple(vb.info(k).shape)} | ({tuple(vc.info(k).shape)} if vc else set())
+                if len(shapes) != 1:
+                    raise BPError(f"cannot merge {k}: shapes differ between the models ({sorted(shapes)})",
+                                  path=opts.b, hint="merge models of the same architecture")
+                if not base.info(k).dtype.is_floating_point:
+                    continue
+                plan[k] = _Ref(base, k, _merge_fn(opts.mode, float(opts.alpha), a, _Ref(vb, k),
+                                                  _Ref(vc, k) if vc is not None else None),
+                               base.info(k).dtype, tuple(base.info(k).shape))
+                merged += 1
+            for k in vb.keys():
+                if "model" in k and k not in plan and k not in SKIP_ON_MERGE:
+                    plan[k] = _Ref(vb, k)
+            if merged == 0:
+                raise BPError("no tensors in common between A and B: nothing to merge", path=opts.b)
+            notes.append(f"merged {merged} tensors")
+
+        base_unet = sorted(_part(plan, "unet"))
+        if opts.unet or opts.use_ema:
+            src = base
+            if opts.unet:
+                src = _open_view(opts.unet, "UNet")
+                views.append(src)
+            unet, ema = _unet_from(src, opts.use_ema, base_unet, opts.unet or opts.base)
+            _check_part("UNet", unet, _part(plan, "unet"), opts.unet or opts.base)
+            for k in list(plan):
+                if group_of(k) in ("unet", "ema"):
+                    del plan[k]
+            plan.update(unet)
+            plan.update(ema)
+
+        if opts.vae:
+            vv = _open_view(opts.vae, "VAE")
+            views.append(vv)
+            vae = {k: _Ref(vv, k) for k in vv.keys() if k.startswith(lk.VAE_PREFIX)}
+            if not vae:
+                raise BPError(f"no VAE weights found (this is a {vv.kind})", path=opts.vae,
+                              hint="pass a VAE file (WebUI models/VAE layout or diffusers AutoencoderKL)")
+            _check_part("VAE", vae, _part(plan, "vae"), opts.vae)
+            for k in list(_part(plan, "vae")):
+                del plan[k]
+            plan.update(vae)
+
+        if opts.text_encoder:
+            tv = _open_view(opts.text_encoder, "text encoder")
+            views.append(tv)
+            te = {k: _Ref(tv, k) for k in tv.keys() if group_of(k) == "text_encoder"}
+            if not te:
+                raise BPError(f"no text encoder weights found (this is a {tv.kind})", path=opts.text_encoder)
+            _check_part("text encoder", te, _part(plan, "text_encoder"), opts.text_encoder)
+            for k in list(_part(plan, "text_encoder")):
+                del plan[k]
+            plan.update(te)
+
+        if opts.drop_ema:
+            for k in list(_part(plan, "ema")):
+                del plan[k]
+
+        if not _part(plan, "unet"):
+            raise BPError("the result would have no UNet", path=opts.base,
+                          hint="the base must be a checkpoint or UNet (or add --use-ema for an EMA-only file)")
+
+        entries = []
+        for k in sorted(plan):
+            ref = plan[k]
+            dtype, shape = ref.info()
+            entries.append(Entry(k, out_dtype(dtype, opts.precision), tuple(shape),
+                                 (lambda ref=ref: cast(ref.load(), opts.precision))))
+        recipe = _recipe(opts, plan, notes)
+        return entries, recipe, views
+    except BaseException:
+        for v in views:
+            v.close()
+        raise
+
+
+def _recipe(opts: MergeOptions, plan: dict[str, _Ref], notes: list[str]) -> dict[str, Any]:
+    parts: dict[str, int] = {}
+    for k in plan:
+        g = group_of(k)
+        parts[g] = parts.get(g, 0) + 1
+    options = {k: v for k, v in asdict(opts).items()
+               if k in ("use_ema", "drop_ema", "precision", "mode", "alpha", "fmt") and v is not None}
+    if opts.mode == "assemble":
+        options.pop("alpha", None)
+    return {"tool": "bp_trainer merge", "recipe_version": 1, "options": options, "parts": parts, "notes": notes}
+
+
+def input_hashes(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """{role: {"file", "sha256", "autov2"}} for file inputs (hashed in parallel; folders have no hash)."""
+    out: dict[str, dict[str, Any]] = {}
+    files = {r: p for r, p in paths.items() if os.path.isfile(p)}
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:
+        futures = {r: pool.submit(file_hashes, p) for r, p in files.items()}
+        for role, p in paths.items():
+            entry: dict[str, Any] = {"file": Path(p).name}
+            if role in futures:
+                h = futures[role].result()
+                entry.update({"sha256": h["sha256"], "autov2": h["autov2"]})
+            else:
+                entry["sha256"] = None
+            out[role] = entry
+    return out
+
+
+def merge(opts: MergeOptions, out: "str | os.PathLike[str]") -> dict[str, Any]:
+    """Plan, hash the inputs, write `out` atomically. Returns the CLI contract dict."""
+    from bp_trainer.fsutil import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs(out, opts.inputs().values())
+    entries, recipe, views = plan_merge(opts)
+    try:
+        recipe["inputs"] = input_hashes(opts.inputs())
+        meta = {"bp_recipe": json.dumps(recipe, sort_keys=True)}
+        meta.update({str(k): str(v) for k, v in opts.extra_metadata.items()})
+        base_meta = views[0].metadata
+        for k in ("bp_configs", "bp_prediction_type"):
+            if k in base_meta:
+                meta.setdefault(k, base_meta[k])
+        result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=opts.inputs().values())
+    finally:
+        for v in views:
+            v.close()
+    result["recipe"] = recipe
+    return result
