@@ -99,40 +99,33 @@ def _is_diffusers_folder(path: Path) -> bool:
 
 
 def load_base(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """unet, vae, text_encoder, tokenizer, noise_scheduler (DDPM), prediction_type of `model.base`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    """unet, vae, text_encoder, tokenizer, noise_scheduler (DDPM), prediction_type of `model.base`.
+
+    A diffusers folder or a WebUI single file (SD 1.x/2.x), through `bp_trainer.checkpoint`. Weights are
+    loaded in fp32 (the trainer keeps fp32 master weights; mixed precision is autocast).
+    """
+    from diffusers import DDPMScheduler
+
+    from bp_trainer.checkpoint.convert import load_diffusers_components
 
     base = Path(cfg["model"]["base"])
-    if _is_diffusers_folder(base):
-        unet = UNet2DConditionModel.from_pretrained(base / "unet")
-        vae = AutoencoderKL.from_pretrained(base / "vae")
-        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
-        tokenizer = _load_tokenizer(base / "tokenizer")
-        scheduler_config = dict(DDPMScheduler.load_config(base / "scheduler"))
-    elif base.is_file():
-        try:
-            from bp_trainer.checkpoint import load_diffusers_components
-        except ImportError as exc:  # the checkpoint module is missing: say so plainly
-            raise BPError(f"loading WebUI single files needs bp_trainer.checkpoint ({exc})", path=base,
-                          hint="convert it to a diffusers folder with `python -m bp_trainer convert`") from None
-        parts = load_diffusers_components(base)
-        unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
-        tokenizer = parts.get("tokenizer") or _load_tokenizer(None)
-        sched = parts.get("scheduler")
-        scheduler_config = dict(sched.config) if sched is not None else {}
-    else:
+    if not base.exists():
         raise BPError("base model not found", path=base, hint="a WebUI .safetensors/.ckpt file or a diffusers folder")
+    setting = cfg["model"]["v_prediction"]
+    forced = None if setting == "auto" else ("v_prediction" if setting == "true" else "epsilon")
+    parts = load_diffusers_components(base, prediction_type=forced)
+    unet, vae, text_encoder = parts["unet"].float(), parts["vae"].float(), parts["text_encoder"].float()
+    tokenizer = parts.get("tokenizer") or _load_tokenizer(None)
+    sched = parts.get("scheduler")
+    scheduler_config = {k: v for k, v in dict(sched.config).items()} if sched is not None else {}
+    scheduler_config["_class_name"] = type(sched).__name__ if sched is not None else "PNDMScheduler"
     vae_path = cfg["model"].get("vae")
     if vae_path:
         vae = _load_vae(Path(vae_path), vae)
+    prediction_type = forced or scheduler_config.get("prediction_type") or "epsilon"
     noise_scheduler = DDPMScheduler.from_config(_ddpm_config(scheduler_config))
-    setting = cfg["model"]["v_prediction"]
-    if setting == "auto":
-        prediction_type = scheduler_config.get("prediction_type", "epsilon") or "epsilon"
-    else:
-        prediction_type = "v_prediction" if setting == "true" else "epsilon"
     noise_scheduler.register_to_config(prediction_type=prediction_type)
+    scheduler_config["prediction_type"] = prediction_type
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "noise_scheduler": noise_scheduler, "prediction_type": prediction_type,
             "scheduler_config": scheduler_config}
@@ -164,18 +157,31 @@ def _load_tokenizer(path: "Path | None") -> Any:
 
 
 def _load_vae(path: Path, current: Any) -> Any:
+    """A VAE folder (diffusers) or a WebUI VAE file (models/VAE layout), shaped like the base's VAE."""
     from diffusers import AutoencoderKL
 
     if path.is_dir():
-        return AutoencoderKL.from_pretrained(path if (path / "config.json").exists() else path / "vae")
+        return AutoencoderKL.from_pretrained(path if (path / "config.json").exists() else path / "vae").float()
+    from bp_trainer.checkpoint.io import open_file
+    from bp_trainer.checkpoint.ldm_keys import vae_key_map, vae_tensor_to_ldm
+
+    src = open_file(path)
     try:
-        from bp_trainer.checkpoint import load_vae_file  # type: ignore[attr-defined]
-    except ImportError:
-        load_vae_file = None
-    if load_vae_file is None:
-        raise BPError("loading a VAE file needs bp_trainer.checkpoint.load_vae_file", path=path,
-                      hint="use a diffusers VAE folder")
-    return load_vae_file(path, current)
+        tensors = {k: src.get(k) for k in src.keys()}
+    finally:
+        src.close()
+    expected = current.state_dict()
+    mapping = vae_key_map(expected.keys())  # diffusers name -> LDM name
+    prefixed = any(k.startswith("first_stage_model.") for k in tensors)
+    state = {}
+    for dk, ldm in mapping.items():
+        key = ("first_stage_model." + ldm) if prefixed else ldm
+        if key not in tensors:
+            raise BPError(f"VAE file lacks {key}", path=path, hint="a WebUI VAE (.safetensors/.pt) for this model")
+        t = tensors[key]
+        state[dk] = t.reshape(expected[dk].shape).float() if t.numel() == expected[dk].numel() else t
+    current.load_state_dict(state)
+    return current
 
 
 def model_name(cfg: Dict[str, Any]) -> str:

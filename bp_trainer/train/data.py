@@ -1,0 +1,113 @@
+"""The training data: scanned images, bucketed batches for this process, and per-item loading.
+
+Everything random about an item (tag shuffle/dropout, caption dropout, crop offset) is drawn from an RNG
+seeded by `(seed, epoch, index)`, so an item is a pure function of those: DataLoader workers, restarts and
+resumes all see the same captions and crops. Batches come from the dataset module's `BucketBatchSampler`
+(global-rank sharding, naifu's leftover pool at base_res, resumable position).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from bp_trainer.errors import BPError
+
+
+class BucketDataset(torch.utils.data.Dataset):
+    """Items addressed by `(index, w, h)` keys from `BucketBatchSampler.keyed()`."""
+
+    def __init__(self, items: List[Any], *, seed: int, captions: Any, center_crop: bool, cache: Any = None):
+        self.items = items
+        self.seed = seed
+        self.captions = captions
+        self.center_crop = center_crop
+        self.cache = cache
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{index}")
+
+    def __getitem__(self, key: Tuple[int, int, int]) -> Dict[str, Any]:
+        from bp_trainer.dataset import load_image_for_bucket
+
+        index, w, h = key
+        item = self.items[index]
+        rng = self.rng(index)
+        caption = self.captions.process(item.caption, rng) if self.captions.is_random else self.captions.process(
+            item.caption)
+        crop = "center" if (self.center_crop or self.cache is not None) else "random"
+        cache_key = self.cache.key(item.path, (w, h), crop) if self.cache is not None else None
+        pixels = None
+        if cache_key is None or not self.cache.has(cache_key):
+            img = load_image_for_bucket(item.path, (w, h), crop, rng if crop == "random" else None)
+            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+            pixels = pixels.permute(2, 0, 1).div_(127.5).sub_(1.0)
+        return {"index": index, "caption": caption, "pixels": pixels, "cache_key": cache_key, "size": (w, h)}
+
+
+def collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "index": [b["index"] for b in batch],
+        "caption": [b["caption"] for b in batch],
+        "pixels": [b["pixels"] for b in batch],
+        "cache_key": [b["cache_key"] for b in batch],
+        "size": batch[0]["size"],
+    }
+
+
+def build_data(cfg: Dict[str, Any], *, rank: int, world_size: int, cache: Any = None,
+               warn: Any = None) -> Dict[str, Any]:
+    """Scan the dataset and build the per-process sampler, dataset and DataLoader."""
+    from bp_trainer.buckets import ArbConfig
+    from bp_trainer.dataset import BucketBatchSampler, CaptionProcessor, scan_dataset
+
+    d, t, a = cfg["dataset"], cfg["training"], cfg["arb"]
+    scan = scan_dataset(d["path"], caption_ext=d["caption_extension"], missing_caption="empty")
+    if warn is not None and scan.problems:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(scan.problem_counts().items()))
+        warn(f"{len(scan.problems)} dataset file(s) skipped ({kinds}); first: {scan.problems[0].path}: "
+             f"{scan.problems[0].reason}")
+    if not scan.items:
+        raise BPError("no usable images in the dataset", path=d["path"],
+                      hint="images (png/jpg/webp) with .txt captions next to them")
+    items = list(scan.items) * int(d["repeats"])
+    arb = ArbConfig.from_dict({k: v for k, v in a.items()})
+    base_res = (int(a["base_res"][0]), int(a["base_res"][1]))
+    common = dict(seed=int(t["seed"]), rank=rank, world_size=world_size, leftover="pool", base_res=base_res)
+    if a["enabled"]:
+        sampler = BucketBatchSampler.from_sizes([it.size for it in items], arb, int(t["batch_size"]), **common)
+    else:
+        sampler = BucketBatchSampler([0] * len(items), [base_res], int(t["batch_size"]), **common)
+    if len(sampler) == 0:
+        raise BPError(f"{len(items)} image(s) do not make one batch per process "
+                      f"(batch size {t['batch_size']} x {world_size} process(es))", path=d["path"],
+                      hint="lower training.batch_size or add images")
+    captions = CaptionProcessor(shuffle=bool(d["shuffle_tags"]), keep_first=int(d["keep_tokens"]),
+                                tag_dropout=float(d["tag_dropout"]), caption_dropout=float(d["caption_dropout"]))
+    dataset = BucketDataset(items, seed=int(t["seed"]), captions=captions, center_crop=bool(d["center_crop"]),
+                            cache=cache)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.keyed(), collate_fn=collate,
+                                         num_workers=int(d["num_workers"]), pin_memory=False)
+    return {"scan": scan, "items": items, "sampler": sampler, "dataset": dataset, "loader": loader,
+            "buckets": sampler.buckets, "images": len(scan.items)}
+
+
+def relpath(path: str, root: str) -> str:
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:
+        return path
+
+
+def describe_batches(data: Dict[str, Any], indices: List[int], root: Optional[str] = None) -> List[str]:
+    items = data["items"]
+    n = data["images"]
+    return [f"{relpath(items[i].path, root) if root else items[i].path}#{i // n}" for i in indices]

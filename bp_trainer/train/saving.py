@@ -1,0 +1,158 @@
+"""The outputs of a save, mirroring BPModel's releases, written atomically with their WebUI hashes.
+
+(a) `NAME-sSTEP.safetensors`: the WebUI-loadable checkpoint (UNet + VAE + text encoder, LDM layout,
+    fp16 by default; the UNet is the EMA's when `saving.main_unet: ema`).
+(b) `NAME-sSTEP-ema-unet.safetensors`: the EMA UNet in fp32 (LDM keys, `model.diffusion_model.*`), for
+    continued training or `merge`.
+(c) optionally `NAME-sSTEP-diffusers/`: a diffusers folder (written to a temporary folder, then renamed).
+
+Each file's full SHA-256, AutoV2 (10 hex, the infotext "Model hash") and old 8-hex hash are returned and
+appended to `checkpoints/hashes.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from bp_trainer.fsutil import atomic_write_text
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+
+
+def metadata_for(cfg: Dict[str, Any], step: int, epoch: int, unet_kind: str) -> Dict[str, str]:
+    from bp_trainer.train.config import dump_config
+
+    return {
+        "bp_train_step": str(step),
+        "bp_train_epoch": str(epoch),
+        "bp_train_unet": unet_kind,
+        "bp_train_base": os.path.basename(str(cfg["model"]["base"])),
+        "bp_train_clip_skip": str(cfg["model"]["clip_skip"]),
+        "bp_train_config": dump_config(cfg),
+    }
+
+
+def model_configs_metadata(unet: Any, vae: Any, text_encoder: Any, scheduler_config: Optional[Dict[str, Any]]
+                           ) -> Dict[str, str]:
+    """`bp_configs` (the diffusers configs, so any width of model reloads exactly) and the prediction type."""
+    def plain(config: Any) -> Dict[str, Any]:
+        d = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        return {k: v for k, v in d.items() if not k.startswith("_") or k == "_class_name"}
+
+    te = plain(text_encoder.config)
+    for k in ("architectures", "transformers_version", "torch_dtype", "dtype", "model_type", "name_or_path",
+              "output_hidden_states", "return_dict", "use_return_dict"):
+        te.pop(k, None)
+    configs = {"unet": plain(unet.config), "vae": plain(vae.config), "text_encoder": te,
+               "scheduler": dict(scheduler_config or {})}
+    out = {"bp_configs": json.dumps(configs, default=str)}
+    pred = (scheduler_config or {}).get("prediction_type")
+    if pred:
+        out["bp_prediction_type"] = str(pred)
+    return out
+
+
+def save_outputs(*, cfg: Dict[str, Any], run_dir: Path, name: str, step: int, epoch: int, unet: torch.nn.Module,
+                 vae: torch.nn.Module, text_encoder: torch.nn.Module, ema: Any = None, tokenizer: Any = None,
+                 scheduler_config: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+    """Write (a), (b), (c) for the current weights; returns {kind: {path, sha256, autov2, old}}."""
+    from bp_trainer.checkpoint.io import write_checkpoint
+    from bp_trainer.checkpoint.ldm_keys import diffusers_to_ldm
+
+    s = cfg["saving"]
+    out_dir = Path(run_dir) / "checkpoints"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-s{step:06d}"
+    trained = _cpu_state(unet)
+    ema_sd = ema.full_state_dict(unet) if ema is not None else None
+    use_ema = s["main_unet"] == "ema" and ema_sd is not None
+    main_unet = {k: v.to("cpu") for k, v in ema_sd.items()} if use_ema else trained
+    files: Dict[str, Dict[str, Any]] = {}
+
+    tensors = diffusers_to_ldm(unet=main_unet, vae=_cpu_state(vae), text_encoder=_cpu_state(text_encoder),
+                               scheduler_config=scheduler_config)
+    meta = metadata_for(cfg, step, epoch, "ema" if use_ema else "trained")
+    meta.update(model_configs_metadata(unet, vae, text_encoder, scheduler_config))
+    res = write_checkpoint(tensors, out_dir / f"{stem}.safetensors", meta, "safetensors", s["precision"])
+    files["webui"] = _record(res)
+    del tensors
+
+    if ema_sd is not None and s["ema_unet_fp32"]:
+        ema_cpu = {k: v.to("cpu") for k, v in ema_sd.items()}
+        ldm = {k: v for k, v in diffusers_to_ldm(unet=ema_cpu).items() if k.startswith(UNET_PREFIX)}
+        res = write_checkpoint(ldm, out_dir / f"{stem}-ema-unet.safetensors", metadata_for(cfg, step, epoch, "ema"),
+                               "safetensors", "fp32")
+        files["ema_unet"] = _record(res)
+
+    if s["diffusers"]:
+        files["diffusers"] = _save_diffusers(out_dir / f"{stem}-diffusers", unet=unet, main_unet=main_unet, vae=vae,
+                                             text_encoder=text_encoder, tokenizer=tokenizer,
+                                             scheduler_config=scheduler_config)
+    _append_hashes(out_dir, files)
+    return files
+
+
+def _record(res: Dict[str, Any]) -> Dict[str, Any]:
+    return {"path": res["out"], "sha256": res["sha256"], "autov2": res["autov2"], "old": res["old"],
+            "bytes": res.get("bytes")}
+
+
+def _save_diffusers(target: Path, *, unet: torch.nn.Module, main_unet: Dict[str, torch.Tensor], vae: Any,
+                    text_encoder: Any, tokenizer: Any, scheduler_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    import copy
+
+    from diffusers import PNDMScheduler
+    from bp_trainer.checkpoint.hashes import file_hashes
+
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out_unet = copy.deepcopy(unet).to("cpu", torch.float32)
+    out_unet.load_state_dict(main_unet)
+    out_unet.save_pretrained(tmp / "unet")
+    vae.save_pretrained(tmp / "vae")
+    text_encoder.save_pretrained(tmp / "text_encoder")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        try:
+            from bp_trainer.clip_vocab import write_tokenizer_files
+
+            write_tokenizer_files(tmp / "tokenizer")  # vocab.json/merges.txt for transformers 4.x readers
+        except Exception:  # noqa: BLE001 - the tokenizer.json is enough for new readers
+            pass
+    PNDMScheduler.from_config({k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
+                              ).save_pretrained(tmp / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+             "requires_safety_checker": False, "safety_checker": [None, None],
+             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "image_encoder": [None, None]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    weights = target / "unet" / "diffusion_pytorch_model.safetensors"
+    rec: Dict[str, Any] = {"path": str(target)}
+    if weights.exists():
+        rec.update({f"unet_{k}": v for k, v in file_hashes(weights).items()})
+    return rec
+
+
+def _append_hashes(out_dir: Path, files: Dict[str, Dict[str, Any]]) -> None:
+    path = out_dir / "hashes.json"
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        table = {}
+    for rec in files.values():
+        table[os.path.basename(rec["path"])] = {k: v for k, v in rec.items() if k != "path"}
+    atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True))
