@@ -155,6 +155,10 @@ def _map_component(src: TensorSource, keys: list[str], component: str, strip: st
             fn = (lambda t, ldm=ldm: lk.vae_tensor_to_ldm(ldm, t)) if lk.vae_needs_conv_shape(ldm) and len(info.shape) == 2 else None
             out[lk.VAE_PREFIX + ldm] = (src, k, fn, TensorInfo(info.dtype, lk.vae_shape_to_ldm(ldm, info.shape)))
     elif component == "text_encoder":
+        for k, b in zip(keys, bare):
+            if b.endswith("token_embedding.weight") and len(src.info(k).shape) == 2 and src.info(k).shape[1] == 1024:
+                raise BPError("an SD 2.x (OpenCLIP) text encoder in transformers layout cannot be written in the "
+                              "WebUI layout yet", path=src.path, hint="keep the SD 2.x text encoder of a WebUI checkpoint")
         m = lk.text_key_map(bare)
         for k, b in zip(keys, bare):
             if b in m:
