@@ -112,8 +112,9 @@ def chunk_token_ids(
 
     At most `max_chunks` chunks (3 x 75 = 225 tokens, naifu/NovelAI and the WebUI); extra tokens are cut.
     An empty caption gives one chunk `[BOS, EOS, pad, ...]`. With `comma` set, a chunk that would split a tag
-    ends after the last comma when it is within `backtrack` tokens of the end, and the rest moves on to the
-    next chunk (the WebUI's "prompt word wrap length limit", default 20).
+    ends after its last comma when that comma is within `backtrack` tokens of the end, and the rest moves on to
+    the next chunk: the WebUI's "prompt word wrap length limit" (comma_padding_backtrack, default 20), with its
+    exact boundary rules (checked against `bp_trainer.tokens.chunks`, the WebUI-exact counter).
     """
     if chunk_len <= 0 or max_chunks <= 0:
         raise ValueError("chunk_len and max_chunks must be positive")
@@ -122,10 +123,12 @@ def chunk_token_ids(
     start = 0
     while start < len(ids) and len(pieces) < max_chunks:
         end = min(start + chunk_len, len(ids))
-        if comma is not None and backtrack > 0 and end < len(ids):
+        if comma is not None and backtrack > 0 and end < len(ids) and ids[end] != comma:
+            # the WebUI's rule: a full chunk followed by a non-comma token ends after its last comma when that
+            # comma is at index >= chunk_len - backtrack
             window = ids[start:end]
             last = max((i for i, t in enumerate(window) if t == comma), default=-1)
-            if last >= 0 and len(window) - 1 - last <= backtrack:
+            if last >= 0 and len(window) - last <= backtrack:
                 end = start + last + 1
         pieces.append(ids[start:end])
         start = end
