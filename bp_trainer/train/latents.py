@@ -79,14 +79,13 @@ class LatentCache:
                 from safetensors.torch import load_file
 
                 t = load_file(str(file))["latent"]
-        if t is None:
-            self.misses += 1
-        else:
+        if t is not None:
             self.hits += 1
         return t
 
     def put(self, key: str, latent: torch.Tensor) -> None:
         latent = latent.detach().to("cpu", torch.float32).contiguous()
+        self.misses += 1  # every put follows an encode: a miss
         if self.mode == "memory":
             self._mem[key] = latent
             return
