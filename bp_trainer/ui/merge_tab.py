@@ -1,0 +1,146 @@
+"""The Merge sub-tab: assemble one checkpoint from parts into the host's checkpoint folder.
+
+Base checkpoint, an optional UNet/EMA source, VAE (from the host's VAE list), text encoder, precision,
+drop EMA, output name -> `host.checkpoint_dir()/NAME`, both WebUI hashes shown, the model list refreshed.
+The work (streaming, atomic write, never overwriting an input) is the checkpoint module's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from bp_trainer.errors import BPError
+from bp_trainer.ui import render
+
+NONE = ""  # dropdown entry meaning "not used"
+
+
+def output_path(checkpoint_dir: str, name: str, fmt: str) -> Path:
+    """CKPT_DIR/NAME with the format's extension; a name may not leave the folder."""
+    name = (name or "").strip()
+    if not name:
+        raise BPError("enter an output name", hint="e.g. my-model-fp16")
+    ext = ".ckpt" if fmt == "ckpt" else ".safetensors"
+    base = os.path.basename(name)
+    if base != name or name in (".", ".."):
+        raise BPError(f"the output name '{name}' must be a plain file name (it is written into the checkpoint folder)")
+    if not base.lower().endswith(ext):
+        for other in (".safetensors", ".ckpt"):
+            if base.lower().endswith(other):
+                base = base[: -len(other)]
+        base += ext
+    return Path(checkpoint_dir) / base
+
+
+class MergeCallbacks:
+    def __init__(self, host: Any):
+        self.host = host
+
+    def choices(self) -> Tuple[List[str], List[str]]:
+        return list(self.host.list_checkpoints()), list(self.host.list_vaes())
+
+    def refresh(self) -> Tuple[List[str], List[str]]:
+        self.host.refresh_models()
+        return self.choices()
+
+    def _ckpt(self, name: str) -> Optional[str]:
+        return self.host.checkpoint_path(name) if name else None
+
+    def merge(self, base: str, unet: str = NONE, use_ema: bool = False, vae: str = NONE, text_encoder: str = NONE,
+              precision: str = "fp16", drop_ema: bool = True, name: str = "", fmt: str = "safetensors",
+              overwrite: bool = False, progress: Optional[Callable[[float, str], Any]] = None) -> str:
+        """Run the merge; an HTML report (output, hashes, tensors, size) or the error."""
+        from bp_trainer.checkpoint import assemble as asm
+
+        try:
+            if not base:
+                raise BPError("choose a base checkpoint")
+            out = output_path(self.host.checkpoint_dir(), name, fmt)
+            if out.exists() and not overwrite:
+                raise BPError("the output file exists", path=out, hint="choose another name or tick 'Overwrite'")
+            options: Dict[str, Any] = dict(
+                base=self._ckpt(base), unet=self._ckpt(unet), use_ema=bool(use_ema),
+                vae=self.host.vae_path(vae) if vae else None, text_encoder=self._ckpt(text_encoder),
+                drop_ema=bool(drop_ema), precision=precision or "fp16", out=str(out), fmt=fmt or "safetensors",
+            )
+            if progress is not None:
+                options["progress"] = progress
+            result = _call_assemble(asm, options)
+        except BPError as exc:
+            return render.error_html(exc)
+        self.host.refresh_models()
+        return self.report(result, out)
+
+    @staticmethod
+    def report(result: Any, out: Path) -> str:
+        r = result if isinstance(result, dict) else getattr(result, "__dict__", {})
+        size = r.get("bytes")
+        rows = [
+            ("output", r.get("out") or str(out)),
+            ("sha256", r.get("sha256", "")),
+            ("AutoV2 (Model hash)", r.get("autov2", "")),
+            ("old hash", r.get("old", "")),
+            ("tensors", r.get("tensors", "")),
+            ("size", f"{size / 1e6:.1f} MB" if isinstance(size, (int, float)) else ""),
+        ]
+        return (render.message_html(f"written {Path(r.get('out') or out).name}; it is in the checkpoint list now", "ok")
+                + render.kv_table_html([(k, v) for k, v in rows if v not in ("", None)], cls="bp-kv bp-hash"))
+
+
+def _call_assemble(asm: Any, options: Dict[str, Any]) -> Any:
+    """Call the checkpoint module's assemble entry point (keyword names as in `python -m bp_trainer merge`)."""
+    fn = getattr(asm, "assemble_checkpoint", None) or getattr(asm, "assemble")
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if accepts_any or k in params}
+    return fn(**kwargs)
+
+
+def build(host: Any) -> MergeCallbacks:
+    import gradio as gr
+
+    cb = MergeCallbacks(host)
+    ckpts, vaes = cb.choices()
+    with gr.Column(elem_id="bp_train_merge"):
+        with gr.Row():
+            base = gr.Dropdown(label="Base checkpoint", choices=ckpts, value=ckpts[0] if ckpts else None,
+                               elem_id="bp_train_mg_base", scale=4)
+            refresh = gr.Button("\u21bb", elem_id="bp_train_mg_refresh", elem_classes=["bp-icon-btn"], scale=0,
+                                min_width=40)
+        with gr.Row():
+            unet = gr.Dropdown(label="UNet from (optional: a UNet-only file or another checkpoint)", choices=[NONE, *ckpts],
+                               value=NONE, allow_custom_value=True, elem_id="bp_train_mg_unet")
+            use_ema = gr.Checkbox(label="Use EMA weights as the UNet", value=False, elem_id="bp_train_mg_use_ema")
+        with gr.Row():
+            vae = gr.Dropdown(label="VAE (optional)", choices=[NONE, *vaes], value=NONE, allow_custom_value=True,
+                              elem_id="bp_train_mg_vae")
+            te = gr.Dropdown(label="Text encoder from (optional)", choices=[NONE, *ckpts], value=NONE,
+                             allow_custom_value=True, elem_id="bp_train_mg_te")
+        with gr.Row():
+            precision = gr.Radio(label="Precision", choices=["fp16", "bf16", "fp32"], value="fp16",
+                                 elem_id="bp_train_mg_precision")
+            drop_ema = gr.Checkbox(label="Drop EMA weights", value=True, elem_id="bp_train_mg_drop_ema")
+            fmt = gr.Radio(label="Format", choices=["safetensors", "ckpt"], value="safetensors", elem_id="bp_train_mg_fmt")
+        with gr.Row():
+            name = gr.Textbox(label="Output name (written into the checkpoint folder)", elem_id="bp_train_mg_name",
+                              placeholder="my-model-fp16", scale=4)
+            overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="bp_train_mg_overwrite")
+            go = gr.Button("Merge", variant="primary", elem_id="bp_train_mg_go")
+        result = gr.HTML(elem_id="bp_train_mg_result")
+
+    def do_refresh():
+        c, v = cb.refresh()
+        return (gr.update(choices=c), gr.update(choices=[NONE, *c]), gr.update(choices=[NONE, *v]),
+                gr.update(choices=[NONE, *c]))
+
+    def do_merge(*args, progress=gr.Progress()):
+        return cb.merge(*args, progress=lambda f, desc="": progress(f, desc=desc))
+
+    refresh.click(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
+    go.click(do_merge, [base, unet, use_ema, vae, te, precision, drop_ema, name, fmt, overwrite], [result],
+             show_progress="full").then(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
+    return cb

@@ -1,0 +1,300 @@
+"""One training run at a time, started from the tab and followed in the background.
+
+`RunController(host)` wraps the trainer's launcher (`bp_trainer.launcher`): Start releases the host's GPU,
+starts the child process, and a watcher thread follows `events.jsonl` into a `RunView` — whether or not a
+browser is open — publishing each saved WebUI checkpoint into the host's checkpoint folder (a hard link,
+or a copy across file systems) and refreshing the host's model list; when the child ends the GPU is
+reclaimed. A new page, a reloaded UI or a restarted host re-attaches to a live run (`attach_existing`,
+`find_active_run`). Controllers are shared per runs folder (`controller_for`), so every page sees the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from bp_trainer.errors import BPError
+from bp_trainer.ui.progress import RunView
+
+POLL_SECONDS = 0.5
+PUBLISH_SUBDIR = "bp-train"
+
+
+def publish_checkpoint(src: "str | os.PathLike[str]", checkpoint_dir: "str | os.PathLike[str]", run_name: str,
+                       step: Any) -> Path:
+    """Put a trained WebUI checkpoint where the host lists checkpoints: CKPT_DIR/bp-train/RUN-sSTEP.ext.
+
+    A hard link when possible (no extra disk space; the run folder keeps its own name), else a copy
+    written atomically. An existing file of the same name is replaced only if it is a link to the same data.
+    """
+    from bp_trainer.fsutil import atomic_path
+
+    src = Path(src)
+    ext = "".join(src.suffixes[-1:]) or ".safetensors"
+    label = f"s{int(step):06d}" if isinstance(step, int) or str(step).isdigit() else (str(step) or "final")
+    dest = Path(checkpoint_dir) / PUBLISH_SUBDIR / f"{run_name}-{label}{ext}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        try:
+            if os.path.samefile(dest, src):
+                return dest
+        except OSError:
+            pass
+    try:
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+        if tmp.exists():
+            tmp.unlink()
+        os.link(src, tmp)
+        os.replace(tmp, dest)
+    except OSError:
+        with atomic_path(dest) as tmp2:
+            shutil.copyfile(src, tmp2)
+    return dest
+
+
+def _webui_file(event: Dict[str, Any]) -> Optional[str]:
+    files = event.get("files")
+    if isinstance(files, dict):
+        main = files.get("webui")
+        if isinstance(main, dict) and main.get("path"):
+            return str(main["path"])
+        if isinstance(main, str):
+            return main
+    return None
+
+
+class RunController:
+    """Start/stop/follow the one run of a runs folder for a host."""
+
+    def __init__(self, host: Any):
+        self.host = host
+        self.lock = threading.RLock()
+        self.view = RunView()
+        self.handle: Any = None
+        self.run_dir: Optional[Path] = None
+        self.offset = 0
+        self.exit_code: Optional[int] = None
+        self.published: list[str] = []
+        self.messages: list[str] = []
+        self._thread: Optional[threading.Thread] = None
+        self._gpu_released = False
+        self._stop_requested_at: Optional[float] = None
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def active(self) -> bool:
+        with self.lock:
+            return self._thread is not None and self._thread.is_alive()
+
+    def gpu_note(self) -> str:
+        if getattr(self.host, "name", "") == "standalone":
+            return ""
+        if self.host.generation_may_run_during_training():
+            return "Generation may run during training (Settings › BP Train): the GPU is shared, watch its memory."
+        return "While a run holds the GPU, image generation in this WebUI waits until the run ends (Settings › BP Train)."
+
+    # ------------------------------------------------------------------------------------------ start
+
+    def start(self, cfg: Dict[str, Any], *, resume_dir: Optional[str] = None) -> Path:
+        """Start a validated config as the one run; raises BPError when a run is already active."""
+        from bp_trainer import launcher
+
+        with self.lock:
+            self.attach_existing()
+            if self.active:
+                raise BPError("a training run is already running", path=self.run_dir,
+                              hint="stop it first; BP Train runs one training at a time")
+            self.host.release_gpu()
+            self._gpu_released = True
+            try:
+                handle = launcher.start_run(cfg, resume_dir=resume_dir, python=self.host.trainer_python())
+            except BaseException:
+                self._reclaim()
+                raise
+            self._follow(handle)
+            return handle.run_dir
+
+    def attach_existing(self) -> bool:
+        """Re-attach to a live run of the host's runs folder (after a page reload or a host restart)."""
+        from bp_trainer import launcher
+
+        with self.lock:
+            if self.active:
+                return True
+            run_dir = launcher.find_active_run(self.host.runs_dir())
+            if run_dir is None:
+                return False
+            handle = launcher.attach(run_dir)
+            if handle is None:
+                return False
+            if not self._gpu_released:
+                self.host.release_gpu()  # the run holds the GPU: the host's model stays off it
+                self._gpu_released = True
+            self._follow(handle)
+            return True
+
+    def show_run(self, run_dir: "str | os.PathLike[str]") -> None:
+        """Show a finished (or any) run's events without attaching to a process."""
+        from bp_trainer.train.events import follow
+
+        with self.lock:
+            if self.active:
+                raise BPError("a run is active; its progress is shown", path=self.run_dir)
+            self.run_dir = Path(run_dir)
+            self.view = RunView(str(run_dir))
+            events, self.offset = follow(run_dir, 0)
+            self.view.apply(events)
+            if not self.view.finished:
+                self.view.status = "exited"
+
+    def _follow(self, handle: Any) -> None:
+        self.handle = handle
+        self.run_dir = Path(handle.run_dir)
+        self.view = RunView(str(self.run_dir))
+        self.offset = 0
+        self.exit_code = None
+        self.published = []
+        self._stop_requested_at = None
+        self._thread = threading.Thread(target=self._watch, name=f"bp-train-watch-{self.run_dir.name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------ watcher
+
+    def _pump(self) -> None:
+        from bp_trainer.train.events import follow
+
+        assert self.run_dir is not None
+        events, offset = follow(self.run_dir, self.offset)
+        if not events:
+            return
+        with self.lock:
+            self.offset = offset
+            self.view.apply(events)
+            if self._stop_requested_at is not None and not self.view.finished:
+                self.view.status = "stopping"
+        for ev in events:
+            if ev.get("type") == "checkpoint":
+                self._publish(ev)
+
+    def _publish(self, ev: Dict[str, Any]) -> None:
+        src = _webui_file(ev)
+        if not src or not os.path.isfile(src) or self.run_dir is None:
+            return
+        try:
+            dest = publish_checkpoint(src, self.host.checkpoint_dir(), self.run_dir.name, ev.get("step", "final"))
+            self.published.append(str(dest))
+            self.view.log.append(f"checkpoint listed as {dest}")
+            self.host.refresh_models()
+        except Exception as exc:  # never let a copy problem kill the watcher
+            self.view.log.append(f"warning: could not add the checkpoint to the model list: {exc}")
+
+    def _watch(self) -> None:
+        handle = self.handle
+        try:
+            while True:
+                self._pump()
+                code = handle.poll()
+                if code is not None:
+                    self._pump()
+                    with self.lock:
+                        self.exit_code = code
+                        if not self.view.finished:
+                            self.view.status = "exited" if code in (0, -1) else "error"
+                            if code not in (0, -1):
+                                self.view.error = f"the trainer exited with code {code}; see the log below"
+                        self.view.log.extend(self._log_tail(40) if code not in (0, -1) else [])
+                    break
+                time.sleep(POLL_SECONDS)
+        finally:
+            self._reclaim()
+            try:
+                self.host.refresh_models()
+            except Exception:
+                pass
+
+    def _reclaim(self) -> None:
+        if self._gpu_released:
+            self._gpu_released = False
+            try:
+                self.host.reclaim_gpu()
+            except Exception as exc:
+                self.view.log.append(f"warning: could not give the GPU back to the host: {exc}")
+
+    def _log_tail(self, n: int) -> list[str]:
+        from bp_trainer import launcher
+
+        if self.run_dir is None:
+            return []
+        path = self.run_dir / launcher.LOG_FILE
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(0, 2)
+                size = fh.tell()
+                fh.seek(max(0, size - 16384))
+                lines = fh.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return []
+        lines = [ln for ln in lines if not ln.startswith('{"type"')]  # the events are shown already
+        return ["--- train.log ---"] + lines[-n:]
+
+    # ------------------------------------------------------------------------------------------ stop
+
+    def stop(self) -> str:
+        """Graceful stop (the trainer saves and exits); pressed again, SIGTERM to the run's processes."""
+        from bp_trainer import launcher
+
+        with self.lock:
+            if not self.active or self.run_dir is None:
+                raise BPError("no training run is running")
+            if self._stop_requested_at is None:
+                launcher.request_stop(self.run_dir)
+                self._stop_requested_at = time.time()
+                self.view.status = "stopping"
+                self.view.log.append("stop requested: the trainer finishes its step, saves and exits")
+                return "Stopping: the trainer finishes its current step, saves and exits."
+            import signal
+
+            launcher._signal_group(self.handle.pid, signal.SIGTERM)
+            self.view.log.append("stop pressed again: SIGTERM sent to the run's processes")
+            return "SIGTERM sent to the run's processes."
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the watcher to finish (tests, CLI). True when it did."""
+        t = self._thread
+        if t is None:
+            return True
+        t.join(timeout)
+        return not t.is_alive()
+
+    # ------------------------------------------------------------------------------------------ view
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self.lock:
+            s = self.view.summary()
+            s["gpu_note"] = self.gpu_note() if self.active else ""
+            s["active"] = self.active
+            s["version"] = self.view.version
+            s["exit_code"] = self.exit_code
+            s["published"] = list(self.published)
+            return s
+
+
+_controllers: Dict[str, RunController] = {}
+_registry_lock = threading.Lock()
+
+
+def controller_for(host: Any, factory: Callable[[Any], RunController] = RunController) -> RunController:
+    """The shared controller of the host's runs folder (one run at a time per folder, across pages)."""
+    key = os.path.realpath(host.runs_dir())
+    with _registry_lock:
+        ctl = _controllers.get(key)
+        if ctl is None:
+            ctl = _controllers[key] = factory(host)
+        else:
+            ctl.host = host  # a reloaded UI brings a new host object: use it
+        return ctl
