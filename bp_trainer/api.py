@@ -1,0 +1,257 @@
+"""HTTP API under `/bp-train/v1/`, so training runs can be scripted (WebUI and standalone app alike).
+
+`create_router(host)` returns a FastAPI `APIRouter` (works on the WebUI's fastapi 0.94 + pydantic 1 and on
+newer versions); the WebUI glue mounts it in `on_app_started`, the standalone app in its launcher. The route
+logic is in plain functions (`status`, `start`, `stop`, `events`, `tokens`, `presets`, `infotext`) that take
+the host and a request dict, so it is testable without HTTP. Runs go through the same shared
+`RunController` as the tab (`bp_trainer.ui.runs.controller_for`), so the tab shows a run started by the API
+and the other way round, and there is one run at a time.
+
+    GET  /bp-train/v1/status                       trainer env, GPU hand-off, active run, recent runs
+    POST /bp-train/v1/start   {config | config_path | resume_dir, train_preset?}
+    POST /bp-train/v1/stop    {force?}              graceful stop (pressed twice: SIGTERM)
+    GET  /bp-train/v1/events?offset=N               events.jsonl of the current run since byte N
+    POST /bp-train/v1/tokens  {text, steps?, negative?, with_ids?}   the WebUI token counter and chunks
+    GET  /bp-train/v1/presets                       generation presets of the "BP presets" Script
+    POST /bp-train/v1/infotext {text}               parse an infotext and the preset it makes
+
+Errors: a user error is HTTP 400 (409 when a run is already running / none is running) with
+`{"detail": "one line naming the file or key and what to do"}`.
+"""
+
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from bp_trainer import __version__
+from bp_trainer.errors import BPError
+
+PREFIX = "/bp-train/v1"
+
+
+class Conflict(BPError):
+    """The request conflicts with the current state (a run is running / none is)."""
+
+
+def _controller(host: Any) -> Any:
+    from bp_trainer.ui.runs import controller_for
+
+    return controller_for(host)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def _presets_file(host: Any) -> Optional[str]:
+    fn = getattr(host, "presets_file", None)
+    return fn() if callable(fn) else None
+
+
+def status(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from bp_trainer import launcher, trainer_env
+
+    ctl = _controller(host)
+    ctl.attach_existing()  # a restarted WebUI finds a run that kept going
+    env_fn = getattr(host, "trainer_env_status", None)
+    env = env_fn() if callable(env_fn) else trainer_env.status().to_dict()
+    gpu_fn = getattr(host, "gpu_status", None)
+    gpu = gpu_fn() if callable(gpu_fn) else {}
+    gpu.setdefault("generation_may_run_during_training", bool(host.generation_may_run_during_training()))
+    runs = launcher.list_runs(host.runs_dir())[:10]
+    return _jsonable({
+        "version": __version__,
+        "host": getattr(host, "name", "?"),
+        "runs_dir": host.runs_dir(),
+        "active": ctl.active,
+        "run": ctl.snapshot(),
+        "trainer_env": env,
+        "gpu": gpu,
+        "runs": runs,
+    })
+
+
+def _load_start_config(host: Any, request: Dict[str, Any]) -> tuple:
+    from bp_trainer.train import config as C
+
+    sources = [k for k in ("config", "config_path", "resume_dir") if request.get(k)]
+    if len(sources) != 1:
+        raise BPError("give exactly one of 'config' (a run config mapping), 'config_path' (a run YAML on the "
+                      "server) or 'resume_dir' (a run folder to resume)", hint=f"got {sources or 'none'}")
+    resume_dir = None
+    if request.get("config_path"):
+        cfg = C.load_config(request["config_path"])
+    elif request.get("resume_dir"):
+        resume_dir = str(request["resume_dir"])
+        cfg = C.load_config(Path(resume_dir) / "config.yaml")
+    else:
+        raw = request["config"]
+        if not isinstance(raw, dict):
+            raise BPError("'config' must be a mapping of sections (model, dataset, training, ...)")
+        if request.get("train_preset"):
+            raw = C.merge(C.preset(str(request["train_preset"])), raw)
+        cfg = C.validate(raw, source="request config")
+    # runs live in the host's runs folder, where the tab and /status look for them
+    cfg["run"]["runs_dir"] = host.runs_dir()
+    return cfg, resume_dir
+
+
+def start(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
+    ctl = _controller(host)
+    ctl.attach_existing()
+    if ctl.active:
+        raise Conflict("a training run is already running", path=ctl.run_dir, hint="stop it first (POST /stop)")
+    cfg, resume_dir = _load_start_config(host, request)
+    try:
+        run_dir = ctl.start(cfg, resume_dir=resume_dir)
+    except BPError as exc:
+        if "already running" in str(exc):
+            raise Conflict(str(exc)) from None
+        raise
+    handle = getattr(ctl, "handle", None)
+    return {"run_dir": str(run_dir), "pid": getattr(handle, "pid", None), "name": Path(run_dir).name,
+            "gpu_note": ctl.gpu_note()}
+
+
+def stop(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from bp_trainer import launcher
+
+    request = request or {}
+    ctl = _controller(host)
+    ctl.attach_existing()
+    if not ctl.active or ctl.run_dir is None:
+        raise Conflict("no training run is running")
+    if request.get("force"):
+        launcher.stop_run(ctl.run_dir, force=True)
+        return {"run_dir": str(ctl.run_dir), "message": "the run's processes were killed"}
+    return {"run_dir": str(ctl.run_dir), "message": ctl.stop()}
+
+
+def events(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from bp_trainer.train.events import follow
+
+    request = request or {}
+    ctl = _controller(host)
+    ctl.attach_existing()
+    run_dir = request.get("run_dir") or ctl.run_dir
+    if not run_dir:
+        raise Conflict("no run to follow", hint="start one, or pass run_dir")
+    evs, offset = follow(run_dir, int(request.get("offset") or 0))
+    return _jsonable({"run_dir": str(run_dir), "events": evs, "offset": offset, "active": ctl.active})
+
+
+def tokens(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
+    from bp_trainer.tokens.inspect import inspect_prompt
+
+    text = request.get("text")
+    if not isinstance(text, str):
+        raise BPError("'text' (the prompt to inspect) is required")
+    return _jsonable(inspect_prompt(text, host.tokenizer(), steps=int(request.get("steps") or 20),
+                                    negative=bool(request.get("negative")), with_ids=bool(request.get("with_ids"))))
+
+
+def presets(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    from bp_trainer import presets as P
+
+    path = _presets_file(host)
+    items = [{"name": p.name, "builtin": p.builtin, "summary": p.summary(), **p.to_dict()} for p in P.all_presets(path)]
+    return {"script_name": P.SCRIPT_TITLE.lower(), "presets_file": path, "presets": items,
+            "recommended": P.RECOMMENDED}
+
+
+def infotext(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
+    from bp_trainer import presets as P
+
+    text = request.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise BPError("'text' (an infotext) is required")
+    preset = P.preset_from_infotext(text, request.get("name") or "From infotext")
+    result: Dict[str, Any] = {"fields": P.parse_infotext(text, skip_fields=[]),
+                              "preset": {"name": preset.name, **preset.to_dict()}, "summary": preset.summary()}
+    if request.get("save"):
+        path = _presets_file(host)
+        if not path:
+            raise BPError("this host has no presets file to save into")
+        P.add_user_preset(path, preset, replace=bool(request.get("replace")))
+        result["saved_to"] = path
+    return _jsonable(result)
+
+
+def create_router(host: Any) -> Any:
+    """The FastAPI router of the routes above, bound to `host`."""
+    from fastapi import APIRouter, HTTPException, Request
+
+    router = APIRouter(prefix=PREFIX, tags=["BP Train"])
+
+    def call(fn: Any, body: Optional[Dict[str, Any]]) -> Any:
+        try:
+            return fn(host, body or {})
+        except Conflict as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from None
+        except BPError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+
+    async def body_of(request: Request) -> Dict[str, Any]:
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        try:
+            data = await request.json()
+        except ValueError:
+            raise HTTPException(status_code=400, detail="the request body must be JSON") from None
+        if not isinstance(data, dict):
+            raise HTTPException(status_code=400, detail="the request body must be a JSON object")
+        return data
+
+    # Handlers are sync where they do blocking work: FastAPI runs them in its thread pool, so the server's
+    # event loop (which also serves the gradio UI) never waits on a file, a lock or a tokenizer.
+    @router.get("/status")
+    def get_status() -> Any:
+        return call(status, None)
+
+    @router.post("/start")
+    async def post_start(request: Request) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await body_of(request)
+        return await run_in_threadpool(call, start, body)
+
+    @router.post("/stop")
+    async def post_stop(request: Request) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await body_of(request)
+        return await run_in_threadpool(call, stop, body)
+
+    @router.get("/events")
+    def get_events(offset: int = 0, run_dir: Optional[str] = None) -> Any:
+        return call(events, {"offset": offset, "run_dir": run_dir})
+
+    @router.post("/tokens")
+    async def post_tokens(request: Request) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await body_of(request)
+        return await run_in_threadpool(call, tokens, body)
+
+    @router.get("/presets")
+    def get_presets() -> Any:
+        return call(presets, None)
+
+    @router.post("/infotext")
+    async def post_infotext(request: Request) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await body_of(request)
+        return await run_in_threadpool(call, infotext, body)
+
+    return router

@@ -1,0 +1,347 @@
+"""The trainer's own Python environment, layered on the WebUI's Python.
+
+The WebUI pins transformers 4.30.2 and has no diffusers; the trainer needs newer diffusers / transformers /
+accelerate. Installing those into the WebUI's environment would break it, so the trainer gets a virtual
+environment created with `--system-site-packages` on the WebUI's Python: torch (and everything else the
+WebUI has) is shared, and only the pins in `requirements-trainer.txt` are installed into the venv, where
+they shadow the WebUI's versions for the trainer process only. The WebUI's own packages are never touched.
+
+* `status()` is fast (file checks only): "ready", "missing", "outdated" (requirements changed since the
+  set-up), "setting-up" (a set-up process is running; see its log) or "failed" (the last set-up failed).
+* `setup()` creates/updates the venv and streams pip's output line by line (for the UI's "Set up trainer
+  environment" button); `start_background_setup()` runs the same in a detached process (install.py, so
+  WebUI start stays fast). A stamp file records the requirements' SHA-256 when a set-up succeeded.
+* `verify()` imports the trainer's libraries in the venv and reports their versions (slower, on demand).
+
+Also runnable as `python -m bp_trainer.trainer_env [status|setup|verify] [--env DIR]` (stdlib only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+from bp_trainer.errors import BPError
+
+EXT_ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = EXT_ROOT / "requirements-trainer.txt"
+DEFAULT_ENV_DIR = EXT_ROOT / "trainer-venv"
+STAMP_FILE = "bp-train-env.json"
+LOG_FILE = "bp-train-setup.log"
+LOCK_FILE = "bp-train-setup.lock"
+FAILED_FILE = "bp-train-setup.failed"
+ENV_VAR = "BP_TRAIN_TRAINER_ENV"  # overrides the default venv folder
+CHECK_MODULES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "yaml")
+
+
+@dataclass
+class EnvStatus:
+    state: str  # ready | missing | outdated | setting-up | failed
+    env_dir: str
+    python: str
+    message: str
+    log: str = ""
+    log_tail: List[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def default_env_dir() -> Path:
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_ENV_DIR)
+
+
+def venv_python(env_dir: "str | os.PathLike[str]") -> Path:
+    env_dir = Path(env_dir)
+    if os.name == "nt":
+        return env_dir / "Scripts" / "python.exe"
+    return env_dir / "bin" / "python"
+
+
+def requirements_digest(requirements: "str | os.PathLike[str]" = REQUIREMENTS) -> str:
+    try:
+        return hashlib.sha256(Path(requirements).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise BPError(f"cannot read the trainer requirements: {exc.strerror}", path=requirements,
+                      hint="reinstall the extension") from None
+
+
+def _tail(path: Path, n: int = 20) -> List[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 8192))
+            return fh.read().decode("utf-8", "replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def _lock_owner(env_dir: Path) -> Optional[int]:
+    """pid of a live set-up process holding the lock, else None (a stale lock is ignored)."""
+    try:
+        pid = int(_lock_path(env_dir).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows: trust a recent lock
+        try:
+            fresh = time.time() - _lock_path(env_dir).stat().st_mtime < 3 * 3600
+        except OSError:
+            return None
+        return pid if fresh else None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    except OSError:
+        return None
+    return pid
+
+
+def _lock_path(env_dir: Path) -> Path:
+    return env_dir.parent / f".{env_dir.name}.{LOCK_FILE}"
+
+
+def _log_path(env_dir: Path) -> Path:
+    return env_dir.parent / f".{env_dir.name}.{LOG_FILE}"
+
+
+def _failed_path(env_dir: Path) -> Path:
+    return env_dir.parent / f".{env_dir.name}.{FAILED_FILE}"
+
+
+def read_stamp(env_dir: "str | os.PathLike[str]") -> Optional[Dict[str, object]]:
+    try:
+        data = json.loads((Path(env_dir) / STAMP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def status(env_dir: "str | os.PathLike[str] | None" = None,
+           requirements: "str | os.PathLike[str]" = REQUIREMENTS) -> EnvStatus:
+    """Where the trainer environment stands (fast: no subprocess, no imports)."""
+    env = Path(env_dir) if env_dir else default_env_dir()
+    py = venv_python(env)
+    log = _log_path(env)
+    owner = _lock_owner(env)
+    if owner is not None:
+        return EnvStatus("setting-up", str(env), str(py), f"being set up (process {owner}); log: {log}",
+                         str(log), _tail(log))
+    stamp = read_stamp(env)
+    if py.exists() and stamp is not None:
+        if stamp.get("requirements_sha256") == requirements_digest(requirements):
+            return EnvStatus("ready", str(env), str(py), f"ready ({py})", str(log))
+        return EnvStatus("outdated", str(env), str(py),
+                         "the trainer requirements changed since the environment was set up; set it up again",
+                         str(log))
+    if _failed_path(env).exists():
+        return EnvStatus("failed", str(env), str(py),
+                         f"the last set-up failed; see {log} (no network? then install the packages of "
+                         f"{requirements} into {env} by hand)", str(log), _tail(log))
+    return EnvStatus("missing", str(env), str(py),
+                     f"not set up yet: {env} needs diffusers, transformers and accelerate "
+                     f"(press 'Set up trainer environment', or restart the WebUI without --skip-install)",
+                     str(log))
+
+
+def _base_has_pip(python: str) -> bool:
+    try:
+        return subprocess.run([python, "-c", "import pip"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def setup_commands(env_dir: "str | os.PathLike[str]", requirements: "str | os.PathLike[str]" = REQUIREMENTS,
+                   *, base_python: str = sys.executable, base_has_pip: bool = True,
+                   pip_args: Sequence[str] = ()) -> List[List[str]]:
+    """The commands a set-up runs: create the venv (if needed), then pip-install the requirements into it.
+
+    With the base Python's pip visible through `--system-site-packages` the venv is made `--without-pip`
+    (fast, small); pip then installs into the venv and never uninstalls the base's packages.
+    """
+    env = Path(env_dir)
+    py = venv_python(env)
+    cmds: List[List[str]] = []
+    if not py.exists():
+        cmd = [base_python, "-m", "venv", "--system-site-packages"]
+        if base_has_pip:
+            cmd.append("--without-pip")
+        cmds.append(cmd + [str(env)])
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "--prefer-binary", "-r", str(requirements)]
+    index_url = os.environ.get("INDEX_URL", "")
+    if index_url:
+        pip += ["--index-url", index_url]
+    cmds.append(pip + list(pip_args))
+    return cmds
+
+
+def setup_lines(env_dir: "str | os.PathLike[str] | None" = None,
+                requirements: "str | os.PathLike[str]" = REQUIREMENTS, *, base_python: str = sys.executable,
+                pip_args: Sequence[str] = ()) -> Iterator[str]:
+    """Set the environment up, yielding output lines as they come (also written to the set-up log).
+
+    Raises BPError when a step fails or another set-up is running; the stamp is written only on success.
+    """
+    env = Path(env_dir) if env_dir else default_env_dir()
+    env.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(env)
+    owner = _lock_owner(env)
+    if owner is not None and owner != os.getpid():
+        raise BPError(f"the trainer environment is already being set up (process {owner})", path=env,
+                      hint=f"follow {_log_path(env)}")
+    lock.write_text(str(os.getpid()), encoding="utf-8")
+    failed = _failed_path(env)
+    ok = False
+    try:
+        with open(_log_path(env), "a", encoding="utf-8") as log:
+            def out(line: str) -> str:
+                log.write(line + "\n")
+                log.flush()
+                return line
+
+            yield out(f"== BP Train trainer environment: {env} (base Python {base_python})")
+            digest = requirements_digest(requirements)
+            for cmd in setup_commands(env, requirements, base_python=base_python,
+                                      base_has_pip=_base_has_pip(base_python), pip_args=pip_args):
+                yield out("$ " + " ".join(cmd))
+                try:
+                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            encoding="utf-8", errors="replace", bufsize=1,
+                                            env={**os.environ, "PIP_NO_INPUT": "1"})
+                except OSError as exc:
+                    raise BPError(f"cannot run {cmd[0]}: {exc.strerror}", path=env) from None
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    yield out(line.rstrip("\n"))
+                code = proc.wait()
+                if code != 0:
+                    yield out(f"== failed with exit code {code}")
+                    raise BPError(f"setting up the trainer environment failed ({cmd[2]} exited with {code})",
+                                  path=_log_path(env), hint="see the log; without network access install "
+                                  f"the packages of {Path(requirements).name} into {env} by hand")
+            from bp_trainer.fsutil import atomic_write_text
+
+            stamp = {"requirements_sha256": digest, "requirements": str(requirements), "base_python": base_python,
+                     "python_version": sys.version.split()[0] if base_python == sys.executable else None,
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_text(env / STAMP_FILE, json.dumps(stamp, indent=1))
+            ok = True
+            yield out("== trainer environment ready")
+    finally:
+        if ok:
+            failed.unlink(missing_ok=True)
+        else:
+            failed.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"), encoding="utf-8")
+        lock.unlink(missing_ok=True)
+
+
+def setup(env_dir: "str | os.PathLike[str] | None" = None, requirements: "str | os.PathLike[str]" = REQUIREMENTS,
+          *, base_python: str = sys.executable, on_line: Callable[[str], None] = print,
+          pip_args: Sequence[str] = ()) -> EnvStatus:
+    for line in setup_lines(env_dir, requirements, base_python=base_python, pip_args=pip_args):
+        on_line(line)
+    return status(env_dir, requirements)
+
+
+def start_background_setup(env_dir: "str | os.PathLike[str] | None" = None,
+                           requirements: "str | os.PathLike[str]" = REQUIREMENTS, *,
+                           base_python: str = sys.executable) -> int:
+    """Run `setup` in a detached process (survives the caller); returns its pid. Output goes to the log."""
+    env = Path(env_dir) if env_dir else default_env_dir()
+    env.parent.mkdir(parents=True, exist_ok=True)
+    pythonpath = str(EXT_ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(
+        [base_python, "-m", "bp_trainer.trainer_env", "setup", "--env", str(env), "--requirements", str(requirements),
+         "--quiet"],
+        env={**os.environ, "PYTHONPATH": pythonpath}, cwd=str(EXT_ROOT), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the child writes the lock itself; write it now too so a status() right after sees "setting-up"
+    _lock_path(env).write_text(str(proc.pid), encoding="utf-8")
+    return proc.pid
+
+
+def verify(env_dir: "str | os.PathLike[str] | None" = None, timeout: float = 300) -> Dict[str, str]:
+    """Import the trainer's libraries with the venv's Python; {module: version}. BPError when one fails."""
+    env = Path(env_dir) if env_dir else default_env_dir()
+    py = venv_python(env)
+    if not py.exists():
+        raise BPError("the trainer environment does not exist", path=env, hint="set it up first")
+    code = ("import importlib, json, sys\nout = {}\n"
+            f"for m in {list(CHECK_MODULES)!r}:\n"
+            "    try:\n        out[m] = getattr(importlib.import_module(m), '__version__', '?')\n"
+            "    except Exception as exc:\n        out[m] = 'ERROR: %s: %s' % (type(exc).__name__, exc)\n"
+            "print(json.dumps(out))\n")
+    proc = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=timeout)
+    try:
+        versions = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BPError(f"the trainer Python did not run: {proc.stderr.strip()[-300:]}", path=py) from None
+    broken = {k: v for k, v in versions.items() if str(v).startswith("ERROR")}
+    if broken:
+        name, err = next(iter(broken.items()))
+        raise BPError(f"the trainer environment cannot import {name} ({err[7:]})", path=env,
+                      hint="set the trainer environment up again")
+    return versions
+
+
+def ensure(env_dir: "str | os.PathLike[str] | None" = None, requirements: "str | os.PathLike[str]" = REQUIREMENTS,
+           *, base_python: str = sys.executable, background: bool = True) -> str:
+    """What install.py calls at every WebUI start: fast when ready, else start (or run) the set-up.
+
+    Returns one line to print.
+    """
+    st = status(env_dir, requirements)
+    if st.state == "ready":
+        return f"BP Train: trainer environment ready ({st.env_dir})"
+    if st.state == "setting-up":
+        return f"BP Train: trainer environment {st.message}"
+    if background:
+        pid = start_background_setup(env_dir, requirements, base_python=base_python)
+        return (f"BP Train: setting up the trainer environment in the background (process {pid}, "
+                f"{'requirements changed' if st.state == 'outdated' else st.state}); log: {st.log}")
+    setup(env_dir, requirements, base_python=base_python)
+    return f"BP Train: trainer environment ready ({st.env_dir})"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bp_trainer.trainer_env")
+    parser.add_argument("action", choices=("status", "setup", "verify"))
+    parser.add_argument("--env", default=None, help=f"venv folder (default {default_env_dir()})")
+    parser.add_argument("--requirements", default=str(REQUIREMENTS))
+    parser.add_argument("--quiet", action="store_true", help="setup: only write the log")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "status":
+            st = status(args.env, args.requirements)
+            print(json.dumps(st.to_dict(), indent=1))
+            return 0 if st.ready else 1
+        if args.action == "verify":
+            print(json.dumps(verify(args.env), indent=1))
+            return 0
+        setup(args.env, args.requirements, on_line=(lambda line: None) if args.quiet else print)
+        return 0
+    except BPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

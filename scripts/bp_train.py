@@ -1,0 +1,263 @@
+"""BP Train inside the AUTOMATIC1111 WebUI: the tab, its settings, the HTTP API and the GPU hand-off.
+
+Thin glue: everything here talks to `modules.*` and hands plain values to `bp_trainer` (which never imports
+the WebUI). Loaded by the WebUI's script loader with the extension root first on sys.path (import time only),
+so `bp_trainer` is imported at module level. The "BP presets" Script is in `scripts/bp_presets.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Dict, List
+
+from modules import script_callbacks, scripts, shared
+
+EXT_ROOT = scripts.basedir()  # valid only while the WebUI imports this file
+
+from bp_trainer import trainer_env  # noqa: E402
+from bp_trainer.errors import BPError  # noqa: E402
+from bp_trainer.gpu_handoff import GpuHandoff, shared_handoff  # noqa: E402
+
+SECTION = ("bp_train", "BP Train")
+TAB_TITLE = "BP Train"
+TAB_ID = "bp_train"
+
+
+def _data_path() -> str:
+    try:
+        from modules import paths
+
+        return paths.data_path
+    except Exception:  # pragma: no cover - every WebUI has modules.paths
+        return os.getcwd()
+
+
+def default_runs_dir() -> str:
+    return os.path.join(_data_path(), "bp-train", "runs")
+
+
+def default_presets_file() -> str:
+    return os.path.join(_data_path(), "bp-train", "presets.yaml")
+
+
+def _opt(key: str, default: Any) -> Any:
+    value = getattr(shared.opts, key, default)
+    return default if value is None else value
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+def _unload_model() -> None:
+    from modules import devices, sd_models
+
+    model = sd_models.model_data.sd_model  # peek: shared.sd_model would load a model if none was ever loaded
+    if model is not None:
+        sd_models.unload_model_weights(model)
+    devices.torch_gc()
+
+
+def _reload_model() -> None:
+    from modules import sd_models
+
+    model = sd_models.model_data.sd_model
+    if model is not None:
+        sd_models.send_model_to_device(model)  # not reload_model_weights(): that returns early for the same file
+
+
+def _make_handoff() -> GpuHandoff:
+    from modules import call_queue
+
+    return GpuHandoff(call_queue.queue_lock, _unload_model, _reload_model)
+
+
+def _loaded_tokenizer(model: Any) -> Any:
+    """The loaded model's CLIP tokenizer (SD1: cond_stage_model.wrapped.tokenizer; SDXL: its CLIP-L), or None."""
+    cond = getattr(model, "cond_stage_model", None)
+    if cond is None:
+        return None
+    candidates = [cond]
+    embedders = getattr(cond, "embedders", None)
+    if embedders:
+        candidates.append(embedders[0])
+    for c in candidates:
+        tok = getattr(getattr(c, "wrapped", None), "tokenizer", None)
+        if tok is not None and hasattr(tok, "get_vocab"):
+            return tok
+    return None
+
+
+class WebUIHost:
+    """`bp_trainer.ui.host.Host` backed by the running WebUI."""
+
+    name = "webui"
+
+    def __init__(self) -> None:
+        self.handoff = shared_handoff("webui", _make_handoff)
+        self._offline_tokenizer: Any = None
+        self._lent_without_lock = False
+
+    # models
+    def list_checkpoints(self) -> List[str]:
+        from modules import sd_models
+
+        return list(sd_models.checkpoint_tiles())
+
+    def checkpoint_path(self, name: str) -> str:
+        from modules import sd_models
+
+        info = sd_models.checkpoints_list.get(name) or sd_models.get_closet_checkpoint_match(name)
+        if info is not None:
+            return info.filename
+        if name and os.path.isfile(name):
+            return os.path.abspath(name)
+        raise BPError(f"unknown checkpoint '{name}'", path=self.checkpoint_dir(),
+                      hint="refresh the checkpoint list, or put the file in that folder")
+
+    def list_vaes(self) -> List[str]:
+        from modules import sd_vae
+
+        return list(sd_vae.vae_dict)
+
+    def vae_path(self, name: str) -> str:
+        from modules import sd_vae
+
+        if name in sd_vae.vae_dict:
+            return sd_vae.vae_dict[name]
+        if name and os.path.isfile(name):
+            return os.path.abspath(name)
+        raise BPError(f"unknown VAE '{name}'", path=sd_vae.vae_path, hint="refresh the VAE list")
+
+    def refresh_models(self) -> None:
+        from modules import sd_models, sd_vae
+
+        sd_models.list_models()
+        sd_vae.refresh_vae_list()
+
+    def checkpoint_dir(self) -> str:
+        from modules import sd_models
+
+        return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
+
+    # tokenizer
+    def tokenizer(self) -> Any:
+        from modules import sd_models
+
+        tok = _loaded_tokenizer(sd_models.model_data.sd_model)
+        if tok is not None:
+            return tok
+        if self._offline_tokenizer is None:
+            from bp_trainer.clip_vocab import clip_tokenizer
+
+            self._offline_tokenizer = clip_tokenizer()
+        return self._offline_tokenizer
+
+    # training
+    def runs_dir(self) -> str:
+        path = str(_opt("bp_train_runs_dir", "")).strip() or default_runs_dir()
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def presets_file(self) -> str:
+        return str(_opt("bp_train_presets_file", "")).strip() or default_presets_file()
+
+    def trainer_env_status(self) -> Dict[str, Any]:
+        return trainer_env.status().to_dict()
+
+    def trainer_python(self) -> str:
+        configured = str(_opt("bp_train_python", "")).strip()
+        if configured:
+            return configured
+        st = trainer_env.status()
+        if not st.ready:
+            raise BPError(f"the trainer environment is {st.state}: {st.message}",
+                          hint="or set Settings > BP Train > Trainer Python")
+        return st.python
+
+    def generation_may_run_during_training(self) -> bool:
+        return bool(_opt("bp_train_allow_generation", False))
+
+    def release_gpu(self) -> None:
+        if self.generation_may_run_during_training():
+            # opted out: the WebUI keeps its model on the GPU and keeps generating (both share the memory)
+            self._lent_without_lock = True
+            return
+        self.handoff.release()
+
+    def reclaim_gpu(self) -> None:
+        self._lent_without_lock = False
+        self.handoff.reclaim()
+
+    def gpu_status(self) -> Dict[str, Any]:
+        return {"released": self.handoff.released, "waiting_for_generation": self.handoff.pending,
+                "shared_without_lock": self._lent_without_lock,
+                "generation_may_run_during_training": self.generation_may_run_during_training()}
+
+
+_host_lock = threading.Lock()
+_host: List[WebUIHost] = []
+
+
+def get_host() -> WebUIHost:
+    with _host_lock:
+        if not _host:
+            _host.append(WebUIHost())
+        return _host[0]
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+
+
+def on_ui_settings() -> None:
+    import gradio as gr
+
+    opts = shared.opts
+    opts.add_option("bp_train_python", shared.OptionInfo(
+        "", "Trainer Python (empty: BP Train's own environment)", gr.Textbox, section=SECTION,
+    ).info(f"the trainer's venv: {trainer_env.default_env_dir()}"))
+    opts.add_option("bp_train_runs_dir", shared.OptionInfo(
+        "", "Runs folder (empty: default)", gr.Textbox, section=SECTION,
+    ).info(default_runs_dir()))
+    opts.add_option("bp_train_presets_file", shared.OptionInfo(
+        "", "Presets file of the \"BP presets\" Script (empty: default)", gr.Textbox, section=SECTION,
+    ).info(default_presets_file()))
+    opts.add_option("bp_train_allow_generation", shared.OptionInfo(
+        False, "Let image generation run during training", section=SECTION,
+    ).info("off: while a run trains, the model leaves the GPU and generation waits; on: both share the GPU memory"))
+
+
+def on_ui_tabs() -> list:
+    import gradio as gr
+
+    host = get_host()
+    try:
+        from bp_trainer.ui.tab import build_tab
+
+        tab = build_tab(host)
+    except Exception as exc:  # show why in place of the tab instead of silently missing it
+        with gr.Blocks(analytics_enabled=False) as tab:
+            gr.Markdown(f"**BP Train could not build its tab:** `{type(exc).__name__}: {exc}`")
+    return [(tab, TAB_TITLE, TAB_ID)]
+
+
+def on_app_started(demo: Any, app: Any) -> None:
+    from bp_trainer.api import create_router
+
+    host = get_host()
+    app.include_router(create_router(host))
+
+    def reattach() -> None:  # a run that outlived a WebUI restart keeps the GPU
+        try:
+            from bp_trainer.ui.runs import controller_for
+
+            controller_for(host).attach_existing()
+        except Exception as exc:
+            print(f"BP Train: could not re-attach to a running run: {exc}", flush=True)
+
+    threading.Thread(target=reattach, name="bp-train-reattach", daemon=True).start()
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(on_app_started)
