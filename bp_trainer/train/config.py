@@ -156,6 +156,8 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "tensorboard": Field("bool", True, "TensorBoard scalars in RUN_DIR/logs"),
         "progress_bar": Field("str", "auto", "tqdm bar: auto (when a terminal), true, false",
                               choices=("auto", "true", "false")),
+        "record_batches": Field("bool", False, "write each process's batches to RUN_DIR/batches-rankN.jsonl "
+                                "(checks of the data order)"),
     },
 }
 

@@ -1,0 +1,177 @@
+"""Run config: defaults, validation messages, naifu `arb:` blocks, presets; events.jsonl follow/summarize."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from bp_trainer.errors import ConfigError
+from bp_trainer.train import config as C
+from bp_trainer.train import events as E
+
+
+@pytest.fixture()
+def paths(tmp_path):
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    return {"model": {"base": str(model)}, "dataset": {"path": str(data)}}
+
+
+def test_defaults_give_a_valid_run(paths):
+    cfg = C.validate(paths)
+    assert cfg["model"]["clip_skip"] == 2
+    assert cfg["training"]["mixed_precision"] == "no"
+    assert cfg["arb"] == {"enabled": True, "debug": False, "base_res": [512, 512], "max_size": [768, 512],
+                          "divisible": 64, "max_ar_error": 4.0, "min_dim": 256, "dim_limit": 1024}
+    assert cfg["saving"]["main_unet"] == "ema" and cfg["ema"]["enabled"]
+
+
+def test_unknown_key_names_the_nearest_valid_key(paths):
+    with pytest.raises(ConfigError) as err:
+        C.validate({**paths, "training": {"lerning_rate": 1e-5}})
+    assert "unknown key 'training.lerning_rate'" in str(err.value)
+    assert "did you mean 'learning_rate'" in str(err.value)
+
+
+def test_key_in_the_wrong_section_says_where_it_belongs(paths):
+    with pytest.raises(ConfigError, match=r"it belongs in 'model.clip_skip'"):
+        C.validate({**paths, "training": {"clip_skip": 2}})
+
+
+def test_every_problem_is_reported_once(paths):
+    raw = {**paths, "training": {"batch_size": "four", "mixed_precision": "fp8", "learning_rate": -1},
+           "ema": {"decay": 1.5}, "sampler": {}}
+    with pytest.raises(ConfigError) as err:
+        C.validate(raw)
+    text = str(err.value)
+    assert "5 problems" in text
+    assert "training.batch_size: expected a whole number, got 'four'" in text
+    assert "training.mixed_precision: 'fp8' is not one of no, fp16, bf16" in text
+    assert "training.learning_rate: -1.0 is below the minimum 0" in text
+    assert "ema.decay: 1.5 is above the maximum 1" in text
+    assert "unknown section 'sampler': did you mean 'sampling'?" in text
+
+
+def test_missing_model_and_dataset(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        C.validate({"model": {"base": str(tmp_path / "nope.safetensors")}})
+    assert "model.base:" in str(err.value) and "does not exist" in str(err.value)
+    assert "dataset.path: missing" in str(err.value)
+
+
+def test_impossible_bucket_settings(paths):
+    with pytest.raises(ConfigError, match="more pixels than the max_size budget"):
+        C.validate({**paths, "arb": {"base_res": [1024, 1024], "max_size": [768, 512], "dim_limit": 2048}})
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        C.validate({**paths, "arb": {"divisible": 12}})
+
+
+def test_naifu_arb_block_is_accepted_verbatim(paths):
+    naifu = yaml.safe_load("""
+arb:
+  enabled: true
+  debug: false
+  base_res: [768, 768]
+  max_size: [1152, 768]
+  divisible: 64
+  max_ar_error: 4
+  min_dim: 256
+  dim_limit: 1536
+""")
+    cfg = C.validate({**paths, **naifu})
+    assert cfg["arb"]["max_size"] == [1152, 768] and cfg["arb"]["max_ar_error"] == 4.0
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path, paths):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(paths) + "training:\n  learning_rate: 5e-6\n", encoding="utf-8")
+    assert C.load_config(path)["training"]["learning_rate"] == 5e-6
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "m" / "unet").mkdir(parents=True)
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {base: m}\ndataset: {path: d}\n", encoding="utf-8")
+    cfg = C.load_config(path)
+    assert cfg["model"]["base"] == str(tmp_path / "m")
+    assert cfg["run"]["runs_dir"] == str(tmp_path / "runs")
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  base: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"run.yaml: not valid YAML at line"):
+        C.load_config(path)
+
+
+def test_dump_and_load_round_trip(tmp_path, paths):
+    cfg = C.validate({**paths, "sampling": {"prompts": ["1girl, solo"]}, "training": {"max_steps": 10}})
+    path = tmp_path / "again.yaml"
+    C.save_config(cfg, path)
+    assert C.load_config(path) == cfg
+
+
+@pytest.mark.parametrize("name,base,budget,limit", [("512", [512, 512], [768, 512], 1024),
+                                                     ("768", [768, 768], [1152, 768], 1536),
+                                                     ("1024", [1024, 1024], [1536, 1024], 2048)])
+def test_presets_are_naifu_blocks_that_validate(paths, name, base, budget, limit):
+    cfg = C.validate(C.merge(C.preset(name), paths))
+    assert cfg["arb"]["base_res"] == base and cfg["arb"]["max_size"] == budget
+    assert cfg["arb"]["dim_limit"] == limit and cfg["arb"]["divisible"] == 64
+    from bp_trainer.buckets import ArbConfig, generate_buckets
+
+    buckets = generate_buckets(ArbConfig.from_dict(cfg["arb"]))
+    assert tuple(base) in buckets
+    assert all(w * h <= budget[0] * budget[1] for w, h in buckets)
+
+
+def test_unknown_preset_suggests_one():
+    with pytest.raises(ConfigError, match="did you mean '768'"):
+        C.preset("786")
+
+
+def test_light_modules_import_without_torch_diffusers_accelerate():
+    code = ("import sys; import bp_trainer.train.config, bp_trainer.train.events, bp_trainer.launcher; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------- events
+def test_follow_returns_only_complete_lines_and_resumes_from_offset(tmp_path):
+    w = E.EventWriter(tmp_path, echo="none")
+    w.emit("start", total_steps=3)
+    w.emit("step", step=1, loss=0.5)
+    events, off = E.follow(tmp_path, 0)
+    assert [e["type"] for e in events] == ["start", "step"]
+    with open(tmp_path / E.EVENTS_FILE, "a", encoding="utf-8") as fh:
+        fh.write('{"type": "step", "step": 2')  # a line being written
+    assert E.follow(tmp_path, off) == ([], off)
+    with open(tmp_path / E.EVENTS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(', "loss": 0.4}\n')
+    more, off2 = E.follow(tmp_path, off)
+    assert more == [{"type": "step", "step": 2, "loss": 0.4}] and off2 > off
+    w.close()
+
+
+def test_follow_missing_file_and_truncated_file(tmp_path):
+    assert E.follow(tmp_path, 0) == ([], 0)
+    (tmp_path / E.EVENTS_FILE).write_text(json.dumps({"type": "start"}) + "\n", encoding="utf-8")
+    events, off = E.follow(tmp_path, 10_000)  # a new run in the same folder: read from the start
+    assert [e["type"] for e in events] == ["start"] and off == (tmp_path / E.EVENTS_FILE).stat().st_size
+
+
+def test_summarize_folds_events_incrementally():
+    s = E.summarize([{"type": "start", "total_steps": 10, "run_dir": "r"}, {"type": "step", "step": 3, "loss": 0.2}])
+    assert (s["status"], s["step"], s["total_steps"], s["loss"]) == ("running", 3, 10, 0.2)
+    s = E.summarize([{"type": "checkpoint", "step": 3, "files": {}}, {"type": "sample", "path": "a.png"},
+                     {"type": "done", "step": 3, "reason": "stopped"}], s)
+    assert s["status"] == "stopped" and s["last_checkpoint"]["step"] == 3 and s["samples"] == ["a.png"]
+    assert E.summarize([{"type": "error", "message": "boom"}])["error"] == "boom"
