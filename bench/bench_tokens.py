@@ -1,0 +1,125 @@
+"""Benchmark of the tokenizer tools: dataset tag audit, rename dry run, prompt inspection.
+
+    .venv/bin/python bench/bench_tokens.py [--captions 5000] [--tags 30] [--distinct 4000] [--repeat 5]
+
+Writes a synthetic dataset (empty image files; the audit never opens images) of `--captions` captions with
+`--tags` tags each, drawn with a Zipf-like law from `--distinct` tags (common Danbooru-style tags plus
+made-up romanized names, the kind CLIP splits into many pieces), then times:
+- audit (cold): a fresh tokenizer cache, reading every caption, counting, tokenizing each distinct tag once;
+- audit (warm): the same with the tokenizer cache filled (what the UI sees on a second look);
+- rename dry run of one frequent tag over all captions;
+- inspect_prompt / token_counter on a 60-tag prompt with a schedule.
+Prints a JSON report (median and min of `--repeat` runs, seconds) and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+COMMON = ["1girl", "1boy", "solo", "long_hair", "short_hair", "smile", "looking_at_viewer", "blush", "open_mouth",
+          "blue_eyes", "brown_hair", "black_hair", "skirt", "shirt", "school_uniform", "outdoors", "sky", "day",
+          "simple_background", "white_background", "holding", "standing", "sitting", "jewelry", "hat", "dress",
+          "thighhighs", "bow", "ribbon", "gloves", "closed_eyes", "red_eyes", "twintails", "ponytail", "flower"]
+SYLLABLES = ["sa", "ki", "mi", "chan", "yo", "shi", "ta", "ka", "ama", "no", "ru", "to", "ko", "wa", "ra", "zu",
+             "ha", "ne", "mo", "ri", "ku", "vsh", "ino", "lop", "tsu", "ya", "gi", "be", "da", "pe"]
+
+
+def make_tags(n: int, rng: random.Random) -> list[str]:
+    tags = list(COMMON)
+    while len(tags) < n:
+        kind = rng.random()
+        if kind < 0.35:  # romanized artist / character names
+            name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 5)))
+            tags.append(name if rng.random() < 0.5 else f"{name}_(artist)")
+        else:  # two-word descriptive tags
+            tags.append(f"{rng.choice(COMMON).split('_')[0]}_{rng.choice(SYLLABLES)}{rng.randint(0, 999)}")
+    return list(dict.fromkeys(tags))[:n]
+
+
+def write_dataset(root: Path, captions: int, per_caption: int, distinct: int, seed: int = 0) -> int:
+    rng = random.Random(seed)
+    tags = make_tags(distinct, rng)
+    weights = [1.0 / (i + 1) for i in range(len(tags))]  # Zipf-like
+    uses = 0
+    for i in range(captions):
+        folder = root / f"part{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = list(dict.fromkeys(rng.choices(tags, weights=weights, k=per_caption * 2)))[:per_caption]
+        uses += len(chosen)
+        (folder / f"{i:06d}.txt").write_text(", ".join(chosen) + "\n", encoding="utf-8")
+        (folder / f"{i:06d}.png").write_bytes(b"")
+    return uses
+
+
+def timed(fn, repeat: int) -> dict:
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return {"median_s": round(statistics.median(runs), 4), "min_s": round(min(runs), 4), "runs": len(runs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--captions", type=int, default=5000)
+    ap.add_argument("--tags", type=int, default=30)
+    ap.add_argument("--distinct", type=int, default=4000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+
+    from bp_trainer.clip_vocab import clip_tokenizer
+    from bp_trainer.tokens import inspect_prompt, token_counter
+    from bp_trainer.tokens.audit import audit_dataset
+    from bp_trainer.tokens.rename import plan_rename
+    from bp_trainer.tokens.tokenizer import TokenizerView
+
+    t0 = time.perf_counter()
+    tokenizer = clip_tokenizer()
+    load_s = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory(prefix="bp_bench_tokens_") as tmp:
+        root = Path(tmp) / "dataset"
+        uses = write_dataset(root, args.captions, args.tags, args.distinct)
+        probe = audit_dataset(root, TokenizerView(tokenizer))
+        report = {
+            "dataset": {"captions": probe["captions"], "tag_uses": uses, "distinct_tags": probe["distinct_tags"],
+                        "flagged_3plus_pieces": probe["flagged"]},
+            "tokenizer_load_s": round(load_s, 3),
+            # A new TokenizerView each run: nothing cached, every distinct tag is tokenized.
+            "audit_cold": timed(lambda: audit_dataset(root, TokenizerView(tokenizer)), args.repeat),
+            "audit_warm": timed(lambda: audit_dataset(root, tokenizer), args.repeat),
+            "rename_dry_run": timed(lambda: plan_rename(root, "long_hair", "long hair"), args.repeat),
+        }
+        prompt = ", ".join(make_tags(60, random.Random(1))[:60]) + ", [day:night:0.5]"
+        report["prompt"] = {"tags": 61, "count": token_counter(prompt, tokenizer)[0]}
+        report["inspect_prompt"] = timed(lambda: inspect_prompt(prompt, TokenizerView(tokenizer)), args.repeat)
+    report["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                         "processor": _cpu_name()}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
