@@ -3,8 +3,8 @@
 - `load_base(cfg)`: a diffusers folder or a WebUI single file (through `bp_trainer.checkpoint`) ->
   unet, vae, text_encoder, tokenizer, a DDPMScheduler for the training noise, and the prediction type
   (v-prediction detected from the scheduler config, or forced by `model.v_prediction`).
-- `chunk_ids(ids)`: the WebUI's 75-token chunking (a chunk that fills up breaks after the last comma
-  within 20 tokens, like `comma_padding_backtrack`); `encode_captions(...)` wraps each chunk in
+- `tokenize_chunks`: the WebUI's 75-token chunking (the dataset module's `chunk_token_ids`: a full chunk
+  breaks after the last comma within 20 tokens, like `comma_padding_backtrack`); `encode_captions(...)` wraps each chunk in
   BOS ... EOS + padding to 77, runs the text encoder on every chunk, takes the hidden state of the
   `clip_skip`-th last layer followed by the final layer norm (WebUI "Clip skip"; naifu does the same), and
   concatenates the chunks: (batch, 77 * chunks, dim). Captions in a batch are padded to the same number
@@ -26,44 +26,20 @@ COMMA_TOKEN = 267  # ",</w>"
 BACKTRACK = 20
 
 
-def chunk_ids(ids: Sequence[int], max_chunks: int, *, comma: int = COMMA_TOKEN, backtrack: int = BACKTRACK
-              ) -> List[List[int]]:
-    """Split token ids (no BOS/EOS) into at most `max_chunks` chunks of <= 75 tokens (WebUI rules)."""
-    chunks: List[List[int]] = []
-    current: List[int] = []
-    last_comma = -1
-    for tok in ids:
-        if tok == comma:
-            last_comma = len(current)
-        elif backtrack and len(current) == CHUNK and last_comma != -1 and len(current) - last_comma <= backtrack:
-            cut = last_comma + 1
-            chunks.append(current[:cut])
-            current = current[cut:]
-            last_comma = -1
-        if len(current) == CHUNK:
-            chunks.append(current)
-            current = []
-            last_comma = -1
-        current.append(tok)
-    if current or not chunks:
-        chunks.append(current)
-    return chunks[:max_chunks]
-
-
 def tokenize_chunks(tokenizer: Any, captions: Sequence[str], max_chunks: int) -> torch.Tensor:
-    """Token ids (batch, chunks, 77): BOS + chunk + EOS + padding, batch padded to the same chunk count."""
+    """Token ids (batch, chunks, 77): BOS + chunk + EOS + padding, batch padded to the same chunk count.
+
+    Chunking is the dataset module's `chunk_token_ids` (WebUI rules, comma back-off within 20 tokens).
+    """
+    from bp_trainer.dataset.captions import chunk_token_ids, pad_chunks
+
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = tokenizer(list(captions), add_special_tokens=False, truncation=False).input_ids
-    per_caption = [chunk_ids(ids, max_chunks) for ids in encoded]
+    per_caption = [chunk_token_ids(ids, bos, eos, pad, CHUNK, max_chunks, comma=COMMA_TOKEN, backtrack=BACKTRACK)
+                   for ids in encoded]
     n = max(len(c) for c in per_caption)
-    out = torch.full((len(captions), n, CHUNK + 2), pad, dtype=torch.long)
-    for i, chunks in enumerate(per_caption):
-        for j in range(n):
-            body = chunks[j] if j < len(chunks) else []
-            row = [bos] + body + [eos]
-            out[i, j, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+    return torch.tensor([pad_chunks(c, n, bos, eos, pad) for c in per_caption], dtype=torch.long)
 
 
 def encode_tokens(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
