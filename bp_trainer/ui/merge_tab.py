@@ -48,26 +48,36 @@ class MergeCallbacks:
     def _ckpt(self, name: str) -> Optional[str]:
         return self.host.checkpoint_path(name) if name else None
 
+    def options(self, base: str, unet: str = NONE, use_ema: bool = False, vae: str = NONE, text_encoder: str = NONE,
+                precision: str = "fp16", drop_ema: bool = True, fmt: str = "safetensors"):
+        """The checkpoint module's MergeOptions for the form (names resolved through the host)."""
+        from bp_trainer.checkpoint.assemble import MergeOptions
+
+        if not base:
+            raise BPError("choose a base checkpoint")
+        return MergeOptions(base=self._ckpt(base), unet=self._ckpt(unet) if unet else None, use_ema=bool(use_ema),
+                            vae=self.host.vae_path(vae) if vae else None,
+                            text_encoder=self._ckpt(text_encoder) if text_encoder else None, drop_ema=bool(drop_ema),
+                            precision=precision or "fp16", fmt=fmt or "safetensors",
+                            extra_metadata={"bp_merged_by": "BP Train (Merge tab)"})
+
     def merge(self, base: str, unet: str = NONE, use_ema: bool = False, vae: str = NONE, text_encoder: str = NONE,
               precision: str = "fp16", drop_ema: bool = True, name: str = "", fmt: str = "safetensors",
               overwrite: bool = False, progress: Optional[Callable[[float, str], Any]] = None) -> str:
-        """Run the merge; an HTML report (output, hashes, tensors, size) or the error."""
-        from bp_trainer.checkpoint import assemble as asm
+        """Run the merge; an HTML report (output, hashes, tensors, size) or the error.
+
+        The merge runs in a worker thread while this thread reports progress: the bytes written to the
+        atomic writer's temporary file against the planned output size (from the merge plan's shapes/dtypes).
+        """
+        from bp_trainer.checkpoint import assemble
 
         try:
-            if not base:
-                raise BPError("choose a base checkpoint")
             out = output_path(self.host.checkpoint_dir(), name, fmt)
             if out.exists() and not overwrite:
                 raise BPError("the output file exists", path=out, hint="choose another name or tick 'Overwrite'")
-            options: Dict[str, Any] = dict(
-                base=self._ckpt(base), unet=self._ckpt(unet), use_ema=bool(use_ema),
-                vae=self.host.vae_path(vae) if vae else None, text_encoder=self._ckpt(text_encoder),
-                drop_ema=bool(drop_ema), precision=precision or "fp16", out=str(out), fmt=fmt or "safetensors",
-            )
-            if progress is not None:
-                options["progress"] = progress
-            result = _call_assemble(asm, options)
+            opts = self.options(base, unet, use_ema, vae, text_encoder, precision, drop_ema, fmt)
+            total = planned_bytes(opts)  # also checks that the parts fit, before anything is written
+            result = _run_with_progress(lambda: assemble.merge(opts, out), out, total, progress)
         except BPError as exc:
             return render.error_html(exc)
         self.host.refresh_models()
@@ -89,15 +99,54 @@ class MergeCallbacks:
                 + render.kv_table_html([(k, v) for k, v in rows if v not in ("", None)], cls="bp-kv bp-hash"))
 
 
-def _call_assemble(asm: Any, options: Dict[str, Any]) -> Any:
-    """Call the checkpoint module's assemble entry point (keyword names as in `python -m bp_trainer merge`)."""
-    fn = getattr(asm, "assemble_checkpoint", None) or getattr(asm, "assemble")
-    import inspect
+def planned_bytes(opts: Any) -> int:
+    """Tensor bytes the merge will write (from the plan's final shapes and dtypes; nothing is read)."""
+    from bp_trainer.checkpoint.assemble import plan_merge
 
-    params = inspect.signature(fn).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in options.items() if accepts_any or k in params}
-    return fn(**kwargs)
+    entries, _recipe, views = plan_merge(opts)
+    try:
+        total = 0
+        for e in entries:
+            n = 1
+            for d in e.shape:
+                n *= int(d)
+            total += n * e.dtype.itemsize
+        return total
+    finally:
+        for v in views:
+            v.close()
+
+
+def _run_with_progress(work: Callable[[], Any], out: Path, total: int,
+                       progress: Optional[Callable[[float, str], Any]], interval: float = 0.25) -> Any:
+    """Run `work` in a thread; report the growth of OUT's temporary file (`.NAME.*.partial`) as progress."""
+    import threading
+
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="bp-train-merge", daemon=True)
+    t.start()
+    written = 0
+    while t.is_alive():
+        t.join(interval)
+        if progress is not None and total > 0 and t.is_alive():
+            for tmp in out.parent.glob(f".{out.name}.*.partial"):
+                try:
+                    written = max(written, tmp.stat().st_size)
+                except OSError:
+                    pass
+            progress(min(0.99, written / total), f"writing {out.name}: {written / 1e6:.0f} of ~{total / 1e6:.0f} MB")
+    if "error" in box:
+        raise box["error"]
+    if progress is not None:
+        progress(1.0, f"written {out.name}")
+    return box["result"]
 
 
 def build(host: Any) -> MergeCallbacks:

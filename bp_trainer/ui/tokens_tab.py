@@ -16,23 +16,9 @@ RENAME_HEADERS = ["file", "before", "after"]
 SUGGEST_HEADERS = ["replacement", "token id", "reason"]
 
 
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    return default
-
-
-def _as_dict(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
-    return obj
+def _pieces_text(pieces: Sequence[str]) -> str:
+    """CLIP pieces readable in a table cell: decoded, word ends marked with ␣."""
+    return " ".join(render._piece_text(p) + ("\u2423" if str(p).endswith("</w>") else "") for p in pieces)
 
 
 class TokensCallbacks:
@@ -52,115 +38,97 @@ class TokensCallbacks:
 
     # ------------------------------------------------------------------------------------ audit
 
-    def audit(self, dataset: str, focus: str = "", only_flagged: bool = False) -> Tuple[List[List[Any]], str]:
-        """Rows of the audit table (most frequent first) and a summary line."""
-        from bp_trainer import tokens
+    def audit(self, dataset: str, pattern: str = "", only_flagged: bool = False,
+              sort: str = "count") -> Tuple[List[List[Any]], str]:
+        """Rows of the audit table (tag, images, pieces, tokens, flag) and a summary line."""
+        from bp_trainer.tokens.audit import audit_dataset
 
-        if not (dataset or "").strip():
+        dataset = (dataset or "").strip()
+        if not dataset:
             return [], render.message_html("enter a dataset folder first", "warn")
-        kwargs: dict = {}
-        focus = (focus or "").strip()
-        if focus:
-            kwargs["pattern"] = focus
         try:
-            report = _as_dict(tokens.audit_dataset(dataset.strip(), self.host.tokenizer(), **kwargs))
+            report = audit_dataset(dataset, self.host.tokenizer(), pattern=(pattern or "").strip() or None,
+                                   flagged_only=bool(only_flagged), sort=sort or "count")
         except BPError as exc:
             return [], render.error_html(exc)
-        tags = _get(report, "tags", default=[]) or []
-        rows = []
-        for t in tags:
-            t = _as_dict(t)
-            pieces = _get(t, "pieces", default=[]) or []
-            n = int(_get(t, "piece_count", "n_pieces", "token_count", default=len(pieces)) or 0)
-            flagged = bool(_get(t, "flagged", "flag", default=n >= 3))
-            if only_flagged and not flagged:
-                continue
-            rows.append([_get(t, "tag", "text", "name", default=""), int(_get(t, "count", "images", "frequency", default=0)),
-                         " ".join(render._piece_text(p) + ("\u2423" if str(p).endswith("</w>") else "") for p in pieces),
-                         n, "3+ pieces" if flagged else ""])
-        n_tags = len(tags)
-        n_flagged = sum(1 for r in rows if r[4]) if not only_flagged else len(rows)
-        files = _get(report, "files", "captions", "images", default=None)
-        files_n = len(files) if isinstance(files, (list, tuple)) else files
-        bits = [f"{n_tags} distinct tags"]
-        if files_n is not None:
-            bits.insert(0, f"{files_n} captions")
-        bits.append(f"{n_flagged} split into 3+ CLIP pieces")
-        return rows, render.message_html(", ".join(bits), "info")
+        rows = [[r["tag"], r["count"], _pieces_text(r["pieces"]), r["n_pieces"],
+                 f"{r['n_pieces']} pieces" if r["flagged"] else ""] for r in report["tags"]]
+        text = (f"{report['captions']} captions, {report['distinct_tags']} distinct tags"
+                + (f", {report['selected_tags']} matching" if (pattern or "").strip() else "")
+                + f"; {report['flagged']} split into {report['min_pieces']}+ CLIP pieces")
+        return rows, render.message_html(text, "info")
 
     # ------------------------------------------------------------------------------------ rename
 
     def rename_preview(self, dataset: str, old: str, new: str) -> Tuple[List[List[Any]], str]:
-        from bp_trainer import tokens
+        """Every caption line that would change (dry run: nothing is written)."""
+        from bp_trainer.tokens.rename import plan_rename
 
         try:
-            plan = _as_dict(tokens.plan_rename(dataset.strip(), old.strip(), new.strip()))
+            plan = plan_rename((dataset or "").strip(), old, new).to_dict()
         except BPError as exc:
             return [], render.error_html(exc)
-        changes = _get(plan, "changes", "files", default=[]) or []
-        rows = []
-        for ch in changes:
-            ch = _as_dict(ch)
-            rows.append([str(_get(ch, "path", "file", "caption_path", default="")),
-                         str(_get(ch, "before", "old", "old_text", default="")).strip(),
-                         str(_get(ch, "after", "new", "new_text", default="")).strip()])
-        msg = f"{len(rows)} caption file{'s' if len(rows) != 1 else ''} would change: '{old.strip()}' \u2192 '{new.strip()}'"
-        return rows, render.message_html(msg if rows else f"no caption has the tag '{old.strip()}'", "info" if rows else "warn")
+        rows = [[f["path"] + (f":{ln['line']}" if len(f["lines"]) > 1 else ""), ln["before"], ln["after"]]
+                for f in plan["files"] for ln in f["lines"]]
+        if not plan["files"]:
+            return [], render.message_html(f"no caption of the {plan['captions_scanned']} has the tag '{plan['from']}'",
+                                           "warn")
+        text = (f"dry run: {plan['files_changed']} of {plan['captions_scanned']} captions would change "
+                f"({plan['replacements']} replacements of '{plan['from']}' → '{plan['to']}')")
+        if plan["duplicates"]:
+            text += f"; {len(plan['duplicates'])} already have '{plan['to']}' (it would appear twice)"
+        return rows, render.message_html(text, "warn" if plan["duplicates"] else "info")
 
     def rename_apply(self, dataset: str, old: str, new: str) -> Tuple[str, str]:
-        """(message, journal path for Undo)."""
-        from bp_trainer import tokens
+        """(message, journal path for Undo). Originals are backed up; an interrupted apply is completed."""
+        from bp_trainer.tokens.rename import apply_rename
 
         try:
-            plan = tokens.plan_rename(dataset.strip(), old.strip(), new.strip())
-            result = _as_dict(tokens.apply_rename(plan))
+            result = apply_rename((dataset or "").strip(), old, new)
         except BPError as exc:
             return render.error_html(exc), ""
-        journal = str(_get(result, "journal", "journal_path", default="") or "")
-        n = _get(result, "changed", "files_changed", "applied", default=None)
-        n = len(n) if isinstance(n, (list, tuple)) else n
-        text = f"renamed '{old.strip()}' \u2192 '{new.strip()}'" + (f" in {n} files" if n is not None else "")
-        if journal:
-            text += f" (undo journal: {journal})"
-        return render.message_html(text, "ok"), journal
+        if not result.get("journal"):
+            return render.message_html(f"nothing to rename: no caption has '{result['from']}'", "warn"), ""
+        text = (f"renamed '{result['from']}' → '{result['to']}' in {result['files_changed']} captions"
+                + (" (an interrupted apply was completed)" if result.get("resumed") else ""))
+        kind = "ok"
+        if result.get("conflicts"):
+            text += f"; {len(result['conflicts'])} files changed since the plan were left alone"
+            kind = "warn"
+        return render.message_html(text + ". Undo restores the originals.", kind), str(result["journal"])
 
     def rename_undo(self, journal: str) -> str:
-        from bp_trainer import tokens
+        from bp_trainer.tokens.rename import undo_rename
 
         if not (journal or "").strip():
             return render.message_html("no rename to undo (apply one first, or paste a journal path)", "warn")
         try:
-            result = _as_dict(tokens.undo_rename(journal.strip()))
+            result = undo_rename(journal.strip())
         except BPError as exc:
             return render.error_html(exc)
-        n = _get(result, "restored", "files", default=None)
-        n = len(n) if isinstance(n, (list, tuple)) else n
-        return render.message_html("rename undone" + (f": {n} files restored" if n is not None else ""), "ok")
+        text = f"undone '{result['from']}' → '{result['to']}': {result['restored']} captions restored"
+        if result["conflicts"]:
+            text += "; left alone: " + "; ".join(f"{c['path']} ({c['reason']})" for c in result["conflicts"][:5])
+            return render.message_html(text, "warn")
+        return render.message_html(text, "ok")
 
     # ------------------------------------------------------------------------------------ suggest
 
-    def suggest(self, dataset: str, tag: str, count: Any = 12) -> Tuple[List[List[Any]], str]:
-        from bp_trainer import tokens
+    def suggest(self, dataset: str, tag: str, count: Any = 10) -> Tuple[List[List[Any]], str]:
+        """Single-token replacements for a mangled tag, each with its reasons."""
+        from bp_trainer.tokens.suggest import suggest_replacements
 
         if not (tag or "").strip():
             return [], render.message_html("enter the tag to replace", "warn")
         try:
-            result = _as_dict(tokens.suggest_replacements(dataset.strip(), tag.strip(), self.host.tokenizer(),
-                                                          limit=int(count or 12)))
+            result = suggest_replacements((dataset or "").strip(), tag.strip(), self.host.tokenizer(),
+                                          count=max(1, int(count or 10)))
         except BPError as exc:
             return [], render.error_html(exc)
-        items = result if isinstance(result, list) else (_get(result, "suggestions", "candidates", default=[]) or [])
-        rows = []
-        for s in items:
-            s = _as_dict(s)
-            rows.append([_get(s, "text", "token", "replacement", default=""), _get(s, "id", "token_id", default=""),
-                         _get(s, "reason", "why", default="")])
-        head = ""
-        if isinstance(result, dict):
-            pieces = _get(result, "pieces", default=None)
-            if pieces:
-                head = f"'{tag.strip()}' is {len(pieces)} CLIP pieces; "
-        return rows, render.message_html(f"{head}{len(rows)} single-token replacements", "info")
+        rows = [[s["text"], s["id"], "; ".join(s.get("reasons") or [])] for s in result["suggestions"]]
+        text = (f"'{result['tag']}' ({result['tag_count']} captions) is {len(result['tag_pieces'])} CLIP pieces: "
+                f"{_pieces_text(result['tag_pieces'])} — {len(rows)} single-token replacements")
+        return rows, render.message_html(text, "info")
 
 
 def build(host: Any, train: Any = None) -> TokensCallbacks:
