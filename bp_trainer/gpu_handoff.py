@@ -60,6 +60,9 @@ class GpuHandoff:
             if self._thread is not None and self._thread.is_alive():
                 if self._ready.is_set():
                     return  # already lent
+                # an earlier attempt still waits for the lock (maybe timed out and cancelled): take it over
+                self._cancelled = False
+                self._done.clear()
                 thread = self._thread
             else:
                 self._ready.clear()
@@ -94,6 +97,7 @@ class GpuHandoff:
         try:
             with self._mutex:
                 if self._cancelled:
+                    self._thread = None  # a later release() starts a fresh attempt
                     return
             try:
                 self.unload()
@@ -112,12 +116,12 @@ class GpuHandoff:
                 self.log(f"could not move the model back to the GPU ({exc}); use Settings > Actions > "
                          "'Load SD checkpoint to VRAM from RAM'")
         finally:
-            self.released_at = None
-            self.lock.release()
-            with self._mutex:
+            with self._mutex:  # forget this attempt before letting go, so a new release() starts afresh
                 if self._thread is threading.current_thread():
                     self._thread = None
-                self._ready.clear()
+                    self._ready.clear()
+                    self.released_at = None
+            self.lock.release()
 
 
 _shared: dict = {}

@@ -1,0 +1,51 @@
+"""GpuHandoff on its own: lock held across threads, failures reported, the lock never leaked."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from bp_trainer.errors import BPError
+from bp_trainer.gpu_handoff import GpuHandoff
+
+
+def test_release_in_one_thread_reclaim_in_another():
+    lock = threading.Lock()
+    events = []
+    h = GpuHandoff(lock, lambda: events.append("unload"), lambda: events.append("reload"), log=events.append)
+    t = threading.Thread(target=h.release)
+    t.start()
+    t.join(10)
+    assert lock.locked() and h.released and events[0] == "unload"
+    watcher = threading.Thread(target=h.reclaim)  # e.g. the run watcher, when the trainer exits
+    watcher.start()
+    watcher.join(10)
+    assert not lock.locked() and not h.released and "reload" in events
+
+
+def test_unload_failure_is_a_user_error_and_frees_the_lock():
+    lock = threading.Lock()
+
+    def boom():
+        raise RuntimeError("CUDA error: out of memory")
+
+    h = GpuHandoff(lock, boom, lambda: None, log=lambda m: None)
+    with pytest.raises(BPError, match="could not move the WebUI's model off the GPU: CUDA error"):
+        h.release()
+    h.reclaim()
+    assert lock.acquire(timeout=5)
+    lock.release()
+
+
+def test_reload_failure_still_frees_the_lock():
+    lock = threading.Lock()
+    messages = []
+
+    def boom():
+        raise RuntimeError("device lost")
+
+    h = GpuHandoff(lock, lambda: None, boom, log=messages.append)
+    h.release()
+    h.reclaim()
+    assert not lock.locked() and any("device lost" in m for m in messages)

@@ -1,0 +1,189 @@
+"""scripts/bp_train.py in the WebUI stand-in: settings, WebUIHost (models, tokenizer, GPU hand-off), tab, API mount."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from bp_trainer.errors import BPError
+from tests.webui_stub.harness import fake_tokenizer, load_webui, unload_webui
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch):
+    monkeypatch.setenv("BP_TRAIN_TRAINER_ENV", str(tmp_path / "no-trainer-venv"))
+    w = load_webui(tmp_path, monkeypatch)
+    # scripts/bp_train.py defines no Script; reach its module through a callback it registered
+    w.glue = w.script_callbacks.callback_map["callbacks_ui_settings"][0].__globals__
+    yield w
+    unload_webui()
+
+
+def test_settings_section_and_defaults(webui):
+    labels = webui.opts.data_labels
+    keys = ["bp_train_python", "bp_train_runs_dir", "bp_train_presets_file", "bp_train_allow_generation"]
+    for key in keys:
+        assert labels[key].section == ("bp_train", "BP Train")
+    assert [webui.opts.data[k] for k in keys] == ["", "", "", False]
+    host = webui.glue["get_host"]()
+    assert host.runs_dir() == str(webui.root / "bp-train" / "runs")
+    assert host.presets_file() == str(webui.root / "bp-train" / "presets.yaml")
+    webui.opts.bp_train_runs_dir = str(webui.root / "elsewhere")
+    assert host.runs_dir() == str(webui.root / "elsewhere") and (webui.root / "elsewhere").is_dir()
+    assert host.generation_may_run_during_training() is False
+
+
+def test_trainer_python_needs_the_env_or_a_setting(webui):
+    host = webui.glue["get_host"]()
+    with pytest.raises(BPError, match="trainer environment is missing"):
+        host.trainer_python()
+    webui.opts.bp_train_python = "/opt/py/bin/python"
+    assert host.trainer_python() == "/opt/py/bin/python"
+    assert host.trainer_env_status()["state"] == "missing"
+
+
+def test_models_lists_paths_and_refresh(webui, tmp_path):
+    sd = webui.root / "models" / "Stable-diffusion"
+    (sd / "sub").mkdir()
+    for f in (sd / "a.safetensors", sd / "sub" / "b.ckpt", sd / "x.vae.safetensors", webui.root / "models" / "VAE" / "v.pt"):
+        f.write_bytes(b"0")
+    host = webui.glue["get_host"]()
+    assert host.list_checkpoints() == []  # nothing scanned yet
+    host.refresh_models()
+    assert host.list_checkpoints() == ["a.safetensors", "sub/b.ckpt"]
+    assert host.checkpoint_path("sub/b.ckpt") == str(sd / "sub" / "b.ckpt")
+    assert host.checkpoint_path("b") == str(sd / "sub" / "b.ckpt")  # the WebUI's closest match
+    assert host.list_vaes() == ["v.pt"] and host.vae_path("v.pt").endswith("v.pt")
+    with pytest.raises(BPError, match="unknown checkpoint 'zzz'"):
+        host.checkpoint_path("zzz")
+    with pytest.raises(BPError, match="unknown VAE"):
+        host.vae_path("nope.pt")
+    assert host.checkpoint_dir() == webui.sd_models.model_path
+    webui.shared.cmd_opts.ckpt_dir = str(tmp_path / "ckpts")
+    assert host.checkpoint_dir() == str(tmp_path / "ckpts")
+
+
+def test_tokenizer_peeks_without_loading_a_model(webui):
+    host = webui.glue["get_host"]()
+    tok = host.tokenizer()
+    assert ("load",) not in webui.sd_models.calls  # shared.sd_model would have loaded one
+    assert tok("1girl", add_special_tokens=False)["input_ids"] == [272, 1611]  # the offline CLIP vocabulary
+    loaded = fake_tokenizer()
+    webui.sd_models.model_data.set_sd_model(webui.sd_models.FakeSdModel(tokenizer=loaded), already_loaded=True)
+    assert host.tokenizer() is loaded
+
+
+def _generate_in_thread(webui):
+    runner = webui.runner(False)
+    done = threading.Event()
+    result = {}
+
+    def job():
+        try:
+            result["processed"] = webui.generate(runner, webui.txt2img(), webui.ui_args(runner, None))
+        except Exception as exc:  # pragma: no cover - reported by the assertions
+            result["error"] = exc
+        done.set()
+
+    threading.Thread(target=job, daemon=True).start()
+    return done, result
+
+
+def test_gpu_handoff_holds_generation_until_reclaim(webui):
+    model = webui.sd_models.FakeSdModel()
+    webui.sd_models.model_data.set_sd_model(model, already_loaded=True)
+    host = webui.glue["get_host"]()
+    host.release_gpu()
+    assert model.device == "cpu" and webui.call_queue.queue_lock.locked()
+    assert host.gpu_status()["released"] is True
+    host.release_gpu()  # idempotent
+    done, result = _generate_in_thread(webui)
+    assert not done.wait(0.5)  # generation waits in the queue instead of failing on a CPU model
+    host.reclaim_gpu()
+    assert done.wait(10) and "error" not in result
+    assert model.device == "cuda" and not webui.call_queue.queue_lock.locked()
+    assert [c for c in webui.sd_models.calls if c[0] in ("unload", "to_device")] == [("unload",), ("to_device",)]
+    host.reclaim_gpu()  # idempotent
+    assert host.gpu_status()["released"] is False
+
+
+def test_release_waits_for_a_running_generation_and_can_time_out(webui):
+    model = webui.sd_models.FakeSdModel()
+    webui.sd_models.model_data.set_sd_model(model, already_loaded=True)
+    host = webui.glue["get_host"]()
+    lock = webui.call_queue.queue_lock
+    lock.acquire()  # a generation is running
+    with pytest.raises(BPError, match="still busy generating"):
+        host.handoff.release(timeout=0.2)
+    assert model.device == "cuda"
+    released = threading.Event()
+    threading.Thread(target=lambda: (host.release_gpu(), released.set()), daemon=True).start()
+    assert not released.wait(0.3)
+    lock.release()  # the generation ends: the cancelled attempt lets go, the new one takes the GPU
+    assert released.wait(10) and model.device == "cpu"
+    host.reclaim_gpu()
+    assert model.device == "cuda" and not lock.locked()
+
+
+def test_no_model_loaded_is_not_loaded_by_the_handoff(webui):
+    host = webui.glue["get_host"]()
+    gc_before = webui.devices.gc_calls
+    host.release_gpu()
+    host.reclaim_gpu()
+    assert ("load",) not in webui.sd_models.calls and webui.devices.gc_calls == gc_before + 1
+
+
+def test_opting_out_keeps_the_model_and_generation(webui):
+    model = webui.sd_models.FakeSdModel()
+    webui.sd_models.model_data.set_sd_model(model, already_loaded=True)
+    webui.opts.bp_train_allow_generation = True
+    host = webui.glue["get_host"]()
+    host.release_gpu()
+    assert model.device == "cuda" and not webui.call_queue.queue_lock.locked()
+    assert host.gpu_status()["shared_without_lock"] is True
+    done, result = _generate_in_thread(webui)
+    assert done.wait(10) and "error" not in result
+    host.reclaim_gpu()
+    assert ("unload",) not in webui.sd_models.calls
+
+
+def test_tab_is_registered_with_the_ui_helper_tab(webui):
+    import gradio as gr
+
+    tabs = webui.script_callbacks.ui_tabs_callback()
+    assert not webui.script_callbacks.errors
+    [(component, title, elem_id)] = tabs
+    assert (title, elem_id) == ("BP Train", "bp_train") and isinstance(component, gr.Blocks)
+    texts = [getattr(b, "value", "") for b in component.blocks.values()]
+    assert not any(isinstance(t, str) and "could not build its tab" in t for t in texts)
+
+
+def _request(app, method, url, **kw):
+    import httpx
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://webui") as client:
+            return await client.request(method, url, **kw)
+
+    return asyncio.run(go())
+
+
+def test_app_started_mounts_the_api(webui):
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)
+    assert not webui.script_callbacks.errors
+    r = _request(app, "GET", "/bp-train/v1/status")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["host"] == "webui" and body["active"] is False and body["trainer_env"]["state"] == "missing"
+    assert body["gpu"]["released"] is False and body["runs_dir"] == str(webui.root / "bp-train" / "runs")
+    r = _request(app, "POST", "/bp-train/v1/tokens", json={"text": "1girl, solo"})
+    assert r.status_code == 200 and r.json()["count"] == 4
+    r = _request(app, "GET", "/bp-train/v1/presets")
+    assert r.json()["script_name"] == "bp presets"
+    assert r.json()["presets_file"] == str(webui.root / "bp-train" / "presets.yaml")
+    assert _request(app, "POST", "/bp-train/v1/stop").status_code == 409
