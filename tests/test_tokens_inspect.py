@@ -117,3 +117,23 @@ def test_readable_piece_and_model_lookup(clip_tokenizer):
 
     assert find_model_tokenizer(Model()) is clip_tokenizer
     assert find_model_tokenizer(object()) is None
+
+
+def test_tags_and_chunks_tile_the_token_stream(clip_tokenizer):
+    """Property over generated prompts: each tag's ids are exactly its slice of the WebUI's token stream, and
+    the chunks cover that stream in order (so the UI can draw chips and chunk dividers from positions)."""
+    import random
+
+    rng = random.Random(7)
+    words = ["girl", "sakimichan", "long_hair", "a", "very long descriptive phrase of things", ",", ", ", " BREAK ",
+             "(", ")", "[", "]", ":1.3)", "\\(", ",,", "x"]
+    for _ in range(60):
+        text = "".join(rng.choice(words) + rng.choice([" ", ", ", ""]) for _ in range(rng.randint(0, 90)))
+        line = tokenize_line(text, clip_tokenizer)
+        stream = [t for c in line.chunks for t in c.ids[1:1 + c.count]]
+        assert [(c.start, c.end) for c in line.chunks] == list(zip(
+            [0] + [c.end for c in line.chunks[:-1]], [c.end for c in line.chunks]))
+        for tag in line.tags:
+            assert stream[tag["start"]:tag["end"]] == tag["ids"]
+        covered = sorted(p for tag in line.tags for p in range(tag["start"], tag["end"]))
+        assert len(covered) == len(set(covered))
