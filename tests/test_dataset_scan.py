@@ -239,3 +239,43 @@ def test_transparency_is_composited_on_white(tmp_path):
     path = tmp_path / "t.png"
     Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(path)
     assert load_image_for_bucket(path, (20, 20), crop="center").getpixel((10, 10)) == (255, 255, 255)
+
+
+def _webp_variants():
+    rng = random.Random(8)
+    for i in range(24):
+        size = (rng.randint(1, 700), rng.randint(1, 700))
+        mode = rng.choice(["RGB", "RGBA"])
+        img = Image.new(mode, size, (10, 200, 30, 128)[: len(mode)])
+        kw = {"lossless": rng.random() < 0.4, "quality": 70}
+        if rng.random() < 0.5:
+            exif = Image.Exif()
+            exif[0x0112] = rng.choice([1, 3, 6, 8])
+            kw["exif"] = exif.tobytes()
+        if i % 6 == 5:
+            frames = [img, Image.new(mode, size, (200, 10, 30, 255)[: len(mode)])]
+            yield f"anim{i}", _save(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=50, **kw)
+        elif i % 6 == 4:
+            yield f"single{i}", _save(img, "WEBP", save_all=True, **kw)  # extended format, one frame
+        else:
+            yield f"still{i}", _save(img, "WEBP", **kw)
+
+
+def test_webp_header_parser_agrees_with_pillow(tmp_path):
+    for name, data in _webp_variants():
+        path = tmp_path / f"{name}.webp"
+        path.write_bytes(data)
+        with Image.open(path) as img:
+            animated = getattr(img, "n_frames", 1) > 1
+            upright = ImageOps.exif_transpose(img).size
+            orientation = img.getexif().get(0x0112, 1)
+        found = probe_image(path)
+        if animated:
+            assert isinstance(found, ImageProblem) and found.kind == "animated", name
+        else:
+            assert isinstance(found, ImageInfo), (name, found)
+            assert (found.width, found.height, found.orientation) == (*upright, orientation), name
+        # and a cut-off copy is reported, never trusted
+        cut = tmp_path / f"{name}-cut.webp"
+        cut.write_bytes(data[: max(31, len(data) * 2 // 3)])
+        assert isinstance(probe_image(cut), ImageProblem), name

@@ -52,8 +52,10 @@ def is_image_name(name: str) -> bool:
 def exif_orientation(img: "Image.Image") -> int:
     """EXIF orientation (1..8) from the metadata Pillow read with the header; 1 when absent or unreadable."""
     data = img.info.get("exif")
-    if not data:
-        return 1
+    return _orientation_from_exif(data) if data else 1
+
+
+def _orientation_from_exif(data: bytes) -> int:
     try:
         exif = Image.Exif()
         exif.load(data)
@@ -102,6 +104,71 @@ def _decodes(path: "Union[str, os.PathLike]") -> "Optional[str]":
     return None
 
 
+class _NotParsed(Exception):
+    pass
+
+
+def _webp_header(fh: Any, file_size: int) -> "Tuple[int, int, int, Optional[bytes], bool]":
+    """(width, height, frames, exif, complete) of a WebP file from its RIFF chunks, without decoding.
+
+    Pillow opens WebP through libwebp's animation decoder, which reads and demuxes the whole file (about 25x the
+    cost of a PNG header); the container format (RIFF chunks VP8 / VP8L / VP8X, EXIF, ANMF) gives the same
+    facts from a few bytes. Raises _NotParsed for anything unexpected: the caller then asks Pillow.
+    """
+    fh.seek(0)
+    head = fh.read(30)
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        raise _NotParsed
+    riff_end = int.from_bytes(head[4:8], "little") + 8
+    complete = riff_end <= file_size
+    kind, payload = head[12:16], head[20:30]
+    if kind == b"VP8 ":
+        if payload[3:6] != b"\x9d\x01\x2a":
+            raise _NotParsed
+        w = int.from_bytes(payload[6:8], "little") & 0x3FFF
+        h = int.from_bytes(payload[8:10], "little") & 0x3FFF
+        return w, h, 1, None, complete
+    if kind == b"VP8L":
+        if payload[0] != 0x2F:
+            raise _NotParsed
+        bits = int.from_bytes(payload[1:5], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 1, None, complete
+    if kind != b"VP8X":
+        raise _NotParsed
+    w = int.from_bytes(payload[4:7], "little") + 1
+    h = int.from_bytes(payload[7:10], "little") + 1
+    exif: "Optional[bytes]" = None
+    frames = 0
+    # walk the chunks for EXIF and animation frames (headers only, payloads skipped)
+    pos = 12
+    end = min(riff_end, file_size)
+    while pos + 8 <= end:
+        fh.seek(pos)
+        chunk = fh.read(8)
+        if len(chunk) < 8:
+            break
+        size = int.from_bytes(chunk[4:8], "little")
+        if chunk[:4] == b"ANMF":
+            frames += 1
+        elif chunk[:4] == b"EXIF" and exif is None:
+            exif = fh.read(min(size, 1 << 20))
+        pos += 8 + size + (size & 1)
+    frames = max(frames, 1)
+    return w, h, frames, exif, complete
+
+
+def _checked_info(w: int, h: int, fmt: str, frames: int, exif: "Optional[bytes]", max_pixels: int) -> "Union[ImageInfo, ImageProblem]":
+    if w <= 0 or h <= 0:
+        return ImageProblem("corrupt", f"invalid size {w}x{h}")
+    if w * h > max_pixels:
+        return ImageProblem("too_large", f"image too large ({w}x{h} = {w * h} pixels, limit {max_pixels})")
+    if frames > 1:
+        return ImageProblem("animated", f"animated image ({frames} frames)")
+    orientation = _orientation_from_exif(exif) if exif else 1
+    width, height = _oriented((w, h), orientation)
+    return ImageInfo(width, height, fmt, orientation)
+
+
 def probe_image(
     path: "Union[str, os.PathLike]",
     *,
@@ -121,16 +188,26 @@ def probe_image(
         return ImageProblem("empty", "empty file (0 bytes)")
     try:
         with open(path, "rb") as fh:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if fh.read(12)[8:12] == b"WEBP":
                 try:
-                    img = Image.open(fh)
-                except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                    return ImageProblem("too_large", "image too large (more pixels than allowed: possible decompression bomb)")
-                except Image.UnidentifiedImageError:
-                    return ImageProblem("not_image", "not an image Pillow can identify")
-                except Exception as exc:
-                    return ImageProblem("corrupt", f"corrupt image header ({type(exc).__name__}: {exc})")
+                    w, h, frames, exif, complete = _webp_header(fh, file_size)
+                except (_NotParsed, OSError):
+                    pass  # let Pillow say what is wrong
+                else:
+                    fast = _checked_info(w, h, "WEBP", frames, exif, max_pixels)
+                    if isinstance(fast, ImageProblem) or (complete and verify != "full"):
+                        return fast
+            fh.seek(0)
+            # (no warnings.catch_warnings here: it costs more than the header read; images over Pillow's
+            # MAX_IMAGE_PIXELS, which it warns about, are reported by the max_pixels check below)
+            try:
+                img = Image.open(fh)
+            except Image.DecompressionBombError:
+                return ImageProblem("too_large", "image too large (more pixels than allowed: possible decompression bomb)")
+            except Image.UnidentifiedImageError:
+                return ImageProblem("not_image", "not an image Pillow can identify")
+            except Exception as exc:
+                return ImageProblem("corrupt", f"corrupt image header ({type(exc).__name__}: {exc})")
             try:
                 fmt = img.format or "?"
                 if fmt not in ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB"):
