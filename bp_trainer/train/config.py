@@ -83,8 +83,8 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "divisible": Field("int", 64, "bucket sides are multiples of this", min=8),
         "max_ar_error": Field("float", 4.0, "skip images whose aspect is further than this from every bucket",
                               min=0.0),
-        "min_dim": Field("int", 256, "smallest bucket side", min=64),
-        "dim_limit": Field("int", 1024, "largest bucket side", min=64),
+        "min_dim": Field("int", 256, "smallest bucket side", min=8),
+        "dim_limit": Field("int", 1024, "largest bucket side", min=8),
     },
     "training": {
         "batch_size": Field("int", 1, "images per step per process", min=1),
