@@ -68,6 +68,11 @@ def test_inspect_prompt_tags_weights_and_chunks(clip_tokenizer):
     # Token positions: tags and the comma tokens between them tile the stream.
     assert [(t["start"], t["end"]) for t in r["tags"]] == [(0, 1), (2, 4), (5, 8), (9, 10)]
     assert r["count"] == 10 and r["limit"] == 75 and r["chunks"][0]["tokens"] == 10
+    # Chips: one per token, commas belong to no tag, weights as the WebUI's multipliers.
+    chips = r["tokens"]
+    assert [c["pos"] for c in chips] == list(range(10))
+    assert [c["tag"] for c in chips] == [0, None, 1, 1, None, 2, 2, 2, None, 3]
+    assert chips[0]["weight"] == pytest.approx(1.2) and chips[0]["text"] == "masterpiece "
 
 
 def test_inspect_long_prompt_chunk_boundaries(clip_tokenizer):

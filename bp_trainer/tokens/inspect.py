@@ -21,7 +21,7 @@ from bp_trainer.errors import BPError
 from bp_trainer.tokens.attention import is_break, parse_prompt_attention
 from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, Chunk, chunk_segments, target_token_count
 from bp_trainer.tokens.schedules import counter_prompts, strip_extra_networks, unique
-from bp_trainer.tokens.tokenizer import TokenizerView
+from bp_trainer.tokens.tokenizer import TokenizerView, readable_piece
 
 
 @dataclass
@@ -170,6 +170,24 @@ def _variants(text, tokenizer, steps, negative, backtrack, emphasis, hires_steps
     return [tokenize_line(t, tokenizer, backtrack=backtrack, emphasis=emphasis) for t in texts]
 
 
+def token_chips(line: LineTokens, view: TokenizerView) -> list[dict]:
+    """One entry per token of the stream, for drawing chips: position, id, BPE piece, display text, weight,
+    chunk, and the index of its tag in `tags` (None for the comma tokens between tags)."""
+    owner: dict[int, int] = {}
+    for i, tag in enumerate(line.tags):
+        for p in range(tag["start"], tag["end"]):
+            owner[p] = i
+    chips = []
+    for c in line.chunks:
+        ids = c.ids[1:1 + c.count]
+        pieces = view.pieces(ids)
+        for k, (token, piece) in enumerate(zip(ids, pieces)):
+            pos = c.start + k
+            chips.append({"pos": pos, "id": token, "piece": piece, "text": readable_piece(piece),
+                          "weight": c.multipliers[1 + k], "chunk": c.index, "tag": owner.get(pos)})
+    return chips
+
+
 def inspect_prompt(text: str, tokenizer: Any = None, *, steps: int = 20, negative: bool = False,
                    backtrack: int = DEFAULT_BACKTRACK, emphasis: bool = True, hires_steps: int | None = None,
                    use_old_scheduling: bool = False, with_ids: bool = False) -> dict:
@@ -193,6 +211,7 @@ def inspect_prompt(text: str, tokenizer: Any = None, *, steps: int = 20, negativ
         "text": best.text,
         "chunks": [c.to_dict(with_ids) for c in best.chunks],
         "tags": best.tags,
+        "tokens": token_chips(best, TokenizerView.of(tokenizer)),
         "variants": [{"text": v.text, "count": v.count, "limit": v.limit} for v in variants],
         "extra_networks": networks,
     }
