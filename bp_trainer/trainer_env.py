@@ -38,6 +38,7 @@ LOG_FILE = "bp-train-setup.log"
 LOCK_FILE = "bp-train-setup.lock"
 FAILED_FILE = "bp-train-setup.failed"
 ENV_VAR = "BP_TRAIN_TRAINER_ENV"  # overrides the default venv folder
+REQUIREMENTS_VAR = "BP_TRAIN_TRAINER_REQUIREMENTS"  # overrides requirements-trainer.txt (own pins)
 CHECK_MODULES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "yaml")
 
 
@@ -62,6 +63,10 @@ def default_env_dir() -> Path:
     return Path(os.environ.get(ENV_VAR) or DEFAULT_ENV_DIR)
 
 
+def default_requirements() -> Path:
+    return Path(os.environ.get(REQUIREMENTS_VAR) or REQUIREMENTS)
+
+
 def venv_python(env_dir: "str | os.PathLike[str]") -> Path:
     env_dir = Path(env_dir)
     if os.name == "nt":
@@ -69,7 +74,8 @@ def venv_python(env_dir: "str | os.PathLike[str]") -> Path:
     return env_dir / "bin" / "python"
 
 
-def requirements_digest(requirements: "str | os.PathLike[str]" = REQUIREMENTS) -> str:
+def requirements_digest(requirements: "str | os.PathLike[str] | None" = None) -> str:
+    requirements = Path(requirements) if requirements else default_requirements()
     try:
         return hashlib.sha256(Path(requirements).read_bytes()).hexdigest()
     except OSError as exc:
@@ -134,8 +140,9 @@ def read_stamp(env_dir: "str | os.PathLike[str]") -> Optional[Dict[str, object]]
 
 
 def status(env_dir: "str | os.PathLike[str] | None" = None,
-           requirements: "str | os.PathLike[str]" = REQUIREMENTS) -> EnvStatus:
+           requirements: "str | os.PathLike[str] | None" = None) -> EnvStatus:
     """Where the trainer environment stands (fast: no subprocess, no imports)."""
+    requirements = Path(requirements) if requirements else default_requirements()
     env = Path(env_dir) if env_dir else default_env_dir()
     py = venv_python(env)
     log = _log_path(env)
@@ -167,37 +174,68 @@ def _base_has_pip(python: str) -> bool:
         return False
 
 
-def setup_commands(env_dir: "str | os.PathLike[str]", requirements: "str | os.PathLike[str]" = REQUIREMENTS,
-                   *, base_python: str = sys.executable, base_has_pip: bool = True,
-                   pip_args: Sequence[str] = ()) -> List[List[str]]:
-    """The commands a set-up runs: create the venv (if needed), then pip-install the requirements into it.
+PTH_FILE = "bp-train-base-site.pth"
+PIP_ARGS_VAR = "BP_TRAIN_PIP_ARGS"  # extra pip arguments (e.g. "--no-index --find-links /wheels")
 
-    With the base Python's pip visible through `--system-site-packages` the venv is made `--without-pip`
-    (fast, small); pip then installs into the venv and never uninstalls the base's packages.
+
+def venv_command(env_dir: "str | os.PathLike[str]", *, base_python: str = sys.executable,
+                 base_has_pip: bool = True) -> List[str]:
+    """Create the venv on the base Python with its packages visible. With the base's pip visible the venv
+    is made `--without-pip` (fast, small); pip then installs into the venv and never touches the base."""
+    cmd = [base_python, "-m", "venv", "--system-site-packages"]
+    if base_has_pip:
+        cmd.append("--without-pip")
+    return cmd + [str(env_dir)]
+
+
+def pip_command(env_dir: "str | os.PathLike[str]", requirements: "str | os.PathLike[str] | None" = None,
+                pip_args: Sequence[str] = ()) -> List[str]:
+    requirements = Path(requirements) if requirements else default_requirements()
+    import shlex
+
+    cmd = [str(venv_python(env_dir)), "-m", "pip", "install", "--disable-pip-version-check", "--prefer-binary",
+           "-r", str(requirements)]
+    if os.environ.get("INDEX_URL"):
+        cmd += ["--index-url", os.environ["INDEX_URL"]]
+    return cmd + shlex.split(os.environ.get(PIP_ARGS_VAR, "")) + list(pip_args)
+
+
+def _site_dirs(python: str) -> List[str]:
+    code = ("import json, site, sysconfig\n"
+            "p = sysconfig.get_paths()\n"
+            "dirs = [p['purelib'], p['platlib']] + list(getattr(site, 'getsitepackages', lambda: [])())\n"
+            "print(json.dumps(list(dict.fromkeys(dirs))))")
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise BPError(f"cannot ask {python} for its site-packages: {proc.stderr.strip()[-300:]}")
+    return [d for d in json.loads(proc.stdout.strip().splitlines()[-1]) if d]
+
+
+def link_base_site_packages(env_dir: "str | os.PathLike[str]", base_python: str = sys.executable) -> Path:
+    """Make the base Python's site-packages visible in the venv, AFTER the venv's own (a .pth file).
+
+    `--system-site-packages` shows the site-packages of the *base interpreter*; when the WebUI itself runs in
+    a venv (the usual `stable-diffusion-webui/venv`), torch lives in that venv, not in the base. The .pth adds
+    the WebUI Python's site-packages behind the trainer venv's own, so the trainer's pins still win.
     """
-    env = Path(env_dir)
-    py = venv_python(env)
-    cmds: List[List[str]] = []
-    if not py.exists():
-        cmd = [base_python, "-m", "venv", "--system-site-packages"]
-        if base_has_pip:
-            cmd.append("--without-pip")
-        cmds.append(cmd + [str(env)])
-    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "--prefer-binary", "-r", str(requirements)]
-    index_url = os.environ.get("INDEX_URL", "")
-    if index_url:
-        pip += ["--index-url", index_url]
-    cmds.append(pip + list(pip_args))
-    return cmds
+    env_py = str(venv_python(env_dir))
+    own = _site_dirs(env_py)
+    base = [d for d in _site_dirs(base_python) if d not in own]
+    target = Path(own[0]) / PTH_FILE
+    from bp_trainer.fsutil import atomic_write_text
+
+    atomic_write_text(target, "".join(d + "\n" for d in base))
+    return target
 
 
 def setup_lines(env_dir: "str | os.PathLike[str] | None" = None,
-                requirements: "str | os.PathLike[str]" = REQUIREMENTS, *, base_python: str = sys.executable,
+                requirements: "str | os.PathLike[str] | None" = None, *, base_python: str = sys.executable,
                 pip_args: Sequence[str] = ()) -> Iterator[str]:
     """Set the environment up, yielding output lines as they come (also written to the set-up log).
 
     Raises BPError when a step fails or another set-up is running; the stamp is written only on success.
     """
+    requirements = Path(requirements) if requirements else default_requirements()
     env = Path(env_dir) if env_dir else default_env_dir()
     env.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_path(env)
@@ -217,8 +255,17 @@ def setup_lines(env_dir: "str | os.PathLike[str] | None" = None,
 
             yield out(f"== BP Train trainer environment: {env} (base Python {base_python})")
             digest = requirements_digest(requirements)
-            for cmd in setup_commands(env, requirements, base_python=base_python,
-                                      base_has_pip=_base_has_pip(base_python), pip_args=pip_args):
+            steps: List[object] = []
+            if not venv_python(env).exists():
+                steps.append(venv_command(env, base_python=base_python, base_has_pip=_base_has_pip(base_python)))
+            steps.append("link")
+            steps.append(pip_command(env, requirements, pip_args))
+            for cmd in steps:
+                if cmd == "link":
+                    pth = link_base_site_packages(env, base_python)
+                    yield out(f"base site-packages linked behind the venv's own: {pth}")
+                    continue
+                assert isinstance(cmd, list)
                 yield out("$ " + " ".join(cmd))
                 try:
                     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -251,18 +298,20 @@ def setup_lines(env_dir: "str | os.PathLike[str] | None" = None,
         lock.unlink(missing_ok=True)
 
 
-def setup(env_dir: "str | os.PathLike[str] | None" = None, requirements: "str | os.PathLike[str]" = REQUIREMENTS,
+def setup(env_dir: "str | os.PathLike[str] | None" = None, requirements: "str | os.PathLike[str] | None" = None,
           *, base_python: str = sys.executable, on_line: Callable[[str], None] = print,
           pip_args: Sequence[str] = ()) -> EnvStatus:
+    requirements = Path(requirements) if requirements else default_requirements()
     for line in setup_lines(env_dir, requirements, base_python=base_python, pip_args=pip_args):
         on_line(line)
     return status(env_dir, requirements)
 
 
 def start_background_setup(env_dir: "str | os.PathLike[str] | None" = None,
-                           requirements: "str | os.PathLike[str]" = REQUIREMENTS, *,
+                           requirements: "str | os.PathLike[str] | None" = None, *,
                            base_python: str = sys.executable) -> int:
     """Run `setup` in a detached process (survives the caller); returns its pid. Output goes to the log."""
+    requirements = Path(requirements) if requirements else default_requirements()
     env = Path(env_dir) if env_dir else default_env_dir()
     env.parent.mkdir(parents=True, exist_ok=True)
     pythonpath = str(EXT_ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
@@ -300,12 +349,13 @@ def verify(env_dir: "str | os.PathLike[str] | None" = None, timeout: float = 300
     return versions
 
 
-def ensure(env_dir: "str | os.PathLike[str] | None" = None, requirements: "str | os.PathLike[str]" = REQUIREMENTS,
+def ensure(env_dir: "str | os.PathLike[str] | None" = None, requirements: "str | os.PathLike[str] | None" = None,
            *, base_python: str = sys.executable, background: bool = True) -> str:
     """What install.py calls at every WebUI start: fast when ready, else start (or run) the set-up.
 
     Returns one line to print.
     """
+    requirements = Path(requirements) if requirements else default_requirements()
     st = status(env_dir, requirements)
     if st.state == "ready":
         return f"BP Train: trainer environment ready ({st.env_dir})"
@@ -325,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bp_trainer.trainer_env")
     parser.add_argument("action", choices=("status", "setup", "verify"))
     parser.add_argument("--env", default=None, help=f"venv folder (default {default_env_dir()})")
-    parser.add_argument("--requirements", default=str(REQUIREMENTS))
+    parser.add_argument("--requirements", default=None)
     parser.add_argument("--quiet", action="store_true", help="setup: only write the log")
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,127 @@
+"""Trainer environment (bp_trainer/trainer_env.py) and install.py as the WebUI runs it. Offline: pip gets
+--no-index and requirements that the base Python already satisfies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bp_trainer import trainer_env as T
+from bp_trainer.errors import BPError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wait_not_setting_up(env, req, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = T.status(env, req)
+        if st.state != "setting-up" or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
+def test_status_states_from_files(tmp_path):
+    env, req = tmp_path / "venv", tmp_path / "req.txt"
+    req.write_text("pyyaml\n")
+    st = T.status(env, req)
+    assert st.state == "missing" and not st.ready and "Set up trainer environment" in st.message
+    lock = env.parent / f".{env.name}.{T.LOCK_FILE}"
+    lock.write_text(str(os.getpid()))
+    assert T.status(env, req).state == "setting-up"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # a stale lock of a process that is gone is ignored
+    assert T.status(env, req).state == "missing"
+    with pytest.raises(BPError, match="cannot read the trainer requirements"):
+        T.requirements_digest(tmp_path / "nope.txt")
+
+
+def test_requirements_pin_the_trainer_stack_for_python_310_torch_21():
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements-trainer.txt").read_text().splitlines()]
+    pins = dict(ln.split("==") for ln in lines if ln)
+    assert set(pins) == {"diffusers", "transformers", "tokenizers", "huggingface_hub", "accelerate", "safetensors"}
+    # nothing that would replace the WebUI's torch
+    assert not any(name.lower().startswith(("torch", "xformers", "gradio", "fastapi")) for name in pins)
+
+
+def test_setup_layers_on_the_base_python_offline(tmp_path):
+    env, req = tmp_path / "venv", tmp_path / "req.txt"
+    req.write_text("pyyaml\n")
+    lines = list(T.setup_lines(env, req, pip_args=["--no-index"]))
+    assert any("Requirement already satisfied: pyyaml" in ln for ln in lines)
+    assert lines[-1] == "== trainer environment ready"
+    st = T.status(env, req)
+    assert st.state == "ready" and st.python == str(T.venv_python(env))
+    # the base Python's site-packages (here a venv, like the WebUI's own venv) come AFTER the trainer venv's
+    probe = subprocess.run([st.python, "-c", "import json, sys, yaml; print(json.dumps(sys.path))"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    path = json.loads(probe.stdout)
+    own = [i for i, p in enumerate(path) if p.startswith(str(env)) and p.endswith("site-packages")]
+    base = [i for i, p in enumerate(path) if p.startswith(sys.prefix) and p.endswith("site-packages")]
+    assert own and base and max(own) < min(base)
+    # verify() with a light module list (importing torch and diffusers here would be slow)
+    old = T.CHECK_MODULES
+    try:
+        T.CHECK_MODULES = ("yaml", "json")
+        assert set(T.verify(env)) == {"yaml", "json"}
+        T.CHECK_MODULES = ("bp_train_no_such_module",)
+        with pytest.raises(BPError, match="cannot import bp_train_no_such_module"):
+            T.verify(env)
+    finally:
+        T.CHECK_MODULES = old
+    # changed requirements: outdated until set up again (the venv is reused, only pip runs)
+    req.write_text("pyyaml\njson5-not-needed; python_version < '3'\n")
+    assert T.status(env, req).state == "outdated"
+    lines = list(T.setup_lines(env, req, pip_args=["--no-index"]))
+    assert not any(" -m venv " in ln for ln in lines) and T.status(env, req).state == "ready"
+
+
+def test_failed_setup_is_reported_with_its_log(tmp_path):
+    env, req = tmp_path / "venv", tmp_path / "req.txt"
+    req.write_text("bp-train-no-such-package==1.0\n")
+    seen = []
+    with pytest.raises(BPError, match="setting up the trainer environment failed"):
+        T.setup(env, req, on_line=seen.append, pip_args=["--no-index"])
+    st = T.status(env, req)
+    assert st.state == "failed" and any("bp-train-no-such-package" in ln for ln in st.log_tail)
+    assert any("bp-train-no-such-package" in ln for ln in seen)
+    assert not (env.parent / f".{env.name}.{T.LOCK_FILE}").exists()
+
+
+def _run_install(env, req):
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{str(ROOT / 'install.py')!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({str(ROOT / 'install.py')!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'gradio', 'diffusers', 'transformers', 'accelerate') "
+            "if m in sys.modules))\n")
+    envvars = {**os.environ, "BP_TRAIN_TRAINER_ENV": str(env), "BP_TRAIN_TRAINER_REQUIREMENTS": str(req),
+               "BP_TRAIN_PIP_ARGS": "--no-index", "PYTHONPATH": str(env.parent)}  # the WebUI root goes first
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=envvars, cwd=str(env.parent))
+
+
+def test_install_py_sets_up_in_the_background_then_is_a_quick_check(tmp_path):
+    env, req = tmp_path / "venv", tmp_path / "req.txt"
+    req.write_text("pyyaml\n")
+    first = _run_install(env, req)
+    assert first.returncode == 0, first.stderr
+    assert "setting up the trainer environment in the background" in first.stdout
+    assert "HEAVY []" in first.stdout  # install.py imports nothing heavy (it runs before the WebUI starts)
+    st = _wait_not_setting_up(env, req)
+    assert st.state == "ready", st.log_tail
+    second = _run_install(env, req)
+    assert second.returncode == 0 and f"trainer environment ready ({env})" in second.stdout
+    skipped = subprocess.run([sys.executable, str(ROOT / "install.py")], capture_output=True, text=True,
+                             env={**os.environ, "BP_TRAIN_SKIP_TRAINER_ENV": "1"}, timeout=60)
+    assert "skipped" in skipped.stdout and skipped.returncode == 0
