@@ -83,14 +83,14 @@ def status(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any
 def _load_start_config(host: Any, request: Dict[str, Any]) -> tuple:
     from bp_trainer.train import config as C
 
-    sources = [k for k in ("config", "config_path", "resume_dir") if request.get(k)]
+    sources = [k for k in ("config", "config_path", "resume_dir") if request.get(k) not in (None, "")]
     if len(sources) != 1:
         raise BPError("give exactly one of 'config' (a run config mapping), 'config_path' (a run YAML on the "
                       "server) or 'resume_dir' (a run folder to resume)", hint=f"got {sources or 'none'}")
     resume_dir = None
-    if request.get("config_path"):
+    if sources == ["config_path"]:
         cfg = C.load_config(request["config_path"])
-    elif request.get("resume_dir"):
+    elif sources == ["resume_dir"]:
         resume_dir = str(request["resume_dir"])
         cfg = C.load_config(Path(resume_dir) / "config.yaml")
     else:
