@@ -1,0 +1,210 @@
+"""The Train tab's run controller: GPU hand-off, one run at a time, stop, re-attach, crash, checkpoint publishing.
+
+The child process is a small stand-in trainer (it writes events with the real `EventWriter`, honours the
+launcher's STOP file and writes a checkpoint file), started through the real launcher (`start_run`, run
+lock, `attach`, `find_active_run`); only the launcher's command line is replaced. The real trainer is
+driven end to end by the browser test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bp_trainer import launcher
+from bp_trainer.errors import BPError
+from bp_trainer.ui import runs
+from bp_trainer.ui.standalone import StandaloneHost
+
+FAKE_TRAINER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    from bp_trainer.train.events import EventWriter
+
+    run_dir = Path(sys.argv[1]); steps = int(sys.argv[2]); mode = sys.argv[3]
+    ev = EventWriter(run_dir, echo="none")
+    ev.emit("start", run_dir=str(run_dir), total_steps=steps, images=8, world_size=1)
+    for step in range(1, steps + 1):
+        if mode == "crash" and step == 2:
+            print("Traceback (most recent call last):\\nRuntimeError: boom in the stand-in trainer", flush=True)
+            sys.exit(3)
+        time.sleep(0.05)
+        ev.emit("step", step=step, epoch=0, loss=1.0 / step, lr=1e-4, images_per_second=10.0,
+                eta_seconds=(steps - step) * 0.05, total_steps=steps)
+        if step == 2:
+            ck = run_dir / "checkpoints" / "fake-s000002.safetensors"
+            ck.parent.mkdir(exist_ok=True)
+            ck.write_bytes(b"checkpoint bytes " + str(step).encode())
+            ev.emit("checkpoint", step=step, epoch=0, reason="every_n_steps", files={"webui": {"path": str(ck)}})
+            ev.emit("sample", step=step, path=str(run_dir / "s.png"), prompt="1girl", ema=False)
+        if (run_dir / "STOP").exists():
+            ev.emit("done", step=step, reason="stopped", outputs={})
+            sys.exit(0)
+    ev.emit("done", step=steps, reason="finished", outputs={})
+    """
+)
+
+
+class RecordingHost(StandaloneHost):
+    """The standalone host, recording the GPU hand-off and model-list refreshes."""
+
+    name = "test"
+
+    def __init__(self, root: Path, **kw):
+        super().__init__(root / "models", root / "runs", **kw)
+        self.calls: list[str] = []
+
+    def release_gpu(self) -> None:
+        self.calls.append("release")
+        super().release_gpu()
+
+    def reclaim_gpu(self) -> None:
+        self.calls.append("reclaim")
+        super().reclaim_gpu()
+
+    def refresh_models(self) -> None:
+        if hasattr(self, "calls"):
+            self.calls.append("refresh")
+        super().refresh_models()
+
+    def generation_may_run_during_training(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER, encoding="utf-8")
+    settings = {"steps": 6, "mode": "ok"}
+
+    def build_command(cfg, run_dir, **kw):
+        return {"argv": [sys.executable, str(script), str(run_dir), str(settings["steps"]), settings["mode"]],
+                "env": {}, "accelerate_config": ""}
+
+    monkeypatch.setattr(launcher, "build_command", build_command)
+    monkeypatch.setattr(runs, "_controllers", {})
+    monkeypatch.setattr(runs, "POLL_SECONDS", 0.05)
+    return settings
+
+
+def _cfg(host: RecordingHost) -> dict:
+    from bp_trainer.train.config import defaults
+
+    cfg = defaults()
+    cfg["run"]["name"] = "t"
+    cfg["run"]["runs_dir"] = host.runs_dir()
+    return cfg
+
+
+def _wait_for(pred, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_run_releases_gpu_publishes_checkpoint_and_reclaims(tmp_path, fake_trainer):
+    host = RecordingHost(tmp_path)
+    ctl = runs.controller_for(host)
+    run_dir = ctl.start(_cfg(host))
+    assert host.calls[0] == "release" and host.gpu_released
+    assert ctl.wait(30)
+    snap = ctl.snapshot()
+    assert snap["status"] == "done" and snap["step"] == 6 and snap["total_steps"] == 6
+    assert ctl.exit_code == 0
+    # The GPU went back exactly once, after the run.
+    assert host.calls.count("release") == 1 and host.calls.count("reclaim") == 1
+    assert host.calls.index("reclaim") > host.calls.index("release")
+    assert not host.gpu_released
+    # The checkpoint is listed by the host, with the run's bytes.
+    listed = [n for n in host.list_checkpoints() if n.startswith(runs.PUBLISH_SUBDIR + "/")]
+    assert listed == [f"{runs.PUBLISH_SUBDIR}/{Path(run_dir).name}-s000002.safetensors"]
+    published = Path(host.checkpoint_path(listed[0]))
+    assert published.read_bytes() == (Path(run_dir) / "checkpoints" / "fake-s000002.safetensors").read_bytes()
+    assert [x for x, _ in ctl.view.losses] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert ctl.view.sample_gallery()[0][0].endswith("s.png")
+
+
+def test_one_run_at_a_time_and_graceful_stop(tmp_path, fake_trainer):
+    fake_trainer["steps"] = 100000
+    host = RecordingHost(tmp_path)
+    ctl = runs.controller_for(host)
+    run_dir = ctl.start(_cfg(host))
+    assert _wait_for(lambda: ctl.snapshot()["step"] >= 2)
+    with pytest.raises(BPError, match="already running"):
+        ctl.start(_cfg(host))
+    assert host.calls.count("release") == 1  # the refused start did not touch the GPU
+    assert "generation" in ctl.snapshot()["gpu_note"]  # the host makes generation wait: the UI says so
+    ctl.stop()
+    assert (Path(run_dir) / launcher.STOP_FILE).exists()
+    assert ctl.wait(30)
+    snap = ctl.snapshot()
+    assert snap["status"] == "stopped" and ctl.exit_code == 0 and not snap["active"]
+    assert host.calls.count("reclaim") == 1
+    with pytest.raises(BPError, match="no training run"):
+        ctl.stop()
+
+
+def test_reattach_after_host_restart(tmp_path, fake_trainer):
+    fake_trainer["steps"] = 100000
+    first = RecordingHost(tmp_path)
+    ctl = runs.controller_for(first)
+    run_dir = ctl.start(_cfg(first))
+    assert _wait_for(lambda: ctl.snapshot()["step"] >= 3)
+    # A new process (fresh registry, new host object) finds the live run through the runs folder.
+    second = RecordingHost(tmp_path)
+    fresh = runs.RunController(second)
+    assert fresh.attach_existing()
+    assert fresh.run_dir == Path(run_dir)
+    assert second.calls == ["release"]  # the run holds the GPU: the restarted host keeps its model off it
+    assert _wait_for(lambda: fresh.snapshot()["step"] >= 3)  # rebuilt from events.jsonl
+    assert fresh.view.losses[0] == (1.0, 1.0)
+    fresh.stop()
+    assert fresh.wait(30) and ctl.wait(30)
+    assert fresh.snapshot()["status"] == "stopped"
+    assert "reclaim" in second.calls
+
+
+def test_crash_reports_error_with_log_tail(tmp_path, fake_trainer):
+    fake_trainer["mode"] = "crash"
+    host = RecordingHost(tmp_path)
+    ctl = runs.controller_for(host)
+    ctl.start(_cfg(host))
+    assert ctl.wait(30)
+    snap = ctl.snapshot()
+    assert snap["status"] == "error" and ctl.exit_code == 3
+    assert "exited with code 3" in snap["error"]
+    assert "boom in the stand-in trainer" in ctl.view.log_text()
+    assert host.calls.count("reclaim") == 1
+
+
+def test_failed_start_gives_gpu_back(tmp_path, fake_trainer, monkeypatch):
+    host = RecordingHost(tmp_path)
+    ctl = runs.controller_for(host)
+
+    def broken(*a, **k):
+        raise BPError("cannot start the trainer")
+
+    monkeypatch.setattr(launcher, "start_run", broken)
+    with pytest.raises(BPError, match="cannot start"):
+        ctl.start(_cfg(host))
+    assert host.calls == ["release", "reclaim"] and not ctl.active
+
+
+def test_publish_checkpoint_links_and_names(tmp_path):
+    src = tmp_path / "run" / "checkpoints" / "x.safetensors"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(b"abc")
+    dest = runs.publish_checkpoint(src, tmp_path / "ckpt", "myrun-20260101", 42)
+    assert dest == tmp_path / "ckpt" / "bp-train" / "myrun-20260101-s000042.safetensors"
+    assert dest.read_bytes() == b"abc"
+    assert os.path.samefile(dest, src)  # a hard link on the same file system: no extra space
+    assert runs.publish_checkpoint(src, tmp_path / "ckpt", "myrun-20260101", 42) == dest  # idempotent

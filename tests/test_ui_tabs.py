@@ -1,0 +1,240 @@
+"""Buckets, Tokens and Merge tab callbacks on real data (demo dataset, tiny model), the standalone host, the
+asset injection and the tab's construction — no browser."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bp_trainer.errors import BPError
+from bp_trainer.ui import assets, render
+from bp_trainer.ui.buckets_tab import BucketsCallbacks
+from bp_trainer.ui.merge_tab import MergeCallbacks, output_path
+from bp_trainer.ui.standalone import StandaloneHost
+from bp_trainer.ui.tokens_tab import TokensCallbacks
+
+
+def write_models(root: Path, components) -> Path:
+    """A WebUI-like models folder: Stable-diffusion/tiny-sd.safetensors (with EMA), a diffusers folder stand-in
+    (model_index.json is what marks one), VAE/tiny-vae.safetensors (WebUI VAE layout, another seed)."""
+    from bp_trainer.checkpoint.io import write_checkpoint
+    from bp_trainer.checkpoint.ldm_keys import vae_key_map, vae_tensor_to_ldm
+    from bp_trainer.tiny_model import build_vae, save_webui_file
+
+    sd = root / "models" / "Stable-diffusion"
+    save_webui_file(components, sd / "tiny-sd.safetensors", ema_seed=1000)
+    (sd / "tiny-sd").mkdir(parents=True)
+    (sd / "tiny-sd" / "model_index.json").write_text("{}")
+    vae_sd = build_vae(77).state_dict()
+    write_checkpoint({ldm: vae_tensor_to_ldm(ldm, vae_sd[k]) for k, ldm in vae_key_map(vae_sd).items()},
+                     root / "models" / "VAE" / "tiny-vae.safetensors", {"bp_model": "tiny-vae"})
+    return root / "models"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_components):
+    """The models folder and a small demo dataset."""
+    from bp_trainer.dataset.demo import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("ui-demo")
+    write_models(root, tiny_components)
+    write_demo_dataset(root / "data", count=16, seed=3)
+    return root
+
+
+@pytest.fixture
+def host(demo, tmp_path):
+    return StandaloneHost(demo / "models", tmp_path / "runs")
+
+
+def _captions(root: Path) -> dict[Path, str]:
+    return {p: p.read_text(encoding="utf-8") for p in sorted(root.rglob("*.txt"))}
+
+
+# ------------------------------------------------------------------------------------------- standalone host
+
+
+def test_standalone_host_lists_models_like_the_webui(host, demo):
+    assert host.list_checkpoints() == ["tiny-sd", "tiny-sd.safetensors"]  # a diffusers folder counts as one model
+    assert host.list_vaes() == ["tiny-vae.safetensors"]
+    assert (Path(host.checkpoint_path("tiny-sd")) / "model_index.json").is_file()
+    assert host.vae_path("tiny-vae.safetensors") == str(demo / "models" / "VAE" / "tiny-vae.safetensors")
+    with pytest.raises(BPError, match="unknown checkpoint 'nope'"):
+        host.checkpoint_path("nope")
+    assert host.checkpoint_dir() == str(demo / "models" / "Stable-diffusion")
+    assert host.tokenizer()("1girl", add_special_tokens=False)["input_ids"] == [272, 1611]
+
+
+def test_assets_are_injected_into_the_page():
+    page = b"<html><head><title>x</title></head><body><div></div></body></html>"
+    out = assets.inject(page).decode()
+    head, body = out.split("</head>")
+    assert 'data-bp-src="javascript/bp_train.js"' in head and "bpTrain" in head
+    assert '<style data-bp-src="style.css">' in body and ".bp-chip" in body
+    assert [p.name for p in assets.js_files()] == ["bp_train.js"]
+
+
+def test_ui_command_refuses_a_missing_models_folder(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "bp_trainer", "ui", "--models", str(tmp_path / "nope")],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2
+    assert "models folder not found" in res.stderr and str(tmp_path / "nope") in res.stderr
+
+
+def test_build_tab_has_every_sub_tab_and_prefixed_ids(host):
+    import gradio as gr
+
+    from bp_trainer.ui.tab import build_tab
+
+    tab = build_tab(host)
+    with gr.Blocks() as page:  # rendered into a page the way the WebUI renders on_ui_tabs tabs
+        tab.render()
+    ids = {getattr(b, "elem_id", None) for b in page.blocks.values()} - {None}
+    for needed in ("bp_train_start", "bp_train_stop", "bp_train_poll", "bp_train_progress", "bp_train_base",
+                   "bp_train_arb", "bp_train_yaml", "bp_train_tok_prompt", "bp_train_tok_chips", "bp_train_bk_plan",
+                   "bp_train_mg_go", "bp_train_mg_vae", "bp_train_tab_merge"):
+        assert needed in ids, needed
+    assert all(i.startswith(("bp_train_", "bp_train")) for i in ids)
+    assert any(d["trigger"] == "load" for d in page.config["dependencies"])  # re-attach on page load
+    base = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "bp_train_base")
+    assert [c[0] if isinstance(c, (list, tuple)) else c for c in base.choices] == host.list_checkpoints()
+
+
+# ------------------------------------------------------------------------------------------- buckets
+
+
+def test_bucket_plan_of_the_demo_dataset(host, demo, tmp_path):
+    from bp_trainer.buckets import ArbConfig, generate_buckets
+
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(demo / "data", data)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (data / "broken.txt").write_text("1girl")
+    arb_text = "arb:\n  base_res: [128, 128]\n  max_size: [192, 128]\n  divisible: 32\n  min_dim: 64\n  dim_limit: 256\n"
+    summary, chart, rows, skipped = BucketsCallbacks(host).plan(str(data), arb_text, "log", 2)
+    expected = generate_buckets(ArbConfig.from_dict({"base_res": [128, 128], "max_size": [192, 128], "divisible": 32,
+                                                     "min_dim": 64, "dim_limit": 256}))
+    assert [r[0] for r in rows] == [f"{w}\u00d7{h}" for w, h in expected]
+    images = sum(1 for p in data.rglob("*") if p.suffix in (".png", ".jpg", ".webp") and p.name != "broken.png")
+    assert sum(r[3] for r in rows) + sum(1 for s in skipped if "broken" not in s[0]) == images
+    assert any(s[0].endswith("broken.png") for s in skipped)
+    assert chart.count('class="bp-bar"') == len(expected)
+    assert "steps per epoch" in summary and "area cropped" in summary
+
+
+def test_bucket_list_without_a_dataset_and_bad_blocks(host):
+    cb = BucketsCallbacks(host)
+    msg, chart, rows, skipped = cb.plan("", "arb:\n  base_res: [512, 512]\n  max_size: [768, 512]\n")
+    assert len(rows) > 1 and skipped == [] and "buckets" in msg
+    assert all(float(r[2]) <= 768 * 512 / 1e6 for r in rows)  # max_size is an area budget
+    msg, *_ = cb.plan("", "arb:\n  divisible: lots\n")
+    assert "bp-msg-error" in msg and "divisible" in msg
+
+
+# ------------------------------------------------------------------------------------------- tokens
+
+
+def test_token_chips_one_per_clip_piece(host, clip_tokenizer):
+    html = TokensCallbacks(host).inspect("masterpiece, (by_sakimichan:1.2), BREAK, <b>bold</b>")
+    ids = clip_tokenizer("by_sakimichan", add_special_tokens=False)["input_ids"]
+    tag = re.search(r'<span class="bp-tag[^"]*" title="[^"]*" data-tag="by_sakimichan">(.*?)</span></span>', html)
+    assert tag is not None and tag.group(1).count('class="bp-chip ') == len(ids) >= 3
+    assert f'<span class="bp-tag-count">{len(ids)}</span>' in tag.group(1)
+    assert "bp-tag-many" in html and "×1.2" in html
+    assert "chunk 2" in html  # BREAK starts a new 75-token chunk
+    assert "<b>" not in html and "&lt;b&gt;" in html  # prompt text is escaped
+
+
+def test_audit_rows_match_the_captions(host, demo):
+    rows, msg = TokensCallbacks(host).audit(str(demo / "data"))
+    counts: dict[str, int] = {}
+    for text in _captions(demo / "data").values():
+        for tag in {t.strip() for t in text.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    assert {r[0]: r[1] for r in rows} == counts
+    flagged = [r for r in rows if r[4]]
+    assert flagged and all(r[3] >= 3 for r in flagged)
+    only, _ = TokensCallbacks(host).audit(str(demo / "data"), "^by_", only_flagged=True)
+    assert only and all(r[0].startswith("by_") and r[4] for r in only)
+
+
+def test_rename_preview_apply_undo(host, demo, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    before = _captions(data)
+    cb = TokensCallbacks(host)
+    rows, msg = cb.rename_preview(str(data), "solo", "alone")
+    users = [p for p, t in before.items() if "solo" in [x.strip() for x in t.split(",")]]
+    assert len(rows) == len(users) > 0 and "dry run" in msg
+    assert _captions(data) == before  # the preview writes nothing
+    msg, journal = cb.rename_apply(str(data), "solo", "alone")
+    assert "bp-msg-ok" in msg and Path(journal).is_file()
+    after = _captions(data)
+    assert all("alone" in after[p] and "solo" not in [x.strip() for x in after[p].split(",")] for p in users)
+    msg = cb.rename_undo(journal)
+    assert "restored" in msg
+    assert {p: p.read_bytes() for p in before} == {p: t.encode() for p, t in before.items()}
+    assert "bp-msg-warn" in cb.rename_undo("")
+
+
+def test_suggestions_are_single_unused_tokens(host, demo, clip_tokenizer):
+    rows, msg = TokensCallbacks(host).suggest(str(demo / "data"), "by_sakimichan", 5)
+    assert 0 < len(rows) <= 5 and "CLIP pieces" in msg
+    text = " ".join(_captions(demo / "data").values()).lower()
+    for word, token_id, reason in rows:
+        assert clip_tokenizer(word, add_special_tokens=False)["input_ids"] == [token_id]
+        assert word.lower() not in text and reason
+
+
+# ------------------------------------------------------------------------------------------- merge
+
+
+def test_merge_bakes_the_vae_and_shows_both_hashes(host, demo):
+    from safetensors import safe_open
+
+    cb = MergeCallbacks(host)
+    seen = []
+    html = cb.merge("tiny-sd.safetensors", vae="tiny-vae.safetensors", precision="fp16", drop_ema=True,
+                    name="ui-merged", progress=lambda f, d: seen.append(f))
+    out = demo / "models" / "Stable-diffusion" / "ui-merged.safetensors"
+    assert out.is_file() and "ui-merged.safetensors" in host.list_checkpoints()
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    with open(out, "rb") as fh:
+        fh.seek(0x100000)
+        old = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+    assert sha in html and sha[:10] in html and old in html
+    assert seen and seen[-1] == 1.0
+    with safe_open(str(out), "pt") as merged, safe_open(host.vae_path("tiny-vae.safetensors"), "pt") as vae:
+        keys = list(merged.keys())
+        assert not any(k.startswith("model_ema.") for k in keys)
+        assert all(str(merged.get_tensor(k).dtype) == "torch.float16" for k in keys if merged.get_tensor(k).is_floating_point())
+        k = next(k for k in vae.keys() if k.startswith("decoder.") and k.endswith("weight"))
+        assert (merged.get_tensor("first_stage_model." + k) == vae.get_tensor(k).half()).all()
+    again = cb.merge("tiny-sd.safetensors", vae="tiny-vae.safetensors", name="ui-merged")
+    assert "output file exists" in again
+    out.unlink()
+    host.refresh_models()
+
+
+def test_merge_output_names_stay_in_the_checkpoint_folder(tmp_path):
+    assert output_path(str(tmp_path), "a", "safetensors") == tmp_path / "a.safetensors"
+    assert output_path(str(tmp_path), "a.safetensors", "ckpt") == tmp_path / "a.ckpt"
+    for bad in ("", "../x", "sub/x"):
+        with pytest.raises(BPError):
+            output_path(str(tmp_path), bad, "safetensors")
+
+
+def test_merge_refuses_a_base_that_is_a_vae(host):
+    html = MergeCallbacks(host).merge("tiny-sd.safetensors", vae="", name="x", text_encoder="nope")
+    assert "bp-msg-error" in html and "nope" in html
+    assert "x.safetensors" not in host.list_checkpoints()
+    assert render.error_html(BPError("m", path="p")) == '<div class="bp-msg bp-msg-error">p: m</div>'

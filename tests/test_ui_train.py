@@ -1,0 +1,213 @@
+"""Train tab callbacks (form <-> YAML, validation, presets, export, polling) and the event view, with no browser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bp_trainer.train import config as C
+from bp_trainer.train.events import EventWriter, follow
+from bp_trainer.ui import render, runs, train_form
+from bp_trainer.ui.progress import RunView
+from bp_trainer.ui.standalone import StandaloneHost
+from bp_trainer.ui.train_tab import NO_CHANGE, TrainCallbacks
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "_controllers", {})
+    sd = tmp_path / "models" / "Stable-diffusion"
+    sd.mkdir(parents=True)
+    (sd / "base.safetensors").write_bytes(b"not read by these tests")
+    (tmp_path / "data").mkdir()
+    return StandaloneHost(tmp_path / "models", tmp_path / "runs")
+
+
+def _form(cb: TrainCallbacks, **over):
+    init = cb.initial()
+    values = list(init["values"])
+    keys = [k for k, _ in train_form.FORM_FIELDS]
+    for key, value in over.items():
+        values[keys.index(key.replace("__", "."))] = value
+    return init, values
+
+
+def test_initial_form_is_the_768_preset(host):
+    cb = TrainCallbacks(host)
+    init = cb.initial()
+    assert init["preset"] == "768"
+    arb = train_form.parse_arb(init["arb"])
+    assert arb == C.preset("768")["arb"]
+    full = yaml.safe_load(init["yaml"])
+    # Every schema section and key is in the YAML box; the form shows the same values.
+    assert set(full) == set(C.SCHEMA) and all(set(full[s]) == set(C.SCHEMA[s]) for s in C.SCHEMA)
+    for (key, _), value in zip(train_form.FORM_FIELDS, init["values"]):
+        assert train_form.config_value(key, value) == train_form.get(full, key), key
+
+
+def test_form_wins_over_yaml_and_advanced_keys_survive(host, tmp_path):
+    cb = TrainCallbacks(host)
+    init, values = _form(cb, training__batch_size=7, training__learning_rate=3e-5, sampling__prompts="a, b\n\n c ",
+                         training__max_steps=0)
+    text = yaml.safe_load(init["yaml"])
+    text["latents"]["cache"] = "memory"  # an advanced key that is only in the YAML box
+    text["training"]["batch_size"] = 99  # overridden by the form
+    cfg = cb.config_from_form(yaml.safe_dump(text), "base.safetensors", str(tmp_path / "data"), init["arb"], values)
+    assert cfg["training"]["batch_size"] == 7
+    assert cfg["training"]["learning_rate"] == pytest.approx(3e-5)
+    assert cfg["training"]["max_steps"] is None  # 0 in the form means "use epochs"
+    assert cfg["sampling"]["prompts"] == ["a, b", "c"]
+    assert cfg["latents"]["cache"] == "memory"
+    assert cfg["model"]["base"] == str(tmp_path / "models" / "Stable-diffusion" / "base.safetensors")
+    assert cfg["run"]["runs_dir"] == host.runs_dir()
+    assert cfg["run"]["python"] == host.trainer_python()
+
+
+def test_start_with_bad_config_names_the_problem_and_starts_nothing(host, tmp_path):
+    cb = TrainCallbacks(host)
+    init, values = _form(cb)
+    html = cb.start(init["yaml"], "base.safetensors", str(tmp_path / "missing"), init["arb"], *values)
+    assert "bp-msg-error" in html and "dataset.path" in html and "is not a folder" in html
+    assert not host.gpu_released and not cb.controller.active
+    bad = init["yaml"].replace("training:", "trainin:")
+    html = cb.start(bad, "base.safetensors", str(tmp_path / "data"), init["arb"], *values)
+    assert "unknown section" in html and "training" in html
+
+
+def test_yaml_errors_name_the_line(host):
+    cb = TrainCallbacks(host)
+    out = cb.yaml_to_form("training:\n  batch_size: [1,\n")
+    assert out[:-1] == [NO_CHANGE] * (len(out) - 1)
+    assert "line 3" in out[-1] and "bp-msg-error" in out[-1]
+
+
+def test_yaml_round_trip_through_the_form(host, tmp_path):
+    cb = TrainCallbacks(host)
+    raw = C.merge(C.defaults(), C.preset("1024"))
+    raw["model"]["base"] = str(tmp_path / "models" / "Stable-diffusion" / "base.safetensors")
+    raw["dataset"]["path"] = str(tmp_path / "data")
+    raw["training"]["epochs"] = 3
+    raw["sampling"]["prompts"] = ["x", "y"]
+    out = cb.yaml_to_form(C.dump_config(raw))
+    base, dataset, preset, arb, yaml_text, *values, msg = out
+    assert (base, dataset, preset) == ("base.safetensors", str(tmp_path / "data"), "1024")
+    cfg = cb.config_from_form(yaml_text, base, dataset, arb, values)
+    for sec in ("arb", "training", "sampling", "ema", "saving"):
+        assert cfg[sec] == C.validate(raw, check_paths=False)[sec], sec
+
+
+def test_preset_applies_buckets_and_batch(host):
+    cb = TrainCallbacks(host)
+    init, values = _form(cb)
+    arb, yaml_text, *new_values, msg = cb.apply_preset("1024", init["yaml"], init["arb"], *values)
+    assert train_form.parse_arb(arb)["base_res"] == [1024, 1024]
+    assert yaml.safe_load(yaml_text)["arb"]["max_size"] == [1536, 1024]
+    keys = [k for k, _ in train_form.FORM_FIELDS]
+    assert new_values[keys.index("training.batch_size")] == C.preset("1024")["training"]["batch_size"]
+    assert "bp-msg-ok" in msg
+
+
+def test_export_writes_a_loadable_run_yaml(host, tmp_path):
+    cb = TrainCallbacks(host)
+    init, values = _form(cb, run__name="my run/1")
+    path, msg = cb.export_yaml(init["yaml"], "base.safetensors", str(tmp_path / "data"), init["arb"], *values)
+    assert Path(path).name == "my-run-1.yaml"
+    loaded = C.load_config(path)
+    assert loaded["model"]["base"].endswith("base.safetensors")
+    assert loaded["arb"] == C.validate(C.preset("768"), check_paths=False)["arb"]
+
+
+def test_poll_redraws_only_on_change(host, tmp_path):
+    cb = TrainCallbacks(host)
+    first = cb.poll("")
+    assert "No run" in first[0]
+    second = cb.poll(first[-1])
+    assert second[1] is NO_CHANGE and second[2] is NO_CHANGE and second[3] is NO_CHANGE
+    assert second[4] == {"interactive": True} and second[5] == {"interactive": False}
+
+
+def test_poll_shows_the_latest_finished_run(host, tmp_path):
+    run_dir = Path(host.runs_dir()) / "old-run"
+    (run_dir).mkdir()
+    (run_dir / "config.yaml").write_text("{}")
+    w = EventWriter(run_dir, echo="none")
+    w.emit("start", total_steps=2)
+    w.emit("step", step=1, loss=0.5, total_steps=2)
+    w.emit("step", step=2, loss=0.25, total_steps=2)
+    w.emit("done", step=2, reason="finished")
+    w.close()
+    out = TrainCallbacks(host).poll("")
+    assert "Finished" in out[0] and "old-run" in out[0] and "step 2/2" in out[0]
+    assert "<polyline" in out[1]
+
+
+def test_run_view_replay_equals_incremental(tmp_path):
+    """A re-attaching page replays events.jsonl from 0: the same view as following it live."""
+    w = EventWriter(tmp_path, echo="none")
+    live = RunView(str(tmp_path))
+    offset = 0
+    w.emit("start", total_steps=4, run_dir=str(tmp_path))
+    for step in range(1, 5):
+        w.emit("step", step=step, epoch=0, loss=1.0 / step, lr=1e-4, images_per_second=2.0, eta_seconds=4 - step,
+               total_steps=4)
+        events, offset = follow(tmp_path, offset)
+        live.apply(events)
+    w.emit("sample", step=4, path="a.png", prompt="p")
+    w.emit("warning", message="careful")
+    w.emit("done", step=4, reason="stopped")
+    events, offset = follow(tmp_path, offset)
+    live.apply(events)
+    replay = RunView(str(tmp_path))
+    replay.apply(follow(tmp_path, 0)[0])
+    a, b = live.summary(now=0), replay.summary(now=0)
+    assert a == b
+    assert a["status"] == "stopped" and a["step"] == 4 and a["loss"] == 0.25 and a["ips"] == 2.0
+    assert live.losses == [(1.0, 1.0), (2.0, 0.5), (3.0, 1 / 3), (4.0, 0.25)]
+    assert live.sample_gallery() == [("a.png", "step 4: p")]
+    assert "warning: careful" in live.log_text()
+
+
+def test_run_view_error_event():
+    v = RunView("r")
+    v.apply([{"type": "start", "total_steps": 10}, {"type": "error", "message": "CUDA out of memory"}])
+    s = v.summary()
+    assert s["status"] == "error" and s["error"] == "CUDA out of memory" and v.finished
+    html = render.progress_html(s)
+    assert "Failed" in html and "CUDA out of memory" in html
+
+
+def test_progress_html_eta_and_fraction():
+    html = render.progress_html({"status": "running", "step": 25, "total_steps": 100, "eta": 3725, "loss": 0.123,
+                                 "ips": 4.5, "epoch": 1, "total_epochs": 4})
+    assert "width:25.0%" in html and "ETA 1:02:05" in html and "step 25/100" in html and "epoch 1/4" in html
+
+
+def test_line_chart_smoothing_and_bounds():
+    svg = render.line_chart_svg([(i, 10.0 - i) for i in range(10)], title="loss", width=200, height=100)
+    assert svg.count("<polyline") == 2
+    sm = render.smooth([1.0, 1.0, 1.0])
+    assert sm == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected: a constant stays constant
+    assert "no data yet" in render.line_chart_svg([])
+
+
+def test_bar_chart_bars_are_proportional():
+    svg = render.bar_chart_svg([("a", 10), ("b", 5), ("<c>", 0)], width=400, label_width=100)
+    import re
+
+    widths = [float(w) for w in re.findall(r'class="bp-bar" x="\d+" y="\d+" width="([\d.]+)"', svg)]
+    assert len(widths) == 3 and widths[0] == pytest.approx(2 * widths[1]) and widths[2] == 0
+    assert "&lt;c&gt;" in svg and "<c>" not in svg
+
+
+def test_events_follow_json_shape_matches_trainer(tmp_path):
+    """The view reads the trainer's own field names (events.py documents them)."""
+    w = EventWriter(tmp_path, echo="none")
+    w.emit("step", step=3, epoch=1, loss=0.5, lr=1e-5, images_per_second=7.5, eta_seconds=12.0, total_steps=9)
+    v = RunView(str(tmp_path))
+    v.apply(follow(tmp_path, 0)[0])
+    s = v.summary(now=json.loads((tmp_path / "events.jsonl").read_text())["time"])
+    assert (s["step"], s["epoch"], s["total_steps"], s["ips"], s["lr"]) == (3, 1, 9, 7.5, 1e-5)
+    assert s["eta"] == pytest.approx(12.0)
