@@ -165,3 +165,13 @@ def test_python_m_entry_point(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["buckets"][0] == [256, 1024]
+
+
+def test_buckets_off_means_one_base_res_bucket(tmp_path, capsys, demo):
+    cfg = tmp_path / "off.yaml"
+    cfg.write_text("arb:\n  enabled: false\n  base_res: [256, 256]\n")
+    code, out, _ = run_cli(capsys, "buckets", "--config", str(cfg), "--json")
+    assert code == 0 and json.loads(out)["buckets"] == [[256, 256]]
+    code, out, _ = run_cli(capsys, "buckets", "--config", str(cfg), "--dataset", str(demo), "--json")
+    data = json.loads(out)
+    assert data["enabled"] is False and data["buckets"] == [[256, 256]] and data["counts"] == [24]

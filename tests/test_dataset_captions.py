@@ -26,6 +26,7 @@ TAGS = split_tags(CAPTION)
 
 def test_split_tags_strips_and_drops_empties():
     assert split_tags(" a ,b,, c ,") == ["a", "b", "c"]
+    assert split_tags("a, b\nc,\r\nd") == ["a", "b", "c", "d"]  # line breaks separate tags too
 
 
 def test_keep_first_and_shuffle_is_a_permutation():

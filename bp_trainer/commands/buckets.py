@@ -2,8 +2,9 @@
 
 The YAML is a whole run config (its `arb:` block, and `dataset.path` when --dataset is absent; relative paths
 are relative to the YAML's folder) or just an `arb:` block (with or without the `arb:` key).
-JSON output: `buckets` ([w, h] in naifu-diffusion's order), and with a dataset `counts` (per bucket, same order),
-`skipped` ({path, reason, kind}), `crop` (mean/worst cropped area fraction, upscaled images) and more.
+JSON output: `buckets` ([w, h] in naifu-diffusion's order; just base_res when `arb.enabled` is false, as in
+training), and with a dataset `counts` (per bucket, same order), `skipped` ({path, reason, kind}), `crop`
+(mean/worst cropped area fraction, upscaled images) and more.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def compute(args: argparse.Namespace) -> Dict[str, Any]:
     arb = ArbConfig.from_dict(block, source=str(args.config))
     dataset = args.dataset or ds_path
     if not dataset:
-        return {"arb": arb.to_dict(), "enabled": arb.enabled, "buckets": [list(b) for b in generate_buckets(arb)]}
+        buckets = generate_buckets(arb) if arb.enabled else [tuple(arb.base_res)]
+        return {"arb": arb.to_dict(), "enabled": arb.enabled, "buckets": [list(b) for b in buckets]}
     caption_ext = args.caption_ext or ds_section.get("caption_extension") or ".txt"
     scan = scan_dataset(dataset, caption_ext=caption_ext, metadata_file=args.metadata,
                         missing_caption=args.missing_caption)

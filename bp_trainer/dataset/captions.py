@@ -23,8 +23,9 @@ _ESCAPED_BRACKET = re.compile(r"\\([()\[\]])")
 
 
 def split_tags(caption: str, separator: str = ",") -> "list[str]":
-    """Tags of a caption: split on `separator`, stripped, empty ones removed."""
-    return [t.strip() for t in caption.split(separator) if t.strip()]
+    """Tags of a caption: split on `separator` (and line breaks), stripped, empty ones removed."""
+    parts = caption.replace("\r", "\n").replace("\n", separator).split(separator)
+    return [t.strip() for t in parts if t.strip()]
 
 
 def underscores_to_spaces(tag: str) -> str:

@@ -84,12 +84,20 @@ def plan_buckets(
     world_size: int = 1,
     leftover: str = "pool",
 ) -> BucketPlan:
-    """Assign `items` (from `scan_dataset`) to `arb`'s buckets and measure what resizing and cropping will do."""
-    table = bucket_table(arb)
-    buckets = [(w, h) for w, h, _ in table]
-    aspects = [a for _, _, a in table]
+    """Assign `items` (from `scan_dataset`) to `arb`'s buckets and measure what resizing and cropping will do.
+
+    With `arb.enabled` false there is one bucket, `base_res`, as in training.
+    """
     sizes = [(it.width, it.height) for it in items]
-    assignments = assign_buckets(sizes, buckets, rule=rule, aspects=aspects, max_ar_error=arb.max_ar_error) if sizes else []
+    if arb.enabled:
+        table = bucket_table(arb)
+        buckets = [(w, h) for w, h, _ in table]
+        aspects = [a for _, _, a in table]
+        assignments = assign_buckets(sizes, buckets, rule=rule, aspects=aspects, max_ar_error=arb.max_ar_error)
+    else:  # buckets off: every image is resized and cropped to base_res, as the trainer does
+        buckets = [tuple(arb.base_res)]
+        aspects = [arb.base_res[0] / arb.base_res[1]]
+        assignments = [0] * len(sizes)
     nb = len(buckets)
     counts = [0] * nb
     upscaled = [0] * nb
