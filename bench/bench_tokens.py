@@ -8,6 +8,7 @@ made-up romanized names, the kind CLIP splits into many pieces), then times:
 - audit (cold): a fresh tokenizer cache, reading every caption, counting, tokenizing each distinct tag once;
 - audit (warm): the same with the tokenizer cache filled (what the UI sees on a second look);
 - rename dry run of one frequent tag over all captions;
+- replacement suggestions for a mangled tag (cold cache: the dataset's tags are tokenized again);
 - inspect_prompt / token_counter on a 60-tag prompt with a schedule.
 Prints a JSON report (median and min of `--repeat` runs, seconds) and the machine it ran on.
 """
@@ -83,6 +84,7 @@ def main() -> int:
     from bp_trainer.tokens import inspect_prompt, token_counter
     from bp_trainer.tokens.audit import audit_dataset
     from bp_trainer.tokens.rename import plan_rename
+    from bp_trainer.tokens.suggest import suggest_replacements
     from bp_trainer.tokens.tokenizer import TokenizerView
 
     t0 = time.perf_counter()
@@ -101,6 +103,8 @@ def main() -> int:
             "audit_cold": timed(lambda: audit_dataset(root, TokenizerView(tokenizer)), args.repeat),
             "audit_warm": timed(lambda: audit_dataset(root, tokenizer), args.repeat),
             "rename_dry_run": timed(lambda: plan_rename(root, "long_hair", "long hair"), args.repeat),
+            "suggest_cold": timed(lambda: suggest_replacements(root, "sakimichan", TokenizerView(tokenizer)),
+                                  args.repeat),
         }
         prompt = ", ".join(make_tags(60, random.Random(1))[:60]) + ", [day:night:0.5]"
         report["prompt"] = {"tags": 61, "count": token_counter(prompt, tokenizer)[0]}

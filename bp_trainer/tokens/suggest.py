@@ -51,7 +51,8 @@ def suggest_for_counts(tag: str, captions: Iterable[str], tokenizer: Any = None,
     view = TokenizerView.of(tokenizer)
     texts = list(captions)
     counts, n_captions = count_tags(texts)
-    haystack = "\n".join(texts).lower()
+    # A letters-only word cannot span a comma, so "occurs in no caption" = occurs in no distinct tag (far less text).
+    haystack = "\n".join(counts).lower()
     used_ids: set[int] = set()
     for ids in view.encode_many(list(counts)):
         used_ids.update(ids)
@@ -68,7 +69,7 @@ def suggest_for_counts(tag: str, captions: Iterable[str], tokenizer: Any = None,
         word = piece[:-4]
         if not (min_len <= len(word) <= max_len) or not _WORD.match(word):
             continue
-        if token_id in used_ids or word in haystack:
+        if token_id in used_ids:
             continue
         matcher.set_seq1(word)
         similarity = matcher.ratio() if target and matcher.real_quick_ratio() > 0 else 0.0
@@ -78,9 +79,15 @@ def suggest_for_counts(tag: str, captions: Iterable[str], tokenizer: Any = None,
 
     tag_ids = view.encode(tag)
     out: list[dict] = []
+    in_captions = 0
     batch = 64
     for start in range(0, len(pool), batch):
-        group = pool[start:start + batch]
+        group = []
+        for item in pool[start:start + batch]:  # checked lazily: only as far down the ranking as needed
+            if item[2] in haystack:
+                in_captions += 1
+            else:
+                group.append(item)
         words = [w for _, _, w in group]
         alone = view.encode_many(words)
         before_comma = view.encode_many([w + "," for w in words])
@@ -112,6 +119,7 @@ def suggest_for_counts(tag: str, captions: Iterable[str], tokenizer: Any = None,
         "tag_ids": tag_ids,
         "captions": n_captions,
         "candidates_considered": len(pool),
+        "rejected_in_captions": in_captions,
         "suggestions": out,
     }
 
