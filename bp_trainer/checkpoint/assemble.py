@@ -266,39 +266,59 @@ def _recipe(opts: MergeOptions, plan: dict[str, _Ref], notes: list[str]) -> dict
     return {"tool": "bp_trainer merge", "recipe_version": 1, "options": options, "parts": parts, "notes": notes}
 
 
+def _hash_entry(path: str, hashes: "dict[str, str] | None") -> dict[str, Any]:
+    entry: dict[str, Any] = {"file": Path(path).name}
+    if os.path.isfile(path):
+        entry.update({"sha256": hashes["sha256"] if hashes else "0" * 64,
+                      "autov2": hashes["autov2"] if hashes else "0" * 10})
+    else:
+        entry["sha256"] = None  # a diffusers folder
+    return entry
+
+
 def input_hashes(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
     """{role: {"file", "sha256", "autov2"}} for file inputs (hashed in parallel; folders have no hash)."""
-    out: dict[str, dict[str, Any]] = {}
     files = {r: p for r, p in paths.items() if os.path.isfile(p)}
     with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:
         futures = {r: pool.submit(file_hashes, p) for r, p in files.items()}
-        for role, p in paths.items():
-            entry: dict[str, Any] = {"file": Path(p).name}
-            if role in futures:
-                h = futures[role].result()
-                entry.update({"sha256": h["sha256"], "autov2": h["autov2"]})
-            else:
-                entry["sha256"] = None
-            out[role] = entry
-    return out
+        return {r: _hash_entry(p, futures[r].result() if r in futures else None) for r, p in paths.items()}
 
 
 def merge(opts: MergeOptions, out: "str | os.PathLike[str]") -> dict[str, Any]:
-    """Plan, hash the inputs, write `out` atomically. Returns the CLI contract dict."""
+    """Plan, write `out` atomically while the inputs are hashed for the recipe. Returns the CLI contract dict.
+
+    The input hashes (full-file SHA-256, needed in the recipe) are computed on background threads while
+    the tensors stream; the header with the recipe is written last into reserved space (safetensors).
+    """
     from bp_trainer.fsutil import refuse_overwriting_inputs
 
     refuse_overwriting_inputs(out, opts.inputs().values())
     entries, recipe, views = plan_merge(opts)
+    paths = opts.inputs()
+    files = {r: p for r, p in paths.items() if os.path.isfile(p)}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(files))), thread_name_prefix="bp-hash")
     try:
-        recipe["inputs"] = input_hashes(opts.inputs())
-        meta = {"bp_recipe": json.dumps(recipe, sort_keys=True)}
-        meta.update({str(k): str(v) for k, v in opts.extra_metadata.items()})
+        futures = {r: pool.submit(file_hashes, p) for r, p in files.items()}
+        meta = {str(k): str(v) for k, v in opts.extra_metadata.items()}
         base_meta = views[0].metadata
         for k in ("bp_configs", "bp_prediction_type"):
             if k in base_meta:
                 meta.setdefault(k, base_meta[k])
-        result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=opts.inputs().values())
+
+        def recipe_json(final: bool) -> str:
+            full = dict(recipe)
+            full["inputs"] = {r: _hash_entry(p, futures[r].result() if final and r in futures else None)
+                              for r, p in paths.items()}
+            if final:
+                recipe["inputs"] = full["inputs"]
+            return json.dumps(full, sort_keys=True)
+
+        placeholder = json.dumps({"bp_recipe": recipe_json(False)})
+        result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=paths.values(),
+                                  late_metadata=lambda: {"bp_recipe": recipe_json(True)},
+                                  late_reserve=len(placeholder) + 1024)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         for v in views:
             v.close()
     result["recipe"] = recipe

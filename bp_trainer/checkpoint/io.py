@@ -413,12 +413,9 @@ def _dtype_order(e: Entry) -> tuple:
     return (-itemsize(e.dtype), e.key)
 
 
-def write_safetensors_stream(entries: list[Entry], fh, metadata: Mapping[str, str]) -> int:
-    """Write entries to an open binary file (header first, then data in header order). Returns bytes."""
+def _layout(entries: list[Entry]) -> tuple[list[Entry], dict[str, Any], int]:
     entries = sorted(entries, key=_dtype_order)  # larger items first: every tensor stays aligned
     header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for e in entries:
         n = numel(e.shape) * itemsize(e.dtype)
@@ -426,22 +423,68 @@ def write_safetensors_stream(entries: list[Entry], fh, metadata: Mapping[str, st
             raise ValueError(f"duplicate tensor key {e.key}")
         header[e.key] = {"dtype": dtype_name(e.dtype), "shape": list(e.shape), "data_offsets": [offset, offset + n]}
         offset += n
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    fh.write(struct.pack("<Q", len(raw)))
-    fh.write(raw)
-    for e in entries:
+    return entries, header, offset
+
+
+def _header_bytes(header: Mapping[str, Any], metadata: Mapping[str, str], size: "int | None" = None) -> bytes:
+    full: dict[str, Any] = {}
+    if metadata:
+        full["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    full.update(header)
+    raw = json.dumps(full, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    target = len(raw) + (8 - len(raw) % 8) % 8 if size is None else size
+    if len(raw) > target:
+        raise ValueError("metadata larger than the space reserved for it")
+    return raw + b" " * (target - len(raw))  # JSON allows trailing spaces (safetensors pads the same way)
+
+
+def _produced(entries: list[Entry], ahead: int = 2) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """Produce tensors in order, up to `ahead` in advance on worker threads (reads, casts and writes
+    release the GIL, so reading/converting the next tensor overlaps writing this one)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def make(e: Entry) -> torch.Tensor:
         t = e.produce()
         if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
             raise BPError(f"tensor {e.key!r} came out as {t.dtype} {tuple(t.shape)}, "
                           f"expected {e.dtype} {tuple(e.shape)}")
         t = t.detach().to("cpu").contiguous().reshape(-1)
-        if t.dtype == torch.bool:
-            t = t.to(torch.uint8)
+        return t.to(torch.uint8) if t.dtype == torch.bool else t
+
+    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="bp-ckpt-read")
+    queue: deque = deque()
+    it = iter(entries)
+    try:
+        for e in it:
+            queue.append((e, pool.submit(make, e)))
+            if len(queue) > ahead:
+                e0, f0 = queue.popleft()
+                yield e0, f0.result()
+        while queue:
+            e0, f0 = queue.popleft()
+            yield e0, f0.result()
+    finally:
+        for _, f in queue:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
+def _write_data(entries: list[Entry], fh) -> None:
+    for e, t in _produced(entries):
         if t.numel():
             fh.write(memoryview(t.view(torch.uint8).numpy()))
         del t
-    return 8 + len(raw) + offset
+
+
+def write_safetensors_stream(entries: list[Entry], fh, metadata: Mapping[str, str]) -> int:
+    """Write entries to an open binary file (header first, then data in header order). Returns bytes."""
+    entries, header, data_len = _layout(entries)
+    raw = _header_bytes(header, metadata)
+    fh.write(struct.pack("<Q", len(raw)))
+    fh.write(raw)
+    _write_data(entries, fh)
+    return 8 + len(raw) + data_len
 
 
 def write_checkpoint(
@@ -452,6 +495,8 @@ def write_checkpoint(
     precision: "str | None" = None,
     *,
     inputs: Iterable["str | os.PathLike[str] | None"] = (),
+    late_metadata: "Callable[[], Mapping[str, str]] | None" = None,
+    late_reserve: int = 0,
 ) -> dict[str, Any]:
     """Write a checkpoint atomically (temp file in the target folder, fsync, rename).
 
@@ -459,6 +504,10 @@ def write_checkpoint(
     `Entry` (streamed: each produced, written and dropped in turn). `precision` (fp16/bf16/fp32) applies to
     every floating tensor. `.ckpt` output holds `{"state_dict": ...}` (materialised: not streaming).
     Returns {"out", "sha256", "autov2", "old", "tensors", "bytes"}. `inputs` are refused as the output.
+
+    `late_metadata` (safetensors only): metadata known only after the tensors are written (e.g. input
+    hashes computed meanwhile on another thread); `late_reserve` bytes of header space are kept for it
+    and the header is written last. The output is then hashed by reading it back.
     """
     out = Path(out_path)
     refuse_overwriting_inputs(out, inputs)
@@ -470,7 +519,21 @@ def write_checkpoint(
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     try:
         with atomic_path(out) as tmp:
-            if fmt == "safetensors":
+            if fmt == "safetensors" and late_metadata is not None:
+                ordered, header, data_len = _layout(entries)
+                reserved = len(_header_bytes(header, meta)) + int(late_reserve)
+                reserved += (8 - reserved % 8) % 8
+                with open(tmp, "wb") as raw:
+                    raw.seek(8 + reserved)
+                    _write_data(ordered, raw)
+                    final = dict(meta)
+                    final.update({str(k): str(v) for k, v in late_metadata().items()})
+                    raw.seek(0)
+                    raw.write(struct.pack("<Q", reserved))
+                    raw.write(_header_bytes(header, final, reserved))
+                size = 8 + reserved + data_len
+                hashes = file_hashes(tmp)
+            elif fmt == "safetensors":
                 with open(tmp, "wb") as raw:
                     hw = HashingWriter(raw)
                     size = write_safetensors_stream(entries, hw, meta)
@@ -480,6 +543,8 @@ def write_checkpoint(
                 sd = {}
                 for e in entries:
                     sd[e.key] = e.produce()
+                if late_metadata is not None:
+                    meta.update({str(k): str(v) for k, v in late_metadata().items()})
                 torch.save({"state_dict": sd, "bp_trainer_metadata": meta}, tmp)
                 del sd
                 size = os.path.getsize(tmp)

@@ -1,0 +1,157 @@
+"""Benchmark: full-size SD 1.5 fp32 checkpoint -> fp16 .safetensors with a VAE baked in, vs. plainly copying it.
+
+Generates (streamed, random weights) a full-size SD 1.5 fp32 checkpoint with the keys/shapes of the WebUI
+fixture `tests/fixtures/sd15-ldm-keys.json` (~4.3 GB) and an fp32 VAE file (~335 MB), then measures in
+child processes:
+- copy: `shutil.copyfile` of the checkpoint + fsync (the baseline);
+- convert: `python -m bp_trainer merge --base CKPT --vae VAE --precision fp16 --out OUT --json`
+  (includes interpreter/torch start-up, hashing of both inputs for the recipe, and the fsync).
+Wall time and the child's peak resident memory (wait4 ru_maxrss) are recorded; each run is repeated
+(alternating) and the best wall time is kept. The output is verified (fixture keys, every dtype fp16 except
+position_ids, VAE tensors equal the VAE file's, hashes). Generated files are deleted at the end.
+
+    .venv/bin/python bench/bench_checkpoint.py [--dir DIR] [--repeat 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def generate(fixture: dict, ckpt: Path, vae: Path) -> None:
+    import torch
+
+    from bp_trainer.checkpoint.io import Entry, write_checkpoint
+
+    def entries(spec: dict) -> list:
+        out = []
+        for i, (k, v) in enumerate(sorted(spec.items())):
+            shape = tuple(v["shape"])
+            if v["dtype"] == "I64":
+                out.append(Entry(k, torch.int64, shape, lambda s=shape: torch.arange(s[-1]).reshape(s)))
+            else:
+                def make(s=shape, seed=i):
+                    g = torch.Generator().manual_seed(seed)
+                    return torch.randn(s, generator=g, dtype=torch.float32) * 0.02
+                out.append(Entry(k, torch.float32, shape, make))
+        return out
+
+    write_checkpoint(entries(fixture["checkpoint"]), ckpt, {"bench": "sd15-fp32-random"})
+    write_checkpoint(entries(fixture["vae"]), vae, {"bench": "vae-fp32-random"})
+
+
+def run_child(cmd: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({proc.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024, out.decode()
+
+
+def verify(fixture: dict, out: Path, vae: Path, reported: dict) -> None:
+    import torch
+
+    from bp_trainer.checkpoint.hashes import file_hashes
+    from bp_trainer.checkpoint.io import open_file
+
+    with open_file(out) as o, open_file(vae) as v:
+        assert set(o.keys()) == set(fixture["checkpoint"]), "keys differ from the fixture"
+        for k in o.keys():
+            want = torch.int64 if fixture["checkpoint"][k]["dtype"] == "I64" else torch.float16
+            assert o.info(k).dtype == want, k
+            assert list(o.info(k).shape) == fixture["checkpoint"][k]["shape"], k
+        for k in list(v.keys())[::25]:
+            assert torch.equal(o.get("first_stage_model." + k), v.get(k).half()), k
+    h = file_hashes(out)
+    assert all(h[k] == reported[k] for k in h), "reported hashes differ"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "bp-bench-checkpoint"))
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, vae, out, copy = work / "sd15-fp32.safetensors", work / "vae-fp32.safetensors", work / "out-fp16.safetensors", \
+        work / "copy.safetensors"
+    fixture = json.loads((ROOT / "tests" / "fixtures" / "sd15-ldm-keys.json").read_text(encoding="utf-8"))
+    if args.generate_only:
+        generate(fixture, ckpt, vae)
+        return 0
+    try:
+        if not ckpt.exists() or not vae.exists():
+            # in a child process: this process must stay small, because a child's ru_maxrss starts from
+            # its parent's resident size at fork
+            t = time.perf_counter()
+            run_child([sys.executable, __file__, "--dir", str(work), "--generate-only"])
+            print(f"generated inputs in {time.perf_counter() - t:.1f}s", flush=True)
+        size = ckpt.stat().st_size
+        py = sys.executable
+        copy_cmd = [py, "-c", "import os,shutil,sys; shutil.copyfile(sys.argv[1], sys.argv[2]); "
+                    "fd=os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd)", str(ckpt), str(copy)]
+        conv_cmd = [py, "-m", "bp_trainer", "merge", "--base", str(ckpt), "--vae", str(vae), "--precision", "fp16",
+                    "--out", str(out), "--json"]
+        copies, convs = [], []
+        reported = None
+        for i in range(args.repeat):
+            for p in (copy, out):
+                if p.exists():
+                    p.unlink()
+            copies.append(run_child(copy_cmd)[:2])
+            wall, rss, stdout = run_child(conv_cmd)
+            convs.append((wall, rss))
+            reported = json.loads(stdout)
+            print(f"run {i + 1}: copy {copies[-1][0]:.2f}s (rss {copies[-1][1] / 2**20:.0f} MiB), "
+                  f"convert {wall:.2f}s (rss {rss / 2**20:.0f} MiB)", flush=True)
+        verify(fixture, out, vae, reported)
+        copy_t = min(c[0] for c in copies)
+        conv_t = min(c[0] for c in convs)
+        peak = max(c[1] for c in convs)
+        result = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "input_bytes": size,
+            "vae_bytes": vae.stat().st_size,
+            "output_bytes": out.stat().st_size,
+            "copy_s": round(copy_t, 2),
+            "convert_s": round(conv_t, 2),
+            "time_ratio": round(conv_t / copy_t, 3),
+            "peak_rss_bytes": peak,
+            "rss_ratio": round(peak / size, 4),
+            "runs": {"copy": [round(c[0], 2) for c in copies], "convert": [round(c[0], 2) for c in convs],
+                     "convert_rss_mib": [round(c[1] / 2**20) for c in convs]},
+            "verified": True,
+        }
+        print(json.dumps(result, indent=2))
+        ok = result["time_ratio"] <= 1.5 and result["rss_ratio"] < 0.25
+        print("targets (time <= 1.5x copy, RSS < 25% of input):", "met" if ok else "NOT met")
+        return 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
