@@ -139,3 +139,16 @@ def test_cli_infotext_human_and_empty(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "Hires upscaler" in out and "hires Latent x2 at denoising 0.7" in out
     assert cli.main(["infotext", "  "]) == 2
+
+
+def test_cli_accepts_literal_backslash_n_and_stdin(capsys, monkeypatch):
+    import io
+
+    assert cli.main(["infotext", r"1girl\nSteps: 28, Sampler: Euler a, CFG scale: 12, Clip skip: 2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fields"]["Prompt"] == "1girl" and result["preset"]["clip_skip"] == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO(CASES[0]["infotexts"][0]))
+    assert cli.main(["infotext", "-", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fields"]["Negative prompt"] == "lowres, bad anatomy"
+    assert "Hires sampler" in result["fields"] and "Hires sampler" not in result["written"]

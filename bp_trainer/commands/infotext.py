@@ -17,8 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _human(result: Dict[str, Any]) -> str:
-    lines = ["fields:"]
-    fields = result["fields"]
+    lines = ["fields (as written; --json also lists the WebUI's defaults for missing keys):"]
+    fields = {k: v for k, v in result["fields"].items() if k in result["written"]}
     width = max((len(k) for k in fields), default=0)
     for key, value in fields.items():
         lines.append(f"  {key.ljust(width)}  {value}")
@@ -32,16 +32,19 @@ def _human(result: Dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from bp_trainer.cli import emit
     from bp_trainer.errors import BPError
-    from bp_trainer.presets import add_user_preset, parse_infotext, preset_from_infotext
+    from bp_trainer.presets import add_user_preset, parse_infotext, preset_from_infotext, split_infotext
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
         raise BPError("the infotext is empty", hint="pass the text in quotes, or '-' to read standard input")
-    text = text.replace("\\n", "\n") if "\n" not in text and "\\nNegative prompt:" in text else text
+    if "\n" not in text and "\\n" in text:  # a shell argument typed with literal \n line breaks
+        text = text.replace("\\n", "\n")
     fields = parse_infotext(text, skip_fields=[])
+    prompt, negative, written = split_infotext(text)
     preset = preset_from_infotext(text, args.name or "From infotext")
     result: Dict[str, Any] = {
         "fields": fields,
+        "written": ["Prompt", "Negative prompt"] + list(written),
         "preset": {"name": preset.name, **preset.to_dict()},
         "summary": preset.summary(),
     }
