@@ -72,6 +72,8 @@ def messy(tmp_path):
         "anim.webp": _save(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100),
         "anim.png": _save(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=100),
         "bomb.png": _png_header_only(30000, 30000),
+        "badhead.png": png[:16] + b"\x00" * 40,  # PNG signature, then a broken IHDR
+        "gif.png": _save(frames[0], "GIF"),
     }
     for name, data in bad.items():
         (root / name).write_bytes(data)
@@ -100,6 +102,8 @@ def test_scan_reports_every_bad_file_and_keeps_the_good_ones(messy):
         "anim.webp": "animated",
         "anim.png": "animated",
         "bomb.png": "too_large",
+        "badhead.png": "corrupt",
+        "gif.png": "unsupported",
         "nocap.png": "no_caption",
         "badcap.txt": "caption_unreadable",
     }

@@ -169,6 +169,18 @@ def _checked_info(w: int, h: int, fmt: str, frames: int, exif: "Optional[bytes]"
     return ImageInfo(width, height, fmt, orientation)
 
 
+def _signature(head: bytes) -> "Optional[str]":
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:2] == b"BM" and len(head) >= 12:
+        return "BMP"
+    return None
+
+
 def probe_image(
     path: "Union[str, os.PathLike]",
     *,
@@ -188,7 +200,8 @@ def probe_image(
         return ImageProblem("empty", "empty file (0 bytes)")
     try:
         with open(path, "rb") as fh:
-            if fh.read(12)[8:12] == b"WEBP":
+            head = fh.read(12)
+            if head[8:12] == b"WEBP":
                 try:
                     w, h, frames, exif, complete = _webp_header(fh, file_size)
                 except (_NotParsed, OSError):
@@ -205,6 +218,9 @@ def probe_image(
             except Image.DecompressionBombError:
                 return ImageProblem("too_large", "image too large (more pixels than allowed: possible decompression bomb)")
             except Image.UnidentifiedImageError:
+                fmt = _signature(head)
+                if fmt:  # it starts like an image but its header does not parse
+                    return ImageProblem("corrupt", f"corrupt {fmt} header (starts like {fmt}, but Pillow cannot read it)")
                 return ImageProblem("not_image", "not an image Pillow can identify")
             except Exception as exc:
                 return ImageProblem("corrupt", f"corrupt image header ({type(exc).__name__}: {exc})")
