@@ -142,3 +142,24 @@ def test_tags_and_chunks_tile_the_token_stream(clip_tokenizer):
             assert stream[tag["start"]:tag["end"]] == tag["ids"]
         covered = sorted(p for tag in line.tags for p in range(tag["start"], tag["end"]))
         assert len(covered) == len(set(covered))
+
+
+def test_textual_inversion_embeddings_count_as_their_vectors(clip_tokenizer):
+    from bp_trainer.tokens.chunks import EmbeddingUse
+
+    # An embedding that does not fit in the current chunk moves whole to the next one.
+    chunks, count = chunk_segments([seg([1] * 70) + [(EmbeddingUse("e", 8, 5), 1.2)]])
+    assert [(c.start, c.end, c.closed_by) for c in chunks] == [(0, 70, "embedding"), (70, 78, "end")]
+    assert count == 75 + 8 and chunks[1].ids[1:9] == [0] * 8 and chunks[1].multipliers[1:9] == [1.2] * 8
+
+    embeddings = {"EasyNegative": 8}
+    r = inspect_prompt("lowres, (EasyNegative:1.1)", clip_tokenizer, negative=True, embeddings=embeddings)
+    lowres = len(TokenizerView.of(clip_tokenizer).encode("lowres"))
+    assert r["count"] == lowres + 1 + 8
+    neg = r["tags"][1]
+    assert neg["text"] == "EasyNegative" and neg["ids"] == [0] * 8 and neg["embeddings"] == ["EasyNegative"]
+    assert neg["weight"] == pytest.approx(1.1) and neg["pieces"] == ["<EasyNegative>"] * 8
+    assert [c["tag"] for c in r["tokens"]] == [0] * lowres + [None] + [1] * 8
+    # Without the embedding database the name is plain text.
+    assert token_counter("lowres, EasyNegative", clip_tokenizer)[0] == lowres + 1 + len(
+        TokenizerView.of(clip_tokenizer).encode("EasyNegative"))

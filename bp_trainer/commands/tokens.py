@@ -19,6 +19,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backtrack", type=int, default=20, metavar="N",
                         help="the WebUI's 'Prompt word wrap length limit' (comma back-off, default 20; 0 = off)")
     parser.add_argument("--no-emphasis", action="store_true", help="emphasis mode 'None': brackets are plain text")
+    parser.add_argument("--embedding", action="append", default=[], metavar="NAME:VECTORS",
+                        help="a textual-inversion embedding the WebUI would load (repeatable), e.g. EasyNegative:8")
     parser.add_argument("--ids", action="store_true", help="include each chunk's 77 ids and multipliers (JSON)")
     parser.add_argument("--dataset", metavar="DIR", help="audit the tags of every caption in this dataset folder")
     parser.add_argument("--caption-ext", default=".txt", help="caption file extension (default .txt)")
@@ -53,16 +55,34 @@ def run(args: argparse.Namespace) -> int:
         raise BPError("--focus and --pattern apply to --dataset")
     from bp_trainer.tokens.inspect import inspect_prompt
 
+    if args.steps < 1:
+        raise BPError("--steps must be at least 1")
     result = inspect_prompt(args.prompt, steps=args.steps, negative=args.negative, backtrack=args.backtrack,
-                            emphasis=not args.no_emphasis, with_ids=args.ids)
+                            emphasis=not args.no_emphasis, embeddings=_embeddings(args.embedding), with_ids=args.ids)
     emit(result, args.json, _human_prompt)
     return 0
+
+
+def _embeddings(specs: list) -> dict:
+    out = {}
+    for spec in specs:
+        name, sep, vectors = spec.rpartition(":")
+        if not sep or not name or not vectors.isdigit() or int(vectors) < 1:
+            raise BPError(f"--embedding {spec!r} should be NAME:VECTORS", hint="e.g. --embedding EasyNegative:8")
+        out[name] = int(vectors)
+    return out
 
 
 def _pieces(pieces: list) -> str:
     from bp_trainer.tokens.tokenizer import readable_piece
 
-    return "|".join(readable_piece(p).rstrip() for p in pieces)
+    shown: list = []
+    for p in pieces:
+        if p.startswith("<") and p.endswith(">") and shown and shown[-1][0] == p:
+            shown[-1][1] += 1  # an embedding's vectors: one entry "<name>x8"
+        else:
+            shown.append([p, 1])
+    return "|".join(readable_piece(p).rstrip() + (f"x{n}" if n > 1 else "") for p, n in shown)
 
 
 def _human_prompt(r: dict) -> str:

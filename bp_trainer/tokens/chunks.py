@@ -6,15 +6,15 @@ A prompt becomes chunks of 75 tokens (plus BOS and EOS = 77 ids each). A chunk c
 the next chunk, so a tag is not cut in two. The count the WebUI shows is 75 per closed chunk plus the real
 tokens of the last one; the limit is the next multiple of 75.
 
-Pure functions: no tokenizer, no model. Textual-inversion embeddings are not expanded here (their names are
-counted as the text tokens they are written with).
+Pure functions: no tokenizer, no model. A textual-inversion embedding (`EmbeddingUse`, found by the caller)
+takes as many positions as it has vectors and moves whole to the next chunk when it does not fit.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 CHUNK_LENGTH = 75
 COMMA_ID = 267  # ',</w>' in the CLIP ViT-L/14 vocabulary
@@ -22,8 +22,20 @@ BOS_ID = 49406
 EOS_ID = 49407
 DEFAULT_BACKTRACK = 20
 
-# One segment of a parsed prompt: its (token id, weight) pairs, or None for a BREAK.
-Segment = Optional[Sequence[Tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class EmbeddingUse:
+    """A textual-inversion embedding found in the prompt: `vectors` placeholder ids (0) in the chunk, never split
+    across chunks. `first_id` is the first token of its name (the WebUI checks that one for the comma rule)."""
+
+    name: str
+    vectors: int
+    first_id: int
+
+
+# One segment of a parsed prompt: its (token id or EmbeddingUse, weight) pairs, or None for a BREAK.
+Segment = Optional[Sequence[Tuple[Union[int, EmbeddingUse], float]]]
 
 
 @dataclass
@@ -35,7 +47,7 @@ class Chunk:
     end: int
     ids: list = field(repr=False)  # 77 ids: BOS, tokens, EOS padding, EOS
     multipliers: list = field(repr=False)
-    closed_by: str  # "full", "comma" (text after the last comma moved on), "BREAK", "end"
+    closed_by: str  # "full", "comma" (text after the last comma moved on), "BREAK", "embedding" (next one did not fit), "end"
 
     @property
     def count(self) -> int:
@@ -89,6 +101,9 @@ def chunk_segments(segments: Iterable[Segment], *, backtrack: int = DEFAULT_BACK
             close("BREAK")
             continue
         for token, weight in segment:
+            embedding = token if isinstance(token, EmbeddingUse) else None
+            if embedding is not None:
+                token = embedding.first_id
             if token == comma_id:
                 last_comma = len(ids)
             elif (backtrack != 0 and len(ids) == chunk_length and last_comma != -1
@@ -100,8 +115,14 @@ def chunk_segments(segments: Iterable[Segment], *, backtrack: int = DEFAULT_BACK
                 ids, mults = moved_ids, moved_mults
             if len(ids) == chunk_length:
                 close("full")
-            ids.append(token)
-            mults.append(weight)
+            if embedding is None:
+                ids.append(token)
+                mults.append(weight)
+                continue
+            if len(ids) + embedding.vectors > chunk_length:
+                close("embedding")
+            ids.extend([0] * embedding.vectors)
+            mults.extend([weight] * embedding.vectors)
 
     if ids or not chunks:
         close("end", last=True)
@@ -112,5 +133,5 @@ def chunk_dicts(chunks: Sequence[Chunk], with_ids: bool = False) -> list[dict]:
     return [c.to_dict(with_ids) for c in chunks]
 
 
-__all__ = ["Chunk", "chunk_segments", "target_token_count", "chunk_dicts",
+__all__ = ["Chunk", "EmbeddingUse", "chunk_segments", "target_token_count", "chunk_dicts",
            "CHUNK_LENGTH", "COMMA_ID", "BOS_ID", "EOS_ID", "DEFAULT_BACKTRACK"]

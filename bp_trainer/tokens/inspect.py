@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
 from bp_trainer.errors import BPError
 from bp_trainer.tokens.attention import is_break, parse_prompt_attention
-from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, Chunk, chunk_segments, target_token_count
+from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, Chunk, EmbeddingUse, chunk_segments, target_token_count
 from bp_trainer.tokens.schedules import counter_prompts, strip_extra_networks, unique
 from bp_trainer.tokens.tokenizer import TokenizerView, readable_piece
 
@@ -33,6 +33,7 @@ class LineTokens:
     chunks: list  # [Chunk]
     count: int
     tags: list  # [dict]
+    pieces: list  # BPE piece (or "<embedding>") at each position of the token stream
 
     @property
     def limit(self) -> int:
@@ -80,21 +81,58 @@ def _segment_tags(text: str, weight: float, ids: list[int], view: TokenizerView)
     return out
 
 
+def embedding_lookup(view: TokenizerView, embeddings: Optional[Mapping[str, int]]) -> dict[int, list]:
+    """{first token id: [(name ids, name, vectors), ...] longest first}, as the WebUI's EmbeddingDatabase keeps it."""
+    lookup: dict[int, list] = {}
+    if not embeddings:
+        return lookup
+    names = list(embeddings)
+    for name, ids in zip(names, view.encode_many(names)):
+        vectors = int(embeddings[name])
+        if ids and vectors > 0:
+            lookup.setdefault(ids[0], []).append((ids, name, vectors))
+    for first in lookup:
+        lookup[first].sort(key=lambda x: len(x[0]), reverse=True)  # stable: first registered wins a tie
+    return lookup
+
+
+def _with_embeddings(ids: list[int], lookup: dict[int, list]) -> list[Union[int, EmbeddingUse]]:
+    """Token ids with every embedding name replaced by one EmbeddingUse (find_embedding_at_position)."""
+    if not lookup:
+        return list(ids)
+    out: list[Union[int, EmbeddingUse]] = []
+    i = 0
+    while i < len(ids):
+        for name_ids, name, vectors in lookup.get(ids[i], ()):
+            if ids[i:i + len(name_ids)] == name_ids:
+                out.append(EmbeddingUse(name, vectors, ids[i]))
+                i += len(name_ids)
+                break
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_BACKTRACK,
-                  emphasis: bool = True) -> LineTokens:
+                  emphasis: bool = True, embeddings: Optional[Mapping[str, int]] = None) -> LineTokens:
     """Chunks, count and tags of one prompt line (no schedule expansion), as `tokenize_line` in the WebUI.
 
-    `emphasis=False` is the WebUI's emphasis mode "None" (brackets are literal text).
+    `emphasis=False` is the WebUI's emphasis mode "None" (brackets are literal text). `embeddings` maps the
+    textual-inversion embeddings the WebUI has loaded (name -> number of vectors) so that their names count as
+    their vectors, as in the WebUI (an embedding name containing a comma is not recognised).
     """
     view = TokenizerView.of(tokenizer)
+    lookup = embedding_lookup(view, embeddings)
     parsed = _parse(text, emphasis)
     texts = [t for t, w in parsed if not is_break([t, w])]
     seg_ids = iter(view.encode_many(texts))
+    comma_piece = view.pieces([view.comma_id])[0]
 
-    segments: list[Optional[list[tuple[int, float]]]] = []
+    segments: list[Optional[list[tuple[Any, float]]]] = []
+    stream_pieces: list[str] = []
     tags: list[dict] = []
     current: dict | None = None
-    pos = 0
 
     def close_tag() -> None:
         nonlocal current
@@ -108,24 +146,39 @@ def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_
             segments.append(None)
             continue
         ids = next(seg_ids)
-        segments.append([(t, weight) for t in ids])
+        units: list[Union[int, EmbeddingUse]] = []
         for i, (piece_text, piece_ids) in enumerate(_segment_tags(seg_text, weight, ids, view)):
             if i:  # a comma token separates this piece from the previous one
                 close_tag()
-                pos += 1
+                units.append(view.comma_id)
+                stream_pieces.append(comma_piece)
             if current is None:
-                current = {"text": "", "ids": [], "weights": [], "start": pos}
+                current = {"text": "", "ids": [], "pieces": [], "weights": [], "start": len(stream_pieces),
+                           "embeddings": []}
             current["text"] += piece_text
-            current["ids"].extend(piece_ids)
-            current["weights"].extend([weight] * len(piece_ids))
-            pos += len(piece_ids)
+            piece_units = _with_embeddings(piece_ids, lookup)
+            units.extend(piece_units)
+            for u in piece_units:
+                if isinstance(u, EmbeddingUse):
+                    current["ids"].extend([0] * u.vectors)
+                    current["pieces"].extend([f"<{u.name}>"] * u.vectors)
+                    current["weights"].extend([weight] * u.vectors)
+                    current["embeddings"].append(u.name)
+                    stream_pieces.extend([f"<{u.name}>"] * u.vectors)
+                else:
+                    piece = view.pieces([u])[0]
+                    current["ids"].append(u)
+                    current["pieces"].append(piece)
+                    current["weights"].append(weight)
+                    stream_pieces.append(piece)
+        segments.append([(u, weight) for u in units])
     close_tag()
 
     chunks, count = chunk_segments(segments, backtrack=backtrack, comma_id=view.comma_id,
                                    bos_id=view.bos_id, eos_id=view.eos_id)
     for tag in tags:
-        _finish_tag(tag, chunks, view)
-    return LineTokens(text=text, parsed=parsed, chunks=chunks, count=count, tags=tags)
+        _finish_tag(tag, chunks)
+    return LineTokens(text=text, parsed=parsed, chunks=chunks, count=count, tags=tags, pieces=stream_pieces)
 
 
 def _chunk_at(chunks: list[Chunk], position: int) -> int:
@@ -135,11 +188,10 @@ def _chunk_at(chunks: list[Chunk], position: int) -> int:
     return chunks[-1].index if chunks else 0
 
 
-def _finish_tag(tag: dict, chunks: list[Chunk], view: TokenizerView) -> None:
+def _finish_tag(tag: dict, chunks: list[Chunk]) -> None:
     weights = tag["weights"]
     tag["text"] = tag["text"].strip()
     tag["end"] = tag["start"] + len(tag["ids"])
-    tag["pieces"] = view.pieces(tag["ids"])
     if weights:
         counts = Counter(weights)
         top = max(counts.values())
@@ -151,26 +203,29 @@ def _finish_tag(tag: dict, chunks: list[Chunk], view: TokenizerView) -> None:
     tag["crosses_chunk"] = bool(tag["ids"]) and _chunk_at(chunks, tag["end"] - 1) != tag["chunk"]
     order = ["text", "weight", "pieces", "ids", "weights", "mixed_weights", "start", "end", "chunk", "crosses_chunk"]
     items = {k: tag[k] for k in order}
+    if tag["embeddings"]:
+        items["embeddings"] = tag["embeddings"]
     tag.clear()
     tag.update(items)
 
 
 def token_counter(text: str, tokenizer: Any = None, *, steps: int = 20, negative: bool = False,
                   backtrack: int = DEFAULT_BACKTRACK, emphasis: bool = True, hires_steps: int | None = None,
-                  use_old_scheduling: bool = False) -> tuple[int, int]:
+                  use_old_scheduling: bool = False, embeddings: Optional[Mapping[str, int]] = None) -> tuple[int, int]:
     """(count, limit) exactly as the WebUI's prompt box shows them for `steps` sampling steps."""
-    best = max(_variants(text, tokenizer, steps, negative, backtrack, emphasis, hires_steps, use_old_scheduling),
-               key=lambda v: v.count)
+    best = max(_variants(text, tokenizer, steps, negative, hires_steps, use_old_scheduling,
+                         backtrack=backtrack, emphasis=emphasis, embeddings=embeddings), key=lambda v: v.count)
     return best.count, best.limit
 
 
-def _variants(text, tokenizer, steps, negative, backtrack, emphasis, hires_steps, use_old_scheduling) -> list[LineTokens]:
+def _variants(text: str, tokenizer: Any, steps: int, negative: bool, hires_steps: int | None,
+              use_old_scheduling: bool, **line_options: Any) -> list[LineTokens]:
     texts = unique(counter_prompts(text, steps, negative=negative, hires_steps=hires_steps,
                                    use_old_scheduling=use_old_scheduling))
-    return [tokenize_line(t, tokenizer, backtrack=backtrack, emphasis=emphasis) for t in texts]
+    return [tokenize_line(t, tokenizer, **line_options) for t in texts]
 
 
-def token_chips(line: LineTokens, view: TokenizerView) -> list[dict]:
+def token_chips(line: LineTokens) -> list[dict]:
     """One entry per token of the stream, for drawing chips: position, id, BPE piece, display text, weight,
     chunk, and the index of its tag in `tags` (None for the comma tokens between tags)."""
     owner: dict[int, int] = {}
@@ -180,9 +235,9 @@ def token_chips(line: LineTokens, view: TokenizerView) -> list[dict]:
     chips = []
     for c in line.chunks:
         ids = c.ids[1:1 + c.count]
-        pieces = view.pieces(ids)
-        for k, (token, piece) in enumerate(zip(ids, pieces)):
+        for k, token in enumerate(ids):
             pos = c.start + k
+            piece = line.pieces[pos]
             chips.append({"pos": pos, "id": token, "piece": piece, "text": readable_piece(piece),
                           "weight": c.multipliers[1 + k], "chunk": c.index, "tag": owner.get(pos)})
     return chips
@@ -190,16 +245,19 @@ def token_chips(line: LineTokens, view: TokenizerView) -> list[dict]:
 
 def inspect_prompt(text: str, tokenizer: Any = None, *, steps: int = 20, negative: bool = False,
                    backtrack: int = DEFAULT_BACKTRACK, emphasis: bool = True, hires_steps: int | None = None,
-                   use_old_scheduling: bool = False, with_ids: bool = False) -> dict:
+                   use_old_scheduling: bool = False, embeddings: Optional[Mapping[str, int]] = None,
+                   with_ids: bool = False) -> dict:
     """Everything the inspector shows for a prompt, as a JSON-ready dict.
 
     `count`/`limit` are the WebUI's counter (the largest over `AND` parts and schedule variants at `steps`).
     `chunks` and `tags` describe the variant that gives that count (`text`); `variants` lists each distinct
-    text the counter measured with its own count.
+    text the counter measured with its own count. `embeddings`: the WebUI's loaded textual inversions
+    (name -> vectors), see `tokenize_line`.
     """
     if steps < 1:
         raise BPError("steps must be at least 1", hint="pass --steps N with N >= 1")
-    variants = _variants(text, tokenizer, steps, negative, backtrack, emphasis, hires_steps, use_old_scheduling)
+    variants = _variants(text, tokenizer, steps, negative, hires_steps, use_old_scheduling,
+                         backtrack=backtrack, emphasis=emphasis, embeddings=embeddings)
     best = max(variants, key=lambda v: v.count)
     _, networks = strip_extra_networks(text)
     return {
@@ -211,7 +269,7 @@ def inspect_prompt(text: str, tokenizer: Any = None, *, steps: int = 20, negativ
         "text": best.text,
         "chunks": [c.to_dict(with_ids) for c in best.chunks],
         "tags": best.tags,
-        "tokens": token_chips(best, TokenizerView.of(tokenizer)),
+        "tokens": token_chips(best),
         "variants": [{"text": v.text, "count": v.count, "limit": v.limit} for v in variants],
         "extra_networks": networks,
     }
