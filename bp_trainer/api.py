@@ -186,11 +186,40 @@ def infotext(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
     return _jsonable(result)
 
 
-def create_router(host: Any) -> Any:
-    """The FastAPI router of the routes above, bound to `host`."""
-    from fastapi import APIRouter, HTTPException, Request
+def parse_credentials(text: Optional[str]) -> Dict[str, str]:
+    """`user:password[,user2:password2]` (the WebUI's --api-auth format) -> {user: password}."""
+    out: Dict[str, str] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if item:
+            user, _, password = item.partition(":")
+            out[user] = password
+    return out
 
-    router = APIRouter(prefix=PREFIX, tags=["BP Train"])
+
+def create_router(host: Any, *, credentials: Optional[Dict[str, str]] = None) -> Any:
+    """The FastAPI router of the routes above, bound to `host`.
+
+    With `credentials` ({user: password}; the WebUI passes its `--api-auth`), every route needs HTTP Basic auth.
+    """
+    from fastapi import APIRouter, Depends, HTTPException, Request
+
+    dependencies = []
+    if credentials:
+        from secrets import compare_digest
+
+        from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+        basic = HTTPBasic()
+
+        def check_auth(given: HTTPBasicCredentials = Depends(basic)) -> None:
+            expected = credentials.get(given.username)
+            if expected is None or not compare_digest(given.password.encode(), expected.encode()):
+                raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                    headers={"WWW-Authenticate": "Basic"})
+
+        dependencies.append(Depends(check_auth))
+    router = APIRouter(prefix=PREFIX, tags=["BP Train"], dependencies=dependencies)
 
     def call(fn: Any, body: Optional[Dict[str, Any]]) -> Any:
         try:

@@ -163,8 +163,40 @@ def _uses_emphasis(text: str) -> bool:
     return False
 
 
+def _parse_version(text: Any) -> Any:
+    """`infotext_versions.parse_version`: "v1.7.0-225-gabc" -> version 1.7.0.post225; None when unparsable."""
+    if text is None:
+        return None
+    m = re.match(r"([^-]+-[^-]+)-.*", str(text))
+    if m:
+        text = m.group(1)
+    try:
+        from packaging import version
+
+        return version.parse(str(text))
+    except Exception:
+        return None
+
+
+def _backcompat(res: Dict[str, Any]) -> None:
+    """`infotext_versions.backcompat`: flags that make old infotexts reproduce on v1.10.1."""
+    ver = _parse_version(res.get("Version"))
+    if ver is None:
+        return
+    v160, v170_tsnr, v180 = (_parse_version(v) for v in ("v1.6.0", "v1.7.0-225", "v1.8.0"))
+    if ver < v160 and "[" in res.get("Prompt", ""):
+        res["Old prompt editing timelines"] = True
+    if ver < v160 and res.get("Sampler", "") in ("DDIM", "PLMS"):
+        res["Pad conds v0"] = True
+    if ver < v170_tsnr:
+        res["Downcast alphas_cumprod"] = True
+    if ver < v180 and res.get("Refiner"):
+        res["Refiner switch by sampling steps"] = True
+
+
 def parse_infotext(text: str, skip_fields: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Parse an infotext like WebUI v1.10.1's `parse_generation_parameters` (styles are not extracted).
+    """Parse an infotext like WebUI v1.10.1's `parse_generation_parameters` (styles are not extracted:
+    they depend on the user's styles file).
 
     Returns a dict with `Prompt`, `Negative prompt`, every parameter as a string, and the WebUI's
     defaults for missing keys (`Clip skip` "1", `Hires resize-1/2` 0, `Schedule type` "Automatic", ...).
@@ -191,6 +223,7 @@ def parse_infotext(text: str, skip_fields: Optional[List[str]] = None) -> Dict[s
     if "Emphasis" not in res and (_uses_emphasis(prompt) or _uses_emphasis(negative)):
         res["Emphasis"] = "Original"
     res.setdefault("Refiner switch by sampling steps", False)
+    _backcompat(res)
     for key in skip_fields or []:
         res.pop(key, None)
     return res

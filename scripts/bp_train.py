@@ -242,10 +242,12 @@ def on_ui_tabs() -> list:
 
 
 def on_app_started(demo: Any, app: Any) -> None:
-    from bp_trainer.api import create_router
+    from bp_trainer.api import create_router, parse_credentials
 
     host = get_host()
-    app.include_router(create_router(host))
+    # the same users as the WebUI's own API (--api-auth); without it the routes are open like /sdapi/v1
+    credentials = parse_credentials(getattr(shared.cmd_opts, "api_auth", None))
+    app.include_router(create_router(host, credentials=credentials or None))
 
     def reattach() -> None:  # a run that outlived a WebUI restart keeps the GPU
         try:

@@ -152,3 +152,15 @@ def test_cli_accepts_literal_backslash_n_and_stdin(capsys, monkeypatch):
     result = json.loads(capsys.readouterr().out)
     assert result["fields"]["Negative prompt"] == "lowres, bad anatomy"
     assert "Hires sampler" in result["fields"] and "Hires sampler" not in result["written"]
+
+
+def test_old_versions_get_the_webui_backcompat_flags():
+    old = parse_infotext("a [b:c:5]\nSteps: 20, Sampler: DDIM, CFG scale: 7, Version: v1.5.2")
+    assert old["Old prompt editing timelines"] is True and old["Pad conds v0"] is True
+    assert old["Downcast alphas_cumprod"] is True
+    dev = parse_infotext("x\nSteps: 20, Sampler: Euler, CFG scale: 7, Version: v1.7.0-224-g0123abc")
+    assert dev["Downcast alphas_cumprod"] is True  # before the v1.7.0-225 zero-terminal-SNR change
+    new = parse_infotext(CASES[0]["infotexts"][0])
+    assert not any(k in new for k in ("Old prompt editing timelines", "Pad conds v0", "Downcast alphas_cumprod"))
+    forge = parse_infotext("x\nSteps: 20, Sampler: Euler, CFG scale: 7, Version: f2.0.1v1.10.1-previous-669")
+    assert "Downcast alphas_cumprod" not in forge  # not a WebUI version: no flags

@@ -187,3 +187,15 @@ def test_app_started_mounts_the_api(webui):
     assert r.json()["script_name"] == "bp presets"
     assert r.json()["presets_file"] == str(webui.root / "bp-train" / "presets.yaml")
     assert _request(app, "POST", "/bp-train/v1/stop").status_code == 409
+
+
+def test_api_auth_of_the_webui_protects_the_routes(webui):
+    from fastapi import FastAPI
+
+    webui.shared.cmd_opts.api_auth = "alice:s3cret:x,bob:pw"
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)
+    assert _request(app, "GET", "/bp-train/v1/presets").status_code == 401
+    assert _request(app, "GET", "/bp-train/v1/presets", auth=("alice", "wrong")).status_code == 401
+    assert _request(app, "GET", "/bp-train/v1/presets", auth=("alice", "s3cret:x")).status_code == 200
+    assert _request(app, "GET", "/bp-train/v1/presets", auth=("bob", "pw")).status_code == 200

@@ -7,7 +7,7 @@ import types
 from modules import options
 from modules.options import OptionInfo, options_section  # noqa: F401
 
-cmd_opts = argparse.Namespace(ckpt_dir=None, vae_dir=None, freeze_settings=False, skip_install=False,
+cmd_opts = argparse.Namespace(ckpt_dir=None, vae_dir=None, freeze_settings=False, skip_install=False, api_auth=None,
                               api=False, nowebui=False)
 
 options_templates = {}
