@@ -16,6 +16,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="a prompt to inspect (quote it)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps for [a:b:N] schedules (default 20)")
     parser.add_argument("--negative", action="store_true", help="count as a negative prompt (no AND split)")
+    parser.add_argument("--hires-steps", type=int, metavar="N", help="schedules as in a hires-fix pass of N steps")
+    parser.add_argument("--old-scheduling", action="store_true",
+                        help="the WebUI's 'Use old prompt editing timelines' (a value below 1 is a fraction)")
     parser.add_argument("--backtrack", type=int, default=20, metavar="N",
                         help="the WebUI's 'Prompt word wrap length limit' (comma back-off, default 20; 0 = off)")
     parser.add_argument("--no-emphasis", action="store_true", help="emphasis mode 'None': brackets are plain text")
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise BPError("--steps must be at least 1")
     result = inspect_prompt(args.prompt, steps=args.steps, negative=args.negative, backtrack=args.backtrack,
-                            emphasis=not args.no_emphasis, embeddings=_embeddings(args.embedding), with_ids=args.ids)
+                            emphasis=not args.no_emphasis, embeddings=_embeddings(args.embedding), with_ids=args.ids,
+                            hires_steps=args.hires_steps, use_old_scheduling=args.old_scheduling)
     emit(result, args.json, _human_prompt)
     return 0
 
@@ -86,6 +90,8 @@ def _pieces(pieces: list) -> str:
 
 
 def _human_prompt(r: dict) -> str:
+    from bp_trainer.tokens.audit import split_word_count
+
     lines = [f"{r['count']}/{r['limit']} tokens ({'negative' if r['negative'] else 'positive'} prompt, "
              f"{r['steps']} steps), {len(r['chunks'])} chunk(s)"]
     if len(r["variants"]) > 1:
@@ -101,7 +107,7 @@ def _human_prompt(r: dict) -> str:
         for t in tags_by_chunk.get(c["index"], []):
             weight = "" if t["weight"] == 1.0 and not t["mixed_weights"] else f"x{t['weight']:.3g}" + (
                 "*" if t["mixed_weights"] else "")
-            mark = "  !" if len(t["ids"]) >= 3 else ""
+            mark = "  ! word split" if split_word_count(t["pieces"]) else ""
             cross = " (crosses into the next chunk)" if t["crosses_chunk"] else ""
             lines.append(f"  {t['text'][:width]:<{width}} {weight:>7} {len(t['ids']):>2}  {_pieces(t['pieces'])}"
                          f"{mark}{cross}")
