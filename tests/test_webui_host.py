@@ -199,3 +199,33 @@ def test_api_auth_of_the_webui_protects_the_routes(webui):
     assert _request(app, "GET", "/bp-train/v1/presets", auth=("alice", "wrong")).status_code == 401
     assert _request(app, "GET", "/bp-train/v1/presets", auth=("alice", "s3cret:x")).status_code == 200
     assert _request(app, "GET", "/bp-train/v1/presets", auth=("bob", "pw")).status_code == 200
+
+
+def test_reload_ui_during_a_run_still_gives_the_gpu_back(webui):
+    model = webui.sd_models.FakeSdModel()
+    webui.sd_models.model_data.set_sd_model(model, already_loaded=True)
+    old_host = webui.glue["get_host"]()
+    old_host.release_gpu()
+    # "Reload UI": callbacks cleared, scripts/*.py imported again -> a new module and a new host object
+    from tests.webui_stub.harness import REPO
+
+    webui.scripts.load_scripts([str(REPO)])
+    new_glue = webui.script_callbacks.callback_map["callbacks_ui_settings"][0].__globals__
+    assert new_glue is not webui.glue
+    new_host = new_glue["get_host"]()
+    assert new_host is not old_host and new_host.gpu_status()["released"] is True
+    new_host.reclaim_gpu()
+    assert model.device == "cuda" and not webui.call_queue.queue_lock.locked()
+
+
+def test_a_tab_that_fails_to_build_says_why(webui, monkeypatch):
+    import bp_trainer.ui.tab as tab
+
+    def broken(host, **kw):
+        raise RuntimeError("gradio says no")
+
+    monkeypatch.setattr(tab, "build_tab", broken)
+    [(component, title, elem_id)] = webui.script_callbacks.ui_tabs_callback()
+    texts = [getattr(b, "value", "") for b in component.blocks.values()]
+    assert any(isinstance(t, str) and "RuntimeError: gradio says no" in t for t in texts)
+    assert (title, elem_id) == ("BP Train", "bp_train")
