@@ -211,3 +211,31 @@ def test_output_equal_to_input_is_refused(tmp_path):
     with pytest.raises(BPError, match="overwrite"):
         write_checkpoint({"a": torch.zeros(2)}, p, inputs=[p])
     assert p.read_bytes() == before
+
+
+def test_converting_reads_cross_chunk_boundaries(tmp_path):
+    from bp_trainer.checkpoint import io as cio
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(cio._CHUNK // 4 * 2 + 12345, generator=g)  # spans three chunks
+    p = tmp_path / "big.safetensors"
+    save_file({"big": big, "small": big[:7].clone(), "ids": torch.arange(5)}, str(p))
+    with open_file(p) as src:
+        assert torch.equal(src.get_as("big", torch.float16), big.half())
+        assert torch.equal(src.get_as("big", torch.bfloat16), big.to(torch.bfloat16))
+        assert torch.equal(src.get_as("small", torch.float16), big[:7].half())
+        assert src.get_as("ids", torch.float16).dtype == torch.int64
+        assert torch.equal(src.get_as("big", torch.float32), big)
+
+
+def test_checkpoint_modules_do_not_import_diffusers_or_accelerate():
+    """The WebUI process imports these; it has no diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bp_trainer.checkpoint, bp_trainer.checkpoint.assemble, bp_trainer.checkpoint.layout, "
+            "bp_trainer.checkpoint.hashes, bp_trainer.checkpoint.ldm_keys; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'accelerate', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"

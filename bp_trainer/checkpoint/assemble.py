@@ -80,6 +80,12 @@ class _Ref:
     def load(self) -> torch.Tensor:
         return self.fn() if self.fn is not None else self.view.get(self.key)
 
+    def load_as(self, dtype: "torch.dtype | None") -> torch.Tensor:
+        if self.fn is not None:
+            t = self.fn()
+            return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+        return self.view.get_as(self.key, dtype)
+
 
 def _open_view(path: str, role: str) -> MappedSource:
     try:
@@ -244,8 +250,8 @@ def plan_merge(opts: MergeOptions) -> tuple[list[Entry], dict[str, Any], list[Te
         for k in sorted(plan):
             ref = plan[k]
             dtype, shape = ref.info()
-            entries.append(Entry(k, out_dtype(dtype, opts.precision), tuple(shape),
-                                 (lambda ref=ref: cast(ref.load(), opts.precision))))
+            target = out_dtype(dtype, opts.precision)
+            entries.append(Entry(k, target, tuple(shape), (lambda ref=ref, target=target: ref.load_as(target))))
         recipe = _recipe(opts, plan, notes)
         return entries, recipe, views
     except BaseException:

@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +53,8 @@ PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloa
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024
+_CHUNK = 4 * 1024 * 1024  # converting reads: bytes per chunk (cache-sized)
+_scratch = threading.local()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -98,6 +101,11 @@ class TensorSource:
 
     def get(self, key: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def get_as(self, key: str, dtype: "torch.dtype | None" = None) -> torch.Tensor:
+        """The tensor, converted to `dtype` when it is floating (integer tensors are returned as they are)."""
+        t = self.get(key)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
 
     def __contains__(self, key: object) -> bool:
         return key in self._infos
@@ -200,19 +208,46 @@ class SafetensorsSource(TensorSource):
         start, end = (int(x) for x in ent["data_offsets"])
         buf = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < end - start:
-                n = os.preadv(self._fh.fileno(), [view[got:]], self._base + start + got) if hasattr(os, "preadv") else None
-                if n is None:
-                    self._fh.seek(self._base + start + got)
-                    n = self._fh.readinto(view[got:])
-                if not n:
-                    raise BPError(f"truncated .safetensors file while reading tensor {key!r}", path=self.path)
-                got += n
+            self._read_into(memoryview(buf.numpy()), self._base + start, key)
         if info.dtype == torch.bool:
             return buf.to(torch.bool).reshape(info.shape)
         return buf.view(info.dtype).reshape(info.shape)
+
+    def get_as(self, key: str, dtype: "torch.dtype | None" = None) -> torch.Tensor:
+        """Converting reads go chunk by chunk through a small per-thread scratch buffer straight into the
+        output tensor: no full-size temporary, and the conversion runs on cache-resident chunks."""
+        info = self._infos[key]
+        if dtype is None or dtype == info.dtype or not info.dtype.is_floating_point or not dtype.is_floating_point:
+            return self.get(key)
+        out = torch.empty(info.shape, dtype=dtype)
+        flat = out.reshape(-1)
+        size = itemsize(info.dtype)
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None:
+            scratch = _scratch.buf = torch.empty(_CHUNK, dtype=torch.uint8)
+        view = memoryview(scratch.numpy())
+        start = int(self._entries[key]["data_offsets"][0])
+        per = _CHUNK // size
+        n = flat.numel()
+        for i in range(0, n, per):
+            m = min(per, n - i)
+            nbytes = m * size
+            self._read_into(view[:nbytes], self._base + start + i * size, key)
+            flat[i : i + m].copy_(scratch[:nbytes].view(info.dtype))
+        return out
+
+    def _read_into(self, view: memoryview, offset: int, key: str) -> None:
+        got = 0
+        total = len(view)
+        while got < total:
+            if hasattr(os, "preadv"):
+                n = os.preadv(self._fh.fileno(), [view[got:]], offset + got)
+            else:  # Windows
+                self._fh.seek(offset + got)
+                n = self._fh.readinto(view[got:])
+            if not n:
+                raise BPError(f"truncated .safetensors file while reading tensor {key!r}", path=self.path)
+            got += n
 
     def close(self) -> None:
         self._fh.close()
@@ -401,7 +436,7 @@ def _entries_from(tensors: Any, precision) -> list[Entry]:
     if isinstance(tensors, TensorSource):
         src = tensors
         return [Entry(k, out_dtype(src.info(k).dtype, precision), src.info(k).shape,
-                      (lambda k=k: cast(src.get(k), precision))) for k in src.keys()]
+                      (lambda k=k: src.get_as(k, out_dtype(src.info(k).dtype, precision)))) for k in src.keys()]
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     out = []
     for k, t in items:

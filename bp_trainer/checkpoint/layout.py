@@ -128,6 +128,11 @@ class MappedSource(TensorSource):
         t = src.get(k)
         return fn(t) if fn is not None else t
 
+    def get_as(self, key: str, dtype: "torch.dtype | None" = None) -> torch.Tensor:
+        src, k, fn, _ = self._map[key]  # transforms here are reshapes: they commute with a dtype change
+        t = src.get_as(k, dtype)
+        return fn(t) if fn is not None else t
+
     def close(self) -> None:
         self.base.close()
 
