@@ -224,6 +224,9 @@ class RunHandle:
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
             time.sleep(0.2)
+        lock = read_lock(self.run_dir)
+        if lock and int(lock.get("pid", 0)) == self.pid:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # the run has ended: its lock is stale
         return _recorded_exit(self.run_dir)
 
     def stop(self, *, timeout: float = 0.0, force: bool = False) -> Optional[int]:
@@ -244,10 +247,20 @@ class RunHandle:
 
 
 def _recorded_exit(run_dir: Path) -> int:
+    """The exit code recorded by the process that started the run; else from the events (a re-attached
+    run): 0 after `done`, 1 after `error`, -1 when the process vanished without either (killed)."""
     try:
         return int(json.loads((Path(run_dir) / EXIT_FILE).read_text())["exit_code"])
     except (OSError, ValueError, KeyError, TypeError):
-        return -1
+        pass
+    from bp_trainer.train.events import read_all
+
+    final = [e["type"] for e in read_all(run_dir) if e.get("type") in ("start", "done", "error")]
+    if final and final[-1] == "done":
+        return 0
+    if final and final[-1] == "error":
+        return 1
+    return -1
 
 
 def prepare_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None" = None,
