@@ -260,6 +260,17 @@ def on_app_started(demo: Any, app: Any) -> None:
     threading.Thread(target=reattach, name="bp-train-reattach", daemon=True).start()
 
 
+def on_model_loaded(sd_model: Any) -> None:
+    """A model that finishes loading while a run holds the GPU (the WebUI's start-up load runs outside the
+    generation lock) goes to system RAM too; it comes back with the rest when the run ends."""
+    host = get_host()
+    if host.handoff.released:
+        from modules import sd_models
+
+        sd_models.send_model_to_cpu(sd_model)
+
+
 script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(on_app_started)

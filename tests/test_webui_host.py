@@ -229,3 +229,14 @@ def test_a_tab_that_fails_to_build_says_why(webui, monkeypatch):
     texts = [getattr(b, "value", "") for b in component.blocks.values()]
     assert any(isinstance(t, str) and "RuntimeError: gradio says no" in t for t in texts)
     assert (title, elem_id) == ("BP Train", "bp_train")
+
+
+def test_a_model_loading_at_startup_during_a_run_goes_to_ram_too(webui):
+    host = webui.glue["get_host"]()
+    host.release_gpu()  # a run re-attached while the WebUI's start-up model load is still going
+    model = webui.sd_models.load_model()  # the start-up load finishes (outside the generation lock)
+    assert model.device == "cpu" and not webui.script_callbacks.errors
+    host.reclaim_gpu()
+    assert model.device == "cuda"
+    other = webui.sd_models.load_model()  # a load with no run active is left alone
+    assert other.device == "cuda"

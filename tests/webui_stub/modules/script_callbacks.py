@@ -74,5 +74,9 @@ def infotext_pasted_callback(infotext, params):
     _run("infotext_pasted", infotext, params)
 
 
+def model_loaded_callback(sd_model):
+    _run("model_loaded", sd_model)
+
+
 def script_unloaded_callback():
     _run("script_unloaded")

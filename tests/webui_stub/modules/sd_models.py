@@ -98,10 +98,14 @@ model_data = SdModelData()
 
 
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):
+    from modules import script_callbacks
+
     calls.append(("load",))
-    model_data.set_sd_model(FakeSdModel(), already_loaded=True)
+    model = FakeSdModel()
+    model_data.set_sd_model(model, already_loaded=True)
     model_data.was_loaded_at_least_once = True
-    return model_data.sd_model
+    script_callbacks.model_loaded_callback(model)
+    return model
 
 
 def send_model_to_cpu(m):
