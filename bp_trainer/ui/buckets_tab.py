@@ -105,10 +105,11 @@ def build(host: Any, train: Any = None) -> BucketsCallbacks:
                 summary = gr.HTML(elem_id="bp_train_bk_summary")
             with gr.Column(scale=3):
                 chart = gr.HTML(elem_id="bp_train_bk_chart")
-        table = gr.Dataframe(headers=BUCKET_HEADERS, interactive=False, elem_id="bp_train_bk_table", max_rows=40)
+        table = gr.Dataframe(headers=BUCKET_HEADERS, interactive=False, elem_id="bp_train_bk_table",
+                             max_rows=None, height=420, row_count=(0, "dynamic"))
         with gr.Accordion("Skipped images", open=True, elem_id="bp_train_bk_skipped_box"):
             skipped = gr.Dataframe(headers=SKIP_HEADERS, interactive=False, wrap=True, elem_id="bp_train_bk_skipped",
-                                   max_rows=20)
+                                   max_rows=None, height=420, row_count=(0, "dynamic"))
 
     def run(d, a, r, b, e, progress=gr.Progress()):
         return cb.plan(d, a, r, b, e, progress=lambda f, desc: progress(f, desc=desc))

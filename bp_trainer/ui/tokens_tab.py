@@ -155,7 +155,8 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 audit = gr.Button("Audit tags", variant="primary", elem_id="bp_train_tok_audit")
             audit_msg = gr.HTML(elem_id="bp_train_tok_audit_msg")
             table = gr.Dataframe(headers=AUDIT_HEADERS, datatype=["str", "number", "str", "number", "str"],
-                                 interactive=False, wrap=True, elem_id="bp_train_tok_table", max_rows=20)
+                                 interactive=False, wrap=True, elem_id="bp_train_tok_table",
+                                 max_rows=None, height=420, row_count=(0, "dynamic"))
         with gr.Accordion("Rename a tag", open=False, elem_id="bp_train_tok_rename_box"):
             with gr.Row():
                 old = gr.Textbox(label="Tag", elem_id="bp_train_tok_old")
@@ -167,7 +168,8 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 undo = gr.Button("Undo", elem_id="bp_train_tok_undo")
             rename_msg = gr.HTML(elem_id="bp_train_tok_rename_msg")
             changes = gr.Dataframe(headers=RENAME_HEADERS, interactive=False, wrap=True,
-                                   elem_id="bp_train_tok_changes", max_rows=15)
+                                   elem_id="bp_train_tok_changes",
+                                   max_rows=None, height=360, row_count=(0, "dynamic"))
         with gr.Accordion("Suggest single-token replacements", open=False, elem_id="bp_train_tok_suggest_box"):
             with gr.Row():
                 sug_tag = gr.Textbox(label="Mangled tag", elem_id="bp_train_tok_sug_tag", placeholder="by_sakimichan")
@@ -175,7 +177,8 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 suggest = gr.Button("Suggest", elem_id="bp_train_tok_suggest")
             sug_msg = gr.HTML(elem_id="bp_train_tok_sug_msg")
             sug_table = gr.Dataframe(headers=SUGGEST_HEADERS, interactive=False, wrap=True,
-                                     elem_id="bp_train_tok_sug_table", max_rows=15)
+                                     elem_id="bp_train_tok_sug_table",
+                                     max_rows=None, height=360, row_count=(0, "dynamic"))
 
     for event in (prompt.change, steps.change, negative.change):
         event(cb.inspect, [prompt, steps, negative], [chips], show_progress="hidden", queue=False)

@@ -265,55 +265,54 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
     with gr.Column(elem_id="bp_train_train"):
         if not ready:
             _trainer_env_box(gr, cb, env_msg)
-        with gr.Row():
-            dataset = gr.Textbox(label="Dataset folder", value=init["dataset"], elem_id="bp_train_dataset",
-                                 placeholder="/path/to/images (with .txt tag captions)", scale=3)
-            base = gr.Dropdown(label="Base model", choices=cb.checkpoint_choices(), value=init["base"] or None,
-                               allow_custom_value=True, elem_id="bp_train_base", scale=3)
-            refresh = gr.Button("\u21bb", elem_id="bp_train_refresh_models", elem_classes=["bp-icon-btn"],
-                                scale=0, min_width=40)
-        with gr.Row():
-            preset = gr.Radio(label="Resolution preset", choices=[*train_form.PRESET_NAMES, "custom"],
-                              value=init["preset"], elem_id="bp_train_preset")
-        with gr.Row():
-            with gr.Column(scale=2):
-                arb = gr.Code(label="Buckets (naifu-diffusion arb: block, editable)", value=init["arb"],
-                              language="yaml", elem_id="bp_train_arb", lines=9)
-            with gr.Column(scale=3):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, elem_id="bp_train_form"):
+                with gr.Row():
+                    dataset = gr.Textbox(label="Dataset folder", value=init["dataset"], elem_id="bp_train_dataset",
+                                         placeholder="/path/to/images (with .txt tag captions)", scale=3)
+                    base = gr.Dropdown(label="Base model", choices=cb.checkpoint_choices(), value=init["base"] or None,
+                                       allow_custom_value=True, elem_id="bp_train_base", scale=3)
+                    refresh = gr.Button("\u21bb", elem_id="bp_train_refresh_models", elem_classes=["bp-icon-btn"],
+                                        scale=0, min_width=40)
+                with gr.Row():
+                    preset = gr.Radio(label="Resolution preset", choices=[*train_form.PRESET_NAMES, "custom"],
+                                      value=init["preset"], elem_id="bp_train_preset", scale=2)
+                    arb = gr.Code(label="Buckets (naifu-diffusion arb: block, editable)", value=init["arb"],
+                                  language="yaml", elem_id="bp_train_arb", lines=9)
                 fields = []
                 inits = iter(init["values"])
-                with gr.Row():
+                with gr.Row(elem_id="bp_train_options"):
                     for key, label in train_form.FORM_FIELDS:
                         if key.startswith(("sampling.", "run.num_processes")):
                             break
                         fields.append(_widget(gr, key, label, next(inits)))
-        with gr.Accordion("Samples during training", open=False, elem_id="bp_train_sampling_box"):
-            with gr.Row():
-                for key, label in train_form.FORM_FIELDS[len(fields):]:
-                    fields.append(_widget(gr, key, label, next(inits)))
-        with gr.Accordion("Run config (YAML): every option", open=False, elem_id="bp_train_yaml_box"):
-            yaml_box = gr.Code(label="run.yaml", value=init["yaml"], language="yaml", elem_id="bp_train_yaml", lines=24)
-            with gr.Row():
-                yaml_apply = gr.Button("YAML \u2192 form", elem_id="bp_train_yaml_apply")
-                yaml_export = gr.Button("Export YAML", elem_id="bp_train_yaml_export")
-            with gr.Row():
-                yaml_import = gr.File(label="Import a run YAML", file_types=[".yaml", ".yml"], type="file",
-                                      elem_id="bp_train_yaml_import")
-                yaml_file = gr.File(label="Exported YAML", interactive=False, elem_id="bp_train_yaml_file")
-        with gr.Row():
-            start = gr.Button("Start training", variant="primary", elem_id="bp_train_start")
-            stop = gr.Button("Stop", variant="stop", elem_id="bp_train_stop", interactive=False)
-            poll = gr.Button("Refresh", elem_id="bp_train_poll", elem_classes=["bp-small-btn"])
-        message = gr.HTML(elem_id="bp_train_message")
-        progress = gr.HTML(render.progress_html({"status": "idle"}), elem_id="bp_train_progress")
-        with gr.Row():
-            with gr.Column(scale=3):
+                with gr.Accordion("Samples during training, processes", open=False, elem_id="bp_train_sampling_box"):
+                    with gr.Row():
+                        for key, label in train_form.FORM_FIELDS[len(fields):]:
+                            fields.append(_widget(gr, key, label, next(inits)))
+                with gr.Accordion("Run config (YAML): every option", open=False, elem_id="bp_train_yaml_box"):
+                    yaml_box = gr.Code(label="run.yaml", value=init["yaml"], language="yaml", elem_id="bp_train_yaml",
+                                       lines=24)
+                    with gr.Row():
+                        yaml_apply = gr.Button("YAML \u2192 form", elem_id="bp_train_yaml_apply")
+                        yaml_export = gr.Button("Export YAML", elem_id="bp_train_yaml_export")
+                    with gr.Row():
+                        yaml_import = gr.File(label="Import a run YAML", file_types=[".yaml", ".yml"], type="file",
+                                              elem_id="bp_train_yaml_import")
+                        yaml_file = gr.File(label="Exported YAML", interactive=False, elem_id="bp_train_yaml_file")
+            with gr.Column(scale=4, elem_id="bp_train_run_panel"):
+                with gr.Row():
+                    start = gr.Button("Start training", variant="primary", elem_id="bp_train_start")
+                    stop = gr.Button("Stop", variant="stop", elem_id="bp_train_stop", interactive=False)
+                    poll = gr.Button("Refresh", elem_id="bp_train_poll", elem_classes=["bp-small-btn"], scale=0,
+                                     min_width=90)
+                message = gr.HTML(elem_id="bp_train_message")
+                progress = gr.HTML(render.progress_html({"status": "idle"}), elem_id="bp_train_progress")
                 loss = gr.HTML(render.line_chart_svg([], title="loss"), elem_id="bp_train_loss")
-            with gr.Column(scale=2):
-                samples = gr.Gallery(label="Latest samples", elem_id="bp_train_samples", columns=4, height=260,
+                samples = gr.Gallery(label="Latest samples", elem_id="bp_train_samples", columns=4, height=220,
                                      object_fit="contain")
-        log = gr.Textbox(label="Log", lines=8, max_lines=16, interactive=False, elem_id="bp_train_log",
-                         elem_classes=["bp-log"])
+                log = gr.Textbox(label="Log", lines=8, max_lines=14, interactive=False, elem_id="bp_train_log",
+                                 elem_classes=["bp-log"])
         version = gr.State("")
 
     cb.initial_values = init
