@@ -52,8 +52,8 @@ def generate(fixture: dict, ckpt: Path, vae: Path) -> None:
     write_checkpoint(entries(fixture["vae"]), vae, {"bench": "vae-fp32-random"})
 
 
-def run_child(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of a child process."""
+def run_child(cmd: list[str]) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS bytes, stdout, CPU seconds user+system) of a child process."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
@@ -64,7 +64,7 @@ def run_child(cmd: list[str]) -> tuple[float, int, str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out.decode()
+    return wall, usage.ru_maxrss * 1024, out.decode(), usage.ru_utime + usage.ru_stime
 
 
 def verify(fixture: dict, out: Path, vae: Path, reported: dict) -> None:
@@ -119,12 +119,14 @@ def main() -> int:
             for p in (copy, out):
                 if p.exists():
                     p.unlink()
-            copies.append(run_child(copy_cmd)[:2])
-            wall, rss, stdout = run_child(conv_cmd)
-            convs.append((wall, rss))
+            load = os.getloadavg()[0]
+            c_wall, c_rss, _, c_cpu = run_child(copy_cmd)
+            copies.append((c_wall, c_rss, c_cpu))
+            wall, rss, stdout, cpu = run_child(conv_cmd)
+            convs.append((wall, rss, cpu))
             reported = json.loads(stdout)
-            print(f"run {i + 1}: copy {copies[-1][0]:.2f}s (rss {copies[-1][1] / 2**20:.0f} MiB), "
-                  f"convert {wall:.2f}s (rss {rss / 2**20:.0f} MiB)", flush=True)
+            print(f"run {i + 1} (load {load:.1f}): copy {c_wall:.2f}s wall {c_cpu:.2f}s cpu (rss {c_rss / 2**20:.0f} MiB), "
+                  f"convert {wall:.2f}s wall {cpu:.2f}s cpu (rss {rss / 2**20:.0f} MiB)", flush=True)
         verify(fixture, out, vae, reported)
         copy_t = min(c[0] for c in copies)
         conv_t = min(c[0] for c in convs)
@@ -140,7 +142,10 @@ def main() -> int:
             "time_ratio": round(conv_t / copy_t, 3),
             "peak_rss_bytes": peak,
             "rss_ratio": round(peak / size, 4),
+            "copy_cpu_s": round(min(c[2] for c in copies), 2),
+            "convert_cpu_s": round(min(c[2] for c in convs), 2),
             "runs": {"copy": [round(c[0], 2) for c in copies], "convert": [round(c[0], 2) for c in convs],
+                     "copy_cpu": [round(c[2], 2) for c in copies], "convert_cpu": [round(c[2], 2) for c in convs],
                      "convert_rss_mib": [round(c[1] / 2**20) for c in convs]},
             "verified": True,
         }

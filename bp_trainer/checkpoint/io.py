@@ -201,6 +201,7 @@ class SafetensorsSource(TensorSource):
         self._entries = header
         self._infos = {k: TensorInfo(DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"])) for k, e in header.items()}
         self._fh = open(self.path, "rb")
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> torch.Tensor:
         ent = self._entries[key]
@@ -242,9 +243,10 @@ class SafetensorsSource(TensorSource):
         while got < total:
             if hasattr(os, "preadv"):
                 n = os.preadv(self._fh.fileno(), [view[got:]], offset + got)
-            else:  # Windows
-                self._fh.seek(offset + got)
-                n = self._fh.readinto(view[got:])
+            else:  # Windows: no positioned reads; the prefetch threads share the handle
+                with self._lock:
+                    self._fh.seek(offset + got)
+                    n = self._fh.readinto(view[got:])
             if not n:
                 raise BPError(f"truncated .safetensors file while reading tensor {key!r}", path=self.path)
             got += n
