@@ -25,6 +25,20 @@ from typing import Any, Callable, Optional
 from bp_trainer.errors import BPError
 
 
+class _Attempt:
+    """One lend of the GPU: its holder thread and what happened (never reused, never reset)."""
+
+    def __init__(self) -> None:
+        self.thread: Optional[threading.Thread] = None
+        self.ready = threading.Event()  # set when lent, when unloading failed, or when the attempt ended
+        self.done = threading.Event()  # set by reclaim(): give the GPU back
+        self.cancelled = False  # release() gave up waiting for the lock
+        self.lent = False  # the lock is held and the model is off the GPU
+        self.finished = False
+        self.error: Optional[BaseException] = None
+        self.since: Optional[float] = None
+
+
 class GpuHandoff:
     def __init__(self, lock: Any, unload: Callable[[], None], reload: Callable[[], None],
                  log: Callable[[str], None] = lambda msg: print(f"BP Train: {msg}", flush=True)):
@@ -33,82 +47,85 @@ class GpuHandoff:
         self.reload = reload
         self.log = log
         self._mutex = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-        self._ready = threading.Event()
-        self._done = threading.Event()
-        self._cancelled = False
-        self._error: Optional[BaseException] = None
-        self.released_at: Optional[float] = None
+        self._attempt: Optional[_Attempt] = None
 
     @property
     def released(self) -> bool:
         """True while the GPU is lent out (the lock is held and the model is off the GPU)."""
-        return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
+        a = self._attempt
+        return a is not None and a.lent
 
     @property
     def pending(self) -> bool:
         """True while waiting for generation to finish before the GPU can be lent."""
-        t = self._thread
-        return t is not None and t.is_alive() and not self._ready.is_set()
+        a = self._attempt
+        return a is not None and not a.lent and not a.finished and not a.cancelled
+
+    @property
+    def released_at(self) -> Optional[float]:
+        a = self._attempt
+        return a.since if a is not None and a.lent else None
 
     def release(self, timeout: Optional[float] = 600.0) -> None:
         """Take the generation lock and move the model off the GPU; returns when done.
 
-        Raises BPError when the lock is not obtained within `timeout` seconds (generation still busy).
+        Raises BPError when the lock is not obtained within `timeout` seconds (generation still busy), or when
+        the model cannot be moved.
         """
         with self._mutex:
-            if self._thread is not None and self._thread.is_alive():
-                if self._ready.is_set():
+            a = self._attempt
+            if a is not None and not a.finished:
+                if a.lent:
                     return  # already lent
-                # an earlier attempt still waits for the lock (maybe timed out and cancelled): take it over
-                self._cancelled = False
-                self._done.clear()
-                thread = self._thread
+                a.cancelled = False  # an earlier attempt still waits for the lock (maybe timed out): take it over
             else:
-                self._ready.clear()
-                self._done.clear()
-                self._cancelled = False
-                self._error = None
-                thread = self._thread = threading.Thread(target=self._hold, name="bp-train-gpu-handoff", daemon=True)
-                thread.start()
-        if not self._ready.wait(timeout):
+                a = self._attempt = _Attempt()
+                a.thread = threading.Thread(target=self._hold, args=(a,), name="bp-train-gpu-handoff", daemon=True)
+                a.thread.start()
+        if not a.ready.wait(timeout):
             with self._mutex:
-                if not self._ready.is_set():
-                    self._cancelled = True
-                    self._done.set()
-            if not self._ready.is_set():
+                if not a.ready.is_set():
+                    a.cancelled = True  # the holder lets go as soon as it gets the lock
+            if not a.ready.is_set():
                 raise BPError(f"the WebUI is still busy generating after {timeout:g} s",
                               hint="start training again when the current generation has finished")
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise BPError(f"could not move the WebUI's model off the GPU: {error}",
-                          hint="unload it in Settings > Actions, or restart the WebUI") from error
+        if a.error is not None:
+            raise BPError(f"could not move the WebUI's model off the GPU: {a.error}",
+                          hint="unload it in Settings > Actions, or restart the WebUI") from a.error
+        if not a.lent:
+            raise BPError("handing the GPU to the training run was cancelled", hint="start training again")
 
     def reclaim(self, timeout: Optional[float] = 600.0) -> None:
-        """Move the model back to the GPU and let generation run again (no-op when not lent)."""
+        """Move the model back to the GPU and let generation run again (no-op when not lent; a release that
+        still waits for the lock is cancelled)."""
         with self._mutex:
-            thread = self._thread
-            self._done.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            a = self._attempt
+            if a is None or a.finished:
+                return
+            if not a.lent:
+                a.cancelled = True
+                return
+            a.done.set()
+        if a.thread is not None and a.thread is not threading.current_thread():
+            a.thread.join(timeout)
 
-    def _hold(self) -> None:
+    def _hold(self, a: _Attempt) -> None:
         self.lock.acquire()
         try:
             with self._mutex:
-                if self._cancelled:
-                    self._thread = None  # a later release() starts a fresh attempt
+                if a.cancelled:
                     return
             try:
                 self.unload()
-            except BaseException as exc:  # report to release(); hand the lock straight back
-                self._error = exc
-                self._ready.set()
+            except BaseException as exc:  # reported by release(); the lock goes straight back
+                a.error = exc
                 return
-            self.released_at = time.time()
+            with self._mutex:
+                a.lent = True
+                a.since = time.time()
             self.log("the WebUI's model is off the GPU; generation waits until the training run ends")
-            self._ready.set()
-            self._done.wait()
+            a.ready.set()
+            a.done.wait()
             try:
                 self.reload()
                 self.log("the WebUI's model is back on the GPU")
@@ -116,11 +133,12 @@ class GpuHandoff:
                 self.log(f"could not move the model back to the GPU ({exc}); use Settings > Actions > "
                          "'Load SD checkpoint to VRAM from RAM'")
         finally:
-            with self._mutex:  # forget this attempt before letting go, so a new release() starts afresh
-                if self._thread is threading.current_thread():
-                    self._thread = None
-                    self._ready.clear()
-                    self.released_at = None
+            with self._mutex:  # end this attempt before letting go, so a new release() starts afresh
+                a.lent = False
+                a.finished = True
+                if self._attempt is a:
+                    self._attempt = None
+            a.ready.set()
             self.lock.release()
 
 

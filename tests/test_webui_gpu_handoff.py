@@ -49,3 +49,41 @@ def test_reload_failure_still_frees_the_lock():
     h.release()
     h.reclaim()
     assert not lock.locked() and any("device lost" in m for m in messages)
+
+
+def test_reclaim_while_waiting_for_the_lock_cancels_without_unloading():
+    lock = threading.Lock()
+    events = []
+    h = GpuHandoff(lock, lambda: events.append("unload"), lambda: events.append("reload"), log=lambda m: None)
+    lock.acquire()  # a generation is running
+    with pytest.raises(BPError, match="still busy"):
+        h.release(timeout=0.1)
+    assert h.pending is False  # the timed-out attempt is cancelled
+    h.reclaim()  # nothing lent: no-op
+    lock.release()
+    assert lock.acquire(timeout=5)  # the cancelled holder took the lock and gave it straight back
+    lock.release()
+    assert events == [] and not h.released
+
+
+def test_many_release_reclaim_cycles_never_leak_the_lock():
+    lock = threading.Lock()
+    count = {"unload": 0, "reload": 0}
+
+    def unload():
+        count["unload"] += 1
+
+    def reload():
+        count["reload"] += 1
+
+    h = GpuHandoff(lock, unload, reload, log=lambda m: None)
+    for _ in range(50):
+        h.release()
+        assert h.released and lock.locked()
+        t = threading.Thread(target=h.reclaim)
+        t.start()
+        t.join(10)
+        assert not h.released
+    assert count == {"unload": 50, "reload": 50}
+    assert lock.acquire(timeout=5)
+    lock.release()
