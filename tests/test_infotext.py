@@ -164,3 +164,9 @@ def test_old_versions_get_the_webui_backcompat_flags():
     assert not any(k in new for k in ("Old prompt editing timelines", "Pad conds v0", "Downcast alphas_cumprod"))
     forge = parse_infotext("x\nSteps: 20, Sampler: Euler, CFG scale: 7, Version: f2.0.1v1.10.1-previous-669")
     assert "Downcast alphas_cumprod" not in forge  # not a WebUI version: no flags
+
+
+def test_cli_save_needs_a_name(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert cli.main(["infotext", CASES[1]["infotexts"][0], "--save", str(out)]) == 2
+    assert "--name" in capsys.readouterr().err and not out.exists()

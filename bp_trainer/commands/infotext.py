@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         "summary": preset.summary(),
     }
     if args.save:
+        if not args.name and "BP preset" not in written:
+            raise BPError("--save needs --name NAME (the infotext names no BP preset)")
         add_user_preset(args.save, preset, replace=args.replace)
         result["saved_to"] = args.save
     emit(result, args.json, _human)
