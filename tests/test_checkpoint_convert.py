@@ -236,3 +236,35 @@ def test_unknown_layout_is_an_error(tmp_path, capsys):
     save_file({"lora_unet_down.alpha": torch.ones(1)}, str(p))
     assert main(["convert", str(p), "--to", "diffusers", "--out", str(tmp_path / "o")]) == 2
     assert "unknown model layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("part,kind,layout", [
+    ("unet", "unet", "ldm"),
+    ("ema", "unet", "ldm"),
+    ("vae", "vae", "ldm"),
+    ("text", "text_encoder", "ldm"),
+    ("diffusers-unet", "unet", "diffusers"),
+    ("diffusers-vae", "vae", "diffusers"),
+    ("transformers-text", "text_encoder", "transformers"),
+])
+def test_inspect_recognises_each_kind_of_part(demo, tiny_components, tmp_path, part, kind, layout):
+    from safetensors.torch import load_file, save_file
+
+    full = load_file(str(demo / "tiny-sd.safetensors"))
+    pick = {
+        "unet": lambda: {k: v for k, v in full.items() if k.startswith(lk.UNET_PREFIX)},
+        "ema": lambda: {k: v for k, v in full.items() if k.startswith(lk.EMA_PREFIX)},
+        "vae": lambda: {k: v for k, v in full.items() if k.startswith(lk.VAE_PREFIX)},
+        "text": lambda: {k: v for k, v in full.items() if k.startswith("cond_stage_model.")},
+        "diffusers-unet": lambda: tiny_components["unet"].state_dict(),
+        "diffusers-vae": lambda: tiny_components["vae"].state_dict(),
+        "transformers-text": lambda: tiny_components["text_encoder"].state_dict(),
+    }[part]()
+    p = tmp_path / f"{part}.safetensors"
+    save_file({k: v.contiguous() for k, v in pick.items()}, str(p))
+    with open_file(p) as src:
+        rep = describe(src)
+    assert (rep["kind"], rep["layout"], rep["arch"]) == (kind, layout, "sd1")
+    assert rep["has_ema"] == (part == "ema")
+    assert rep["tensors"] == len(pick)
+    assert rep["parameters"] == sum(v.numel() for v in pick.values())

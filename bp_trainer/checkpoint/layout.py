@@ -60,7 +60,7 @@ def detect_layout(shapes: Mapping[str, tuple]) -> tuple[str, str]:
 
 def _context_dim(shapes: Mapping[str, tuple]) -> "int | None":
     for k, s in shapes.items():
-        if k.endswith("attn2.to_k.weight") and len(s) == 2:
+        if k.endswith(("attn2.to_k.weight", "attn2to_kweight")) and len(s) == 2:  # EMA names lose their dots
             return int(s[1])
     return None
 
@@ -81,7 +81,7 @@ def detect_arch(shapes: Mapping[str, tuple], layout: str) -> str:
         if k.endswith("token_embedding.weight") and len(s) == 2:
             return {1024: "sd2", 1280: "sdxl"}.get(int(s[1]), "sd1")
     if _has(keys, "model.", "first_stage_model.", "encoder.", "decoder.", "down_blocks.", "input_blocks.",
-            "cond_stage_model.", "diffusion_model."):
+            "cond_stage_model.", "diffusion_model.", "model_ema."):
         return "sd1"
     return "unknown"
 
