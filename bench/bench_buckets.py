@@ -7,7 +7,9 @@ pool of a few hundred real encoded images (PNG, JPEG, WebP; 256-2048 px sides, f
 copied under distinct names. Then times, best of --repeat, warm page cache:
 
 - `walk`: listing the folder tree (what any scan pays);
-- `bare_header_loop`: `PIL.Image.open(path).size` for every image file, nothing else (the floor);
+- `raw_open_read_64_bytes`: open each image file and read 64 bytes (the I/O floor);
+- `bare_header_loop`: `PIL.Image.open(path).size` for every image file, nothing else (the library floor),
+  also split into PNG+JPEG and WebP, next to `probe_image` (header + EXIF + completeness check) on the same files;
 - `scan`: `scan_dataset` (header, EXIF orientation, end-of-file completeness check, caption read);
 - `plan`: `plan_buckets` on the scan result (assignment, crop and upscale figures);
 - `scan_plus_plan`: both, i.e. `python -m bp_trainer buckets` minus interpreter start-up.
@@ -93,6 +95,20 @@ def bare_header_loop(paths):
     return n
 
 
+def raw_read_loop(paths):
+    n = 0
+    for p in paths:
+        with open(p, "rb") as fh:
+            n += len(fh.read(64))
+    return n
+
+
+def probe_loop(paths):
+    from bp_trainer.dataset.images import probe_image
+
+    return sum(1 for p in paths if not hasattr(probe_image(p), "kind"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=100_000)
@@ -108,6 +124,13 @@ def main() -> int:
     walk_s, files = timed(lambda: [p for p in _walk(str(root))], args.repeat)
     images = [p for p in files if p.endswith((".png", ".jpg", ".webp"))]
     bare_s, _ = timed(lambda: bare_header_loop(images), args.repeat)
+    raw_s, _ = timed(lambda: raw_read_loop(images), args.repeat)
+    png_jpg = [p for p in images if not p.endswith(".webp")]
+    webp = [p for p in images if p.endswith(".webp")]
+    bare_pj_s, _ = timed(lambda: bare_header_loop(png_jpg), args.repeat)
+    probe_pj_s, _ = timed(lambda: probe_loop(png_jpg), args.repeat)
+    bare_w_s, _ = timed(lambda: bare_header_loop(webp), args.repeat)
+    probe_w_s, _ = timed(lambda: probe_loop(webp), args.repeat)
     scan_s, scan = timed(lambda: scan_dataset(root), args.repeat)
     plan_s, plan = timed(lambda: plan_buckets(scan.items, arb, problems=scan.problems, batch_size=8), args.repeat)
     n = len(scan.items)
@@ -120,6 +143,14 @@ def main() -> int:
         "walk_s": round(walk_s, 3),
         "bare_header_loop_s": round(bare_s, 3),
         "bare_header_loop_images_per_s": round(len(images) / bare_s),
+        "raw_open_read_64_bytes_s": round(raw_s, 3),
+        "png_jpg_images": len(png_jpg),
+        "png_jpg_bare_header_loop_s": round(bare_pj_s, 3),
+        "png_jpg_probe_image_s": round(probe_pj_s, 3),
+        "png_jpg_probe_over_bare": round(probe_pj_s / bare_pj_s, 2),
+        "webp_images": len(webp),
+        "webp_bare_header_loop_s": round(bare_w_s, 3),
+        "webp_probe_image_s": round(probe_w_s, 3),
         "scan_s": round(scan_s, 3),
         "plan_s": round(plan_s, 3),
         "scan_plus_plan_s": round(scan_s + plan_s, 3),
