@@ -268,3 +268,58 @@ def test_inspect_recognises_each_kind_of_part(demo, tiny_components, tmp_path, p
     assert rep["has_ema"] == (part == "ema")
     assert rep["tensors"] == len(pick)
     assert rep["parameters"] == sum(v.numel() for v in pick.values())
+
+
+def _openclip_keys(te_sd: dict) -> dict:
+    """transformers CLIPTextModel weights written in SD 2.x's OpenCLIP layout (test-side, independent of the code)."""
+    sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in te_sd.items()}
+    p = "cond_stage_model.model."
+    out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           p + "positional_embedding": sd["embeddings.position_embedding.weight"],
+           p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"]}
+    i = 0
+    while f"encoder.layers.{i}.layer_norm1.weight" in sd:
+        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
+        for w in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{w}"] = torch.cat([sd[src + f"self_attn.{x}_proj.{w}"] for x in "qkv"])
+            out[dst + f"attn.out_proj.{w}"] = sd[src + f"self_attn.out_proj.{w}"]
+            out[dst + f"ln_1.{w}"] = sd[src + f"layer_norm1.{w}"]
+            out[dst + f"ln_2.{w}"] = sd[src + f"layer_norm2.{w}"]
+            out[dst + f"mlp.c_fc.{w}"] = sd[src + f"mlp.fc1.{w}"]
+            out[dst + f"mlp.c_proj.{w}"] = sd[src + f"mlp.fc2.{w}"]
+        i += 1
+    return out
+
+
+def test_sd2_openclip_single_file_loads_with_v_prediction(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bp_trainer.tiny_model import UNET_CONFIG, build_vae
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "cross_attention_dim": 64, "use_linear_projection": True})
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu"))
+    vae = build_vae(3)
+    sd = lk.diffusers_to_ldm(unet.state_dict(), vae.state_dict())
+    sd.update(_openclip_keys(te.state_dict()))
+    p = tmp_path / "sd2.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+    with open_file(p) as src:
+        rep = describe(src)
+    assert (rep["kind"], rep["arch"], rep["prediction"]) == ("checkpoint", "sd2", "unknown")
+    comps = load_diffusers_components(p)
+    assert comps["scheduler"].config.prediction_type == "v_prediction"  # SD 2.x 768-v unless told otherwise
+    assert comps["unet"].config.use_linear_projection is True
+    want = te.state_dict()
+    got = comps["text_encoder"].state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want if not k.endswith("position_ids"))
+    assert all(torch.equal(comps["unet"].state_dict()[k], v) for k, v in unet.state_dict().items())
+    # the 512-base (global_step 875000 in a .ckpt) is epsilon, as diffusers decides
+    ck = tmp_path / "sd2-base.ckpt"
+    torch.save({"state_dict": sd, "global_step": 875000}, ck)
+    assert load_diffusers_components(ck)["scheduler"].config.prediction_type == "epsilon"
+    assert load_diffusers_components(ck, prediction_type="v_prediction")["scheduler"].config.prediction_type == \
+        "v_prediction"

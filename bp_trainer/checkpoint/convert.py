@@ -119,6 +119,28 @@ def infer_text_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
     }
 
 
+def infer_openclip_config(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    """CLIPTextModel config for an SD 2.x OpenCLIP text encoder (`cond_stage_model.model.*`) from its shapes.
+
+    SD 2.x uses the penultimate layer: a 24-block OpenCLIP-H becomes a 23-layer CLIPTextModel (diffusers
+    ignores block 23); other depths are taken whole."""
+    s = _sub(shapes, "cond_stage_model.model.")
+    try:
+        vocab, hidden = (int(x) for x in s["token_embedding.weight"])
+        blocks = 1 + max(int(k.split(".")[2]) for k in s if k.startswith("transformer.resblocks."))
+        inter = int(s["transformer.resblocks.0.mlp.c_fc.weight"][0])
+        positions = int(s["positional_embedding"][0])
+    except (KeyError, ValueError) as exc:
+        raise BPError(f"cannot infer the OpenCLIP text encoder structure (missing {exc})") from None
+    proj = s.get("text_projection")
+    return {
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": blocks - 1 if blocks == 24 else blocks,
+        "num_attention_heads": max(1, hidden // 64), "max_position_embeddings": positions, "hidden_act": "gelu",
+        "projection_dim": int(proj[1]) if proj else hidden, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    }
+
+
 def _struct(cfg: Mapping[str, Any], keys) -> tuple:
     return tuple(json.dumps(cfg.get(k), sort_keys=True) for k in keys)
 
@@ -155,7 +177,10 @@ def model_configs(view: MappedSource) -> dict[str, Any]:
         out["text_encoder"] = dict(shipped_config("sd1")["text_encoder"]) if _struct(inferred, keys) == _struct(
             shipped_config("sd1")["text_encoder"], keys) else inferred
     elif any(k.startswith("cond_stage_model.model.") for k in shapes):
-        out["text_encoder"] = dict(shipped_config("sd2")["text_encoder"])
+        inferred = infer_openclip_config(shapes)
+        keys = ("hidden_size", "num_hidden_layers", "intermediate_size")
+        sd2 = shipped_config("sd2")["text_encoder"]
+        out["text_encoder"] = dict(sd2) if _struct(inferred, keys) == _struct(sd2, keys) else inferred
     out["scheduler"] = dict(shipped["scheduler"])
     return out
 
@@ -214,6 +239,8 @@ def _build(kind: str, config: Mapping[str, Any], state: Mapping[str, torch.Tenso
 
         model = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
     expected = model.state_dict()
+    if cls is None:  # CLIPModel heads are not part of CLIPTextModel
+        state = {k: v for k, v in state.items() if not k.startswith(("text_projection", "logit_scale"))}
     state = _align_text_keys(dict(state), expected) if cls is None else dict(state)
     state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
     missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
