@@ -283,3 +283,10 @@ def test_webp_header_parser_agrees_with_pillow(tmp_path):
         cut = tmp_path / f"{name}-cut.webp"
         cut.write_bytes(data[: max(31, len(data) * 2 // 3)])
         assert isinstance(probe_image(cut), ImageProblem), name
+
+
+def test_threaded_scan_gives_the_same_result(messy):
+    root, _, _ = messy
+    one = scan_dataset(root, missing_caption="empty")
+    four = scan_dataset(root, missing_caption="empty", workers=4)
+    assert four.items == one.items and four.problems == one.problems and four.empty_captions == one.empty_captions

@@ -232,6 +232,54 @@ def _norm(key: str) -> str:
     return os.path.normpath(key.replace("\\", "/")).replace(os.sep, "/") if key else key
 
 
+def _add(
+    result: ScanResult,
+    path: str,
+    info: Any,
+    sidecar: "Optional[Tuple[str, Optional[str], Optional[Exception]]]",
+    meta: "Optional[Dict[str, str]]",
+    root_s: str,
+    caption_ext: str,
+    missing_caption: str,
+    missing: "List[str]",
+) -> None:
+    """Record one probed image: an item with its caption, or a problem."""
+    if isinstance(info, ImageProblem):
+        result.problems.append(Problem(path, info.reason, info.kind))
+        return
+    caption: "Optional[str]" = None
+    caption_path: "Optional[str]" = None
+    if meta is not None:
+        rel = _norm(os.path.relpath(path, root_s))
+        for k in (rel, os.path.splitext(rel)[0]):
+            if k in meta:
+                caption = meta[k]
+                break
+    elif sidecar is not None:
+        caption_path, caption, exc = sidecar
+        if isinstance(exc, UnicodeDecodeError):
+            result.problems.append(
+                Problem(caption_path, f"caption is not UTF-8 text ({exc.reason} at byte {exc.start})", "caption_unreadable")
+            )
+            return
+        if exc is not None:
+            result.problems.append(Problem(caption_path, f"cannot read caption: {getattr(exc, 'strerror', None) or exc}",
+                                           "caption_unreadable"))
+            return
+    if caption is None:
+        if missing_caption == "skip":
+            where = "in the metadata file" if meta is not None else f"({caption_ext} beside it)"
+            result.problems.append(Problem(path, f"no caption {where}", "no_caption"))
+            return
+        missing.append(path)
+        if missing_caption == "empty":
+            caption = ""
+            result.empty_captions += 1
+    if caption is None:
+        return
+    result.items.append(ImageItem(path, info.width, info.height, caption, caption_path, info.format, info.orientation))
+
+
 def scan_dataset(
     root: "Union[str, os.PathLike]",
     *,
@@ -241,10 +289,12 @@ def scan_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     verify: str = "header",
     progress: "Any" = None,
+    workers: int = 1,
 ) -> ScanResult:
     """Every usable image under `root` with its size (after EXIF orientation) and caption; problems for the rest.
 
-    `progress(done, total)` is called now and then (for a UI progress bar).
+    `progress(done, total)` is called now and then (for a UI progress bar). `workers > 1` reads headers in that
+    many threads: worth it on network or spinning disks, where a scan waits on I/O; the result is the same.
     """
     if missing_caption not in MISSING_CAPTION_POLICIES:
         raise BPError(f"unknown missing-caption policy {missing_caption!r}", hint="use skip, empty or error")
@@ -272,46 +322,36 @@ def scan_dataset(
 
     missing: "List[str]" = []
     total = len(images)
-    for n, path in enumerate(images):
-        if progress is not None and n % 1000 == 0:
-            progress(n, total)
+
+    def probe(path: str) -> "Tuple[Any, Optional[Tuple[str, Optional[str], Optional[Exception]]]]":
+        # header and sidecar caption together, so worker threads overlap all the file reads
         info = probe_image(path, max_pixels=max_pixels, verify=verify)
-        if isinstance(info, ImageProblem):
-            result.problems.append(Problem(path, info.reason, info.kind))
-            continue
-        caption: "Optional[str]" = None
-        caption_path: "Optional[str]" = None
-        if meta is not None:
-            rel = _norm(os.path.relpath(path, root_s))
-            for k in (rel, os.path.splitext(rel)[0]):
-                if k in meta:
-                    caption = meta[k]
-                    break
-        else:
-            caption_path = _find_caption(path, caption_ext, existing)
-            if caption_path is not None:
-                try:
-                    caption = _read_caption(caption_path)
-                except UnicodeDecodeError as exc:
-                    result.problems.append(
-                        Problem(caption_path, f"caption is not UTF-8 text ({exc.reason} at byte {exc.start})", "caption_unreadable")
-                    )
-                    continue
-                except OSError as exc:
-                    result.problems.append(Problem(caption_path, f"cannot read caption: {exc.strerror or exc}", "caption_unreadable"))
-                    continue
-        if caption is None:
-            if missing_caption == "skip":
-                where = "in the metadata file" if meta is not None else f"({caption_ext} beside it)"
-                result.problems.append(Problem(path, f"no caption {where}", "no_caption"))
-                continue
-            missing.append(path)
-            if missing_caption == "empty":
-                caption = ""
-                result.empty_captions += 1
-        if caption is None:
-            continue
-        result.items.append(ImageItem(path, info.width, info.height, caption, caption_path, info.format, info.orientation))
+        if meta is not None or isinstance(info, ImageProblem):
+            return info, None
+        caption_path = _find_caption(path, caption_ext, existing)
+        if caption_path is None:
+            return info, None
+        try:
+            return info, (caption_path, _read_caption(caption_path), None)
+        except (OSError, UnicodeDecodeError) as exc:
+            return info, (caption_path, None, exc)
+
+    pool = None
+    if workers > 1 and total > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bp-scan")
+        infos: "Iterator[Any]" = pool.map(probe, images)
+    else:
+        infos = map(probe, images)
+    try:
+        for n, (path, (info, sidecar)) in enumerate(zip(images, infos)):
+            if progress is not None and n % 1000 == 0:
+                progress(n, total)
+            _add(result, path, info, sidecar, meta, root_s, caption_ext, missing_caption, missing)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if progress is not None:
         progress(total, total)
 
