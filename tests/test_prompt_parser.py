@@ -88,3 +88,26 @@ def test_and_split_and_extra_networks():
     assert counter_prompts("a AND b", 20) == ["a", " b"]
     assert counter_prompts("a AND b", 20, negative=True) == ["a AND b"]
     assert counter_prompts("x [y:z:5]", 20) == ["x y", "x z"]
+
+
+def test_split_independent_pieces():
+    from bp_trainer.tokens.schedules import split_independent
+
+    assert split_independent("a, (b, c), [d:e:3]") == ["a", ",", " (b, c)", ",", " [d:e:3]"]
+    assert split_independent("a \\(, b") == ["a \\(", ",", " b"]  # an escaped bracket is text
+    assert split_independent("(a, b") == ["(a, b"]  # unbalanced: parsed whole
+    assert split_independent("(a], b") == ["(a], b"]  # mismatched types: parsed whole
+
+
+def test_piecewise_schedules_equal_whole_prompt_parse():
+    """Long prompts are parsed piece by piece (Earley parsing is slow on many brackets); the result must be
+    the whole-prompt parse's (the WebUI's way) on every generated prompt, including ones that fail to parse."""
+    import random
+
+    rng = random.Random(3)
+    units = list("ab c") + [", "] * 5 + ["(", ")", "[", "]", ":", "|", "\\", "\\(", "1.5", "0.3", "4", " BREAK ",
+                                         "[x:y:3]", "(w:1.2)", "[p|q]", "[u::0.5]", "\n"]
+    for _ in range(60):
+        text = "".join(rng.choice(units) for _ in range(rng.randint(0, 14)))
+        for steps in (10, 3):
+            assert prompt_schedule(text, steps) == prompt_schedule(text, steps, split=False), text
