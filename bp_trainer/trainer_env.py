@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from bp_trainer.errors import BPError
 
@@ -307,6 +307,13 @@ def setup(env_dir: "str | os.PathLike[str] | None" = None, requirements: "str | 
     return status(env_dir, requirements)
 
 
+def _detached() -> Dict[str, Any]:
+    if os.name == "nt":
+        flags = getattr(subprocess, "DETACHED_PROCESS", 0x8) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200)
+        return {"creationflags": flags}
+    return {"start_new_session": True}
+
+
 def start_background_setup(env_dir: "str | os.PathLike[str] | None" = None,
                            requirements: "str | os.PathLike[str] | None" = None, *,
                            base_python: str = sys.executable) -> int:
@@ -319,7 +326,8 @@ def start_background_setup(env_dir: "str | os.PathLike[str] | None" = None,
         [base_python, "-m", "bp_trainer.trainer_env", "setup", "--env", str(env), "--requirements", str(requirements),
          "--quiet"],
         env={**os.environ, "PYTHONPATH": pythonpath}, cwd=str(EXT_ROOT), stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # no inherited pipes: the WebUI reads install.py's output until EOF and must not wait for the set-up
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **_detached())
     # the child writes the lock itself; write it now too so a status() right after sees "setting-up"
     _lock_path(env).write_text(str(proc.pid), encoding="utf-8")
     return proc.pid
