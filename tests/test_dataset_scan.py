@@ -290,3 +290,12 @@ def test_threaded_scan_gives_the_same_result(messy):
     one = scan_dataset(root, missing_caption="empty")
     four = scan_dataset(root, missing_caption="empty", workers=4)
     assert four.items == one.items and four.problems == one.problems and four.empty_captions == one.empty_captions
+
+
+def test_caption_extension_case_is_ignored(tmp_path):
+    (tmp_path / "IMG_01.PNG").write_bytes(_png_bytes())
+    (tmp_path / "IMG_01.TXT").write_text("1girl")
+    result = scan_dataset(tmp_path)
+    assert [(Path(i.path).name, i.caption, Path(i.caption_path).name) for i in result.items] == [
+        ("IMG_01.PNG", "1girl", "IMG_01.TXT")]
+    assert [Path(c).name for _, c, _ in iter_captions(tmp_path)] == ["IMG_01.TXT"]

@@ -110,9 +110,29 @@ def caption_candidates(image_path: str, caption_ext: str) -> "Tuple[str, str]":
     return (os.path.splitext(image_path)[0] + ext, image_path + ext)
 
 
-def _find_caption(image_path: str, caption_ext: str, existing: "Optional[set]") -> "Optional[str]":
+class _FileIndex:
+    """The files of a scan, for caption lookups without a stat per image; the extension's case is ignored
+    (`IMG_01.TXT` is the caption of `IMG_01.png`, as on Windows), an exact match wins."""
+
+    def __init__(self, files: "List[str]"):
+        self.exact = set(files)
+        self.folded: "Dict[str, str]" = {}
+        for f in files:
+            self.folded.setdefault(f.lower(), f)
+
+    def find(self, candidate: str) -> "Optional[str]":
+        if candidate in self.exact:
+            return candidate
+        return self.folded.get(candidate.lower())
+
+
+def _find_caption(image_path: str, caption_ext: str, existing: "Optional[_FileIndex]") -> "Optional[str]":
     for cand in caption_candidates(image_path, caption_ext):
-        if (cand in existing) if existing is not None else os.path.isfile(cand):
+        if existing is not None:
+            found = existing.find(cand)
+            if found is not None:
+                return found
+        elif os.path.isfile(cand):
             return cand
     return None
 
@@ -126,7 +146,7 @@ def iter_captions(
     reports them).
     """
     files = list(_walk(os.fspath(root)))
-    existing = set(files)
+    existing = _FileIndex(files)
     for path in files:
         if not is_image_name(path):
             continue
@@ -305,7 +325,7 @@ def scan_dataset(
         raise BPError("dataset folder not found", path=root_s, hint="give the folder that holds the images")
     result = ScanResult(root=root_s)
     files = list(_walk(root_s))
-    existing = set(files)
+    existing = _FileIndex(files)
     images = [p for p in files if is_image_name(p)]
 
     meta: "Optional[Dict[str, str]]" = None
