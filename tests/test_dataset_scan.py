@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 import random
 import struct
@@ -299,3 +300,36 @@ def test_caption_extension_case_is_ignored(tmp_path):
     assert [(Path(i.path).name, i.caption, Path(i.caption_path).name) for i in result.items] == [
         ("IMG_01.PNG", "1girl", "IMG_01.TXT")]
     assert [Path(c).name for _, c, _ in iter_captions(tmp_path)] == ["IMG_01.TXT"]
+
+
+def test_unlistable_folder_is_reported_via_walk(tmp_path, monkeypatch):
+    from bp_trainer.dataset import scan as scan_mod
+
+    (tmp_path / "ok.png").write_bytes(_png_bytes())
+    (tmp_path / "ok.txt").write_text("1girl")
+    (tmp_path / "locked").mkdir()
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(scan_mod.os, "scandir", scandir)
+    result = scan_dataset(tmp_path)
+    assert len(result.items) == 1
+    assert [(Path(p.path).name, p.kind) for p in result.problems] == [("locked", "unreadable")]
+    assert "Permission denied" in result.problems[0].reason
+
+
+def test_empty_folder_and_file_instead_of_folder(tmp_path, capsys):
+    from bp_trainer import cli
+
+    assert scan_dataset(tmp_path).items == []
+    cfg = tmp_path / "arb.yaml"
+    cfg.write_text("arb: {}\n")
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["buckets", "--config", str(cfg), "--dataset", str(tmp_path / "empty")]) == 0
+    assert "0 images" in capsys.readouterr().out
+    with pytest.raises(BPError, match="is a file"):
+        scan_dataset(cfg)

@@ -73,11 +73,16 @@ class ScanResult:
         }
 
 
-def _walk(root: str) -> "Iterator[str]":
-    """Files under `root`, depth first in sorted order; hidden entries skipped; symlinked folders not followed."""
+def _walk(root: str, errors: "Optional[List[Problem]]" = None) -> "Iterator[str]":
+    """Files under `root`, depth first in sorted order; hidden entries skipped; symlinked folders not followed.
+
+    A folder that cannot be listed is recorded in `errors` (when given) and skipped.
+    """
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except OSError:
+    except OSError as exc:
+        if errors is not None:
+            errors.append(Problem(root, f"cannot list this folder: {exc.strerror or exc}", "unreadable"))
         return
     dirs = []
     for entry in entries:
@@ -91,7 +96,7 @@ def _walk(root: str) -> "Iterator[str]":
         except OSError:
             continue
     for d in dirs:
-        yield from _walk(d)
+        yield from _walk(d, errors)
 
 
 def list_images(root: "Union[str, os.PathLike]") -> "List[str]":
@@ -322,9 +327,10 @@ def scan_dataset(
         raise BPError(f"unknown verify mode {verify!r}", hint="use header or full")
     root_s = os.fspath(root)
     if not os.path.isdir(root_s):
-        raise BPError("dataset folder not found", path=root_s, hint="give the folder that holds the images")
+        what = "is a file, not a folder" if os.path.exists(root_s) else "dataset folder not found"
+        raise BPError(what, path=root_s, hint="give the folder that holds the images")
     result = ScanResult(root=root_s)
-    files = list(_walk(root_s))
+    files = list(_walk(root_s, result.problems))
     existing = _FileIndex(files)
     images = [p for p in files if is_image_name(p)]
 
