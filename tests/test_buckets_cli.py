@@ -175,3 +175,18 @@ def test_buckets_off_means_one_base_res_bucket(tmp_path, capsys, demo):
     code, out, _ = run_cli(capsys, "buckets", "--config", str(cfg), "--dataset", str(demo), "--json")
     data = json.loads(out)
     assert data["enabled"] is False and data["buckets"] == [[256, 256]] and data["counts"] == [24]
+
+
+def test_naifu_style_config(tmp_path, capsys, demo):
+    cfg = tmp_path / "naifu.yaml"
+    arb = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in SMALL_ARB.items())
+    cfg.write_text(
+        "trainer:\n  seed: 1\n  init_batch_size: 2\n"
+        f"arb:\n  enabled: true\n  debug: false\n  max_ar_error: 4\n{arb}"
+        f"dataset:\n  img_path:\n    - {demo}\n  center_crop: false\n  ucg: 0.0\n"
+    )
+    code, out, _ = run_cli(capsys, "buckets", "--config", str(cfg), "--json")
+    assert code == 0 and sum(json.loads(out)["counts"]) == 24
+    cfg.write_text(cfg.read_text().replace(str(demo), "https://example.invalid/data.tgz"))
+    code, _, err = run_cli(capsys, "buckets", "--config", str(cfg))
+    assert code == 2 and "is a URL" in err

@@ -73,6 +73,9 @@ def load_arb_yaml(path: "str | os.PathLike[str]") -> "Tuple[Dict[str, Any], Opti
     if isinstance(ds_path, list):  # naifu's img_path is a list of folders
         ds_path = ds_path[0] if ds_path else None
     resolved = None
+    if isinstance(ds_path, str) and "://" in ds_path:
+        raise BPError(f"dataset path {ds_path} is a URL (naifu downloads .tgz archives)", path=path,
+                      hint="download and extract it, then pass --dataset DIR")
     if isinstance(ds_path, str) and ds_path:
         p = Path(os.path.expanduser(ds_path))
         resolved = str(p if p.is_absolute() else (path.parent / p).resolve())
