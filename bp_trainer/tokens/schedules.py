@@ -132,7 +132,6 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
     A prompt that does not parse is used as it is for all steps, as in the WebUI. `split=False` parses the
     whole prompt at once, as the WebUI does (same result, slower on prompts with many brackets).
     """
-    lark = _lark()
     if hires_steps is None or use_old_scheduling:
         int_offset, frac_offset, total = 0, 0.0, steps
     else:
@@ -143,12 +142,13 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
         if not _needs_parser(piece):
             parts.append(piece)
             continue
-        try:
-            parts.append(_parser().parse(piece))
-        except lark.exceptions.LarkError:  # one piece cannot parse: neither can the whole prompt
+        tree = _parse_cached(piece)
+        if tree is None:  # one piece cannot parse: neither can the whole prompt
             return [(total, prompt)]
+        parts.append(tree)
 
     switch_steps = {total}
+    when_of: dict[int, int] = {}  # id(scheduled node) -> its last step with the text before ':'
     has_alternation = False
     for tree in parts:
         if isinstance(tree, str):
@@ -164,7 +164,7 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
                 else:
                     value = value - int_offset
                 when = min(total, int(value))
-                node.children[-2] = when  # resolved once; read by _text_at
+                when_of[id(node)] = when
                 if when >= 1:
                     switch_steps.add(when)
             elif node.data == "alternate":
@@ -172,18 +172,28 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None,
     if has_alternation:
         switch_steps.update(range(1, total + 1))
 
-    return [(step, "".join(t if isinstance(t, str) else _text_at(t, step) for t in parts))
+    return [(step, "".join(t if isinstance(t, str) else _text_at(t, step, when_of) for t in parts))
             for step in sorted(switch_steps)]
 
 
-def _text_at(tree: Any, step: int) -> str:
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(piece: str) -> Any:
+    """The parse tree of a piece (shared, never modified), or None when it does not parse."""
+    lark = _lark()
+    try:
+        return _parser().parse(piece)
+    except lark.exceptions.LarkError:
+        return None
+
+
+def _text_at(tree: Any, step: int, when_of: dict[int, int]) -> str:
     parts: list[str] = []
-    _emit(tree, step, parts)
+    _emit(tree, step, when_of, parts)
     return "".join(parts)
 
 
-def _emit(node: Any, step: int, parts: list[str]) -> None:
-    """Append the text of `node` at `step` (iterative over siblings, recursive over depth like the WebUI)."""
+def _emit(node: Any, step: int, when_of: dict[int, int], parts: list[str]) -> None:
+    """Append the text of `node` at `step` (recursive over depth, like the WebUI's transformer)."""
     if node is None:
         return
     if isinstance(node, str):  # a lark Token (WHITESPACE, brackets kept by `!` rules, plain text)
@@ -194,14 +204,14 @@ def _emit(node: Any, step: int, parts: list[str]) -> None:
     if kind == "plain":
         parts.append(str(children[0]))
     elif kind == "scheduled":
-        before, after, _ws1, when, _ws2 = children
-        _emit(before if step <= when else after, step, parts)
+        before, after = children[0], children[1]
+        _emit(before if step <= when_of[id(node)] else after, step, when_of, parts)
     elif kind == "alternate":
         options = list(children)
-        _emit(options[(step - 1) % len(options)], step, parts)
+        _emit(options[(step - 1) % len(options)], step, when_of, parts)
     else:  # start, prompt, emphasized: their children in order
         for child in children:
-            _emit(child, step, parts)
+            _emit(child, step, when_of, parts)
 
 
 def counter_prompts(text: str, steps: int = 20, *, negative: bool = False,
