@@ -82,6 +82,8 @@ def messy(tmp_path):
     (root / "nocap.png").write_bytes(_png_bytes())
     (root / "badcap.png").write_bytes(_png_bytes())
     (root / "badcap.txt").write_bytes(b"1girl, \xff\xfe\xfa broken")
+    (root / "hugecap.png").write_bytes(_png_bytes())
+    (root / "hugecap.txt").write_bytes(b"1girl, " * 200_000)  # 1.4 MB: not a caption
     (root / ".cache" / "hidden.png").write_bytes(_png_bytes())
     (root / "notes.md").write_text("not part of the dataset")
     return root, good, bad
@@ -107,6 +109,7 @@ def test_scan_reports_every_bad_file_and_keeps_the_good_ones(messy):
         "gif.png": "unsupported",
         "nocap.png": "no_caption",
         "badcap.txt": "caption_unreadable",
+        "hugecap.txt": "caption_unreadable",
     }
     for p in result.problems:
         assert p.path.startswith(str(root)) and p.reason
@@ -174,7 +177,7 @@ def test_iter_captions_does_not_open_images(messy):
     found = {Path(img).name: text for img, cap, text in iter_captions(root)}
     # broken images still have their captions listed: nothing was decoded; the undecodable caption is left out
     assert "text.png" in found and "zero.png" in found and found["a.png"] == "1girl, a"
-    assert "badcap.png" not in found and "hidden.png" not in found and "nocap.png" not in found
+    assert "badcap.png" not in found and "hugecap.png" not in found and "hidden.png" not in found and "nocap.png" not in found
 
 
 def test_scan_of_a_missing_folder_is_a_user_error(tmp_path):

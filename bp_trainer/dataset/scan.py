@@ -103,9 +103,14 @@ def list_images(root: "Union[str, os.PathLike]") -> "List[str]":
     return [p for p in _walk(os.fspath(root)) if is_image_name(p)]
 
 
+MAX_CAPTION_BYTES = 1 << 20  # a caption file larger than this is a mistake (a log, a dump), not tags
+
+
 def _read_caption(path: str) -> str:
     with open(path, "rb") as fh:
-        data = fh.read()
+        data = fh.read(MAX_CAPTION_BYTES + 1)
+    if len(data) > MAX_CAPTION_BYTES:
+        raise OSError(f"caption file is larger than {MAX_CAPTION_BYTES // 1024} KiB")
     return data.decode("utf-8-sig").strip()
 
 
