@@ -77,6 +77,15 @@ def preset_from_paste(params: dict) -> Any:
     return preset.name if preset is not None else gr.update()
 
 
+def _tool_button(value: str, elem_id: str) -> Any:
+    """The WebUI's small icon button (its CSS styles `.tool`); a plain button with that class elsewhere."""
+    try:
+        from modules.ui_components import ToolButton
+    except ImportError:  # pragma: no cover - every v1.x WebUI has it
+        return gr.Button(value=value, elem_id=elem_id, elem_classes=["tool"])
+    return ToolButton(value=value, elem_id=elem_id)
+
+
 class BPPresetsScript(scripts.Script):
     def title(self) -> str:
         return bp_presets.SCRIPT_TITLE
@@ -90,7 +99,7 @@ class BPPresetsScript(scripts.Script):
         with gr.Row():
             preset = gr.Dropdown(label="Preset", choices=names, value=bp_presets.RECOMMENDED,
                                  elem_id=self.elem_id("preset"))
-            refresh_button = gr.Button(value="\U0001f504", elem_id=self.elem_id("refresh"), elem_classes=["tool"])
+            refresh_button = _tool_button("\U0001f504", elem_id=self.elem_id("refresh"))
         info = gr.Markdown(describe(bp_presets.RECOMMENDED), elem_id=self.elem_id("info"))
         if is_img2img:
             gr.Markdown("img2img: clip skip, ENSD and sampling settings apply; hires fix is txt2img only.")
