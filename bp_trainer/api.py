@@ -63,7 +63,10 @@ def status(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any
     ctl = _controller(host)
     ctl.attach_existing()  # a restarted WebUI finds a run that kept going
     env_fn = getattr(host, "trainer_env_status", None)
-    env = env_fn() if callable(env_fn) else trainer_env.status().to_dict()
+    try:
+        env = env_fn() if callable(env_fn) else trainer_env.status().to_dict()
+    except BPError as exc:  # e.g. requirements-trainer.txt missing: report it, the rest of the status still counts
+        env = {"state": "error", "message": str(exc)}
     gpu_fn = getattr(host, "gpu_status", None)
     gpu = gpu_fn() if callable(gpu_fn) else {}
     gpu.setdefault("generation_may_run_during_training", bool(host.generation_may_run_during_training()))

@@ -173,3 +173,14 @@ def test_tokens_presets_infotext(api):
     assert [p["name"] for p in body["presets"]][-1] == "NAI" and body["script_name"] == "bp presets"
     code, body = call(app, "POST", "/bp-train/v1/infotext", json={"text": text, "name": "NAI", "save": True})
     assert code == 400 and "already exists" in body["detail"]
+
+
+def test_status_reports_a_broken_trainer_env_instead_of_failing(api, monkeypatch):
+    app, host, root = api
+    monkeypatch.setenv("BP_TRAIN_TRAINER_REQUIREMENTS", str(root / "gone.txt"))
+    monkeypatch.setenv("BP_TRAIN_TRAINER_ENV", str(root / "venv"))
+    (root / "venv" / "bin").mkdir(parents=True)
+    (root / "venv" / "bin" / "python").write_text("")
+    (root / "venv" / "bp-train-env.json").write_text('{"requirements_sha256": "x"}')
+    code, body = call(app, "GET", "/bp-train/v1/status")
+    assert code == 200 and body["trainer_env"]["state"] == "error" and "gone.txt" in body["trainer_env"]["message"]
