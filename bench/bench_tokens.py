@@ -9,7 +9,8 @@ made-up romanized names, the kind CLIP splits into many pieces), then times:
 - audit (warm): the same with the tokenizer cache filled (what the UI sees on a second look);
 - rename dry run of one frequent tag over all captions;
 - replacement suggestions for a mangled tag (cold cache: the dataset's tags are tokenized again);
-- inspect_prompt / token_counter on a 60-tag prompt with a schedule.
+- inspect_prompt / token_counter on a 60-tag prompt with a schedule, and the counter on a prompt of 100
+  `tag (word:1.1) [x:y:0.5]` groups (parse cache cold, then warm).
 Prints a JSON report (median and min of `--repeat` runs, seconds) and the machine it ran on.
 """
 
@@ -84,6 +85,7 @@ def main() -> int:
     from bp_trainer.tokens import inspect_prompt, token_counter
     from bp_trainer.tokens.audit import audit_dataset
     from bp_trainer.tokens.rename import plan_rename
+    from bp_trainer.tokens.schedules import _parse_cached
     from bp_trainer.tokens.suggest import suggest_replacements
     from bp_trainer.tokens.tokenizer import TokenizerView
 
@@ -109,6 +111,16 @@ def main() -> int:
         prompt = ", ".join(make_tags(60, random.Random(1))[:60]) + ", [day:night:0.5]"
         report["prompt"] = {"tags": 61, "count": token_counter(prompt, tokenizer)[0]}
         report["inspect_prompt"] = timed(lambda: inspect_prompt(prompt, TokenizerView(tokenizer)), args.repeat)
+        # Many emphasis + schedule groups: the Earley parse is the cost (parse cache cleared before each run).
+        heavy = ", ".join(f"tag{i} (word:1.1) [x:y:0.5]" for i in range(100))
+
+        def heavy_cold():
+            _parse_cached.cache_clear()
+            token_counter(heavy, TokenizerView(tokenizer))
+
+        report["counter_100_schedule_groups_cold"] = timed(heavy_cold, max(1, args.repeat // 2))
+        report["counter_100_schedule_groups_cached"] = timed(lambda: token_counter(heavy, tokenizer, steps=30),
+                                                             args.repeat)
     report["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
                          "processor": _cpu_name()}
     print(json.dumps(report, indent=2))
