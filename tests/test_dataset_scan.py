@@ -336,3 +336,27 @@ def test_empty_folder_and_file_instead_of_folder(tmp_path, capsys):
     assert "0 images" in capsys.readouterr().out
     with pytest.raises(BPError, match="is a file"):
         scan_dataset(cfg)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_jpeg_decoding_matches_full_decoding(tmp_path, orientation):
+    # big JPEG into a small bucket: decoded at 1/4 or 1/8 scale (draft), then Lanczos; compare with full decoding
+    img = Image.new("RGB", (1600, 800))
+    for i in range(8):
+        img.paste((30 * i, 255 - 30 * i, (90 * i) % 256), (i * 200, 0, i * 200 + 200, 800))
+    path = tmp_path / "big.jpg"
+    path.write_bytes(_jpeg_with_orientation(img, orientation))
+    with Image.open(path) as src:
+        upright = ImageOps.exif_transpose(src).convert("RGB")
+    bucket = (128, 256) if orientation == 6 else (256, 128)
+    from bp_trainer.dataset.images import resize_and_crop
+
+    reference = resize_and_crop(upright, bucket, crop="center")
+    fast = load_image_for_bucket(path, bucket, crop="center")
+    assert fast.size == reference.size == bucket
+    from bp_trainer.dataset.images import open_rgb
+
+    drafted = open_rgb(path, draft_size=bucket).size  # really decoded at a reduced scale, still covering
+    assert drafted[0] < upright.width and drafted[0] >= bucket[0] and drafted[1] >= bucket[1]
+    diff = sum(abs(a - b) for p, q in zip(fast.getdata(), reference.getdata()) for a, b in zip(p, q))
+    assert diff / (bucket[0] * bucket[1] * 3) < 4.0  # mean absolute difference under 4 levels of 255
