@@ -59,6 +59,10 @@ def test_rename_in_text_changes_only_the_tag():
         "a, NEW ,b,(old:1.2),((old)),[old], old_x, xold, \\(old\\), (old and more)\n", 1)
     # An escaped-bracket tag is matched literally, also inside emphasis.
     assert rn.rename_in_text("(character \\(series\\)), x", "character \\(series\\)", "c")[0] == "(c), x"
+    # A bracketed tag also matches its escaped spelling, which gets the new name escaped the same way.
+    text = "miku_\\(cosplay\\), miku_(cosplay),(miku_\\(cosplay\\):1.1), miku_\\(cosplay\\)_x\n"
+    assert rn.rename_in_text(text, "miku_(cosplay)", "mk_(cos)") == (
+        "mk_\\(cos\\), mk_(cos),(mk_\\(cos\\):1.1), miku_\\(cosplay\\)_x\n", 3)
 
 
 def test_names_are_validated():

@@ -3,9 +3,9 @@
 Matching: captions are split at commas; a piece matches when, without its surrounding whitespace, it equals
 the old tag exactly (case-sensitive). With `emphasis=True` (default) a piece that is the tag wrapped in WebUI
 emphasis also matches, and only the tag inside is replaced: `(old)`, `((old))`, `[old]`, `(old:1.2)`.
-Escaped brackets are literal text (`character \\(series\\)` is matched as written). Only the characters of
-the matched tag change: order, separators, spacing, other tags, line endings, a UTF-8 BOM and the trailing
-newline are kept byte for byte.
+A tag with brackets also matches its escaped spelling (`character_(series)` matches `character_\\(series\\)`,
+which then gets the new name escaped the same way). Only the characters of the matched tag change: order,
+separators, spacing, other tags, line endings, a UTF-8 BOM and the trailing newline are kept byte for byte.
 
 Apply is journaled so that nothing is lost:
 1. the plan is written to `DATASET/.bp_tag_journal/<id>/journal.json` (each file: path, SHA-256 before,
@@ -50,28 +50,46 @@ def sha256(data: bytes) -> str:
 # ---------------------------------------------------------------------------------------------- text level
 
 
-def _tag_span(piece: str, old: str, emphasis: bool) -> Optional[tuple[int, int]]:
-    """(start, end) of `old` in a comma-separated piece when the piece is that tag, else None."""
+_UNESCAPED_BRACKET = re.compile(r"(?<!\\)([()\[\]])")
+
+
+def escape_brackets(tag: str) -> str:
+    """`name_(series)` -> `name_\\(series\\)`: how captions written for the WebUI spell a bracketed tag."""
+    return _UNESCAPED_BRACKET.sub(r"\\\1", tag)
+
+
+def _tag_span(piece: str, old: str, emphasis: bool) -> Optional[tuple[int, int, bool]]:
+    """(start, end, escaped) of the tag in a comma-separated piece when the piece is tag `old` (written as is,
+    or with its brackets escaped: `escaped` is then True), else None."""
     core = piece.strip()
     if not core:
         return None
     lead = len(piece) - len(piece.lstrip())
-    if core == old:
-        return lead, lead + len(core)
+    escaped_old = escape_brackets(old)
+    forms = [(old, False)] + ([(escaped_old, True)] if escaped_old != old else [])
+    for form, escaped in forms:
+        if core == form:
+            return lead, lead + len(core), escaped
     if emphasis:
         m = _WRAPPED.match(core)
         if m:
             inner = m.group("inner")
-            if inner.strip() == old:
-                start = lead + m.start("inner") + (len(inner) - len(inner.lstrip()))
-                return start, start + len(old)
+            for form, escaped in forms:
+                if inner.strip() == form:
+                    start = lead + m.start("inner") + (len(inner) - len(inner.lstrip()))
+                    return start, start + len(form), escaped
     return None
 
 
 def rename_in_text(text: str, old: str, new: str, *, emphasis: bool = True) -> tuple[str, int]:
-    """(`text` with every tag `old` replaced by `new`, number of replacements); nothing else changes."""
+    """(`text` with every tag `old` replaced by `new`, number of replacements); nothing else changes.
+
+    A tag written with escaped brackets (`name_\\(series\\)`, as captions meant for the WebUI spell
+    `name_(series)`) is matched too and gets `new` with its brackets escaped the same way.
+    """
     out: list[str] = []
     n = 0
+    escaped_new = escape_brackets(new)
     for i, piece in enumerate(text.split(",")):
         if i:
             out.append(",")
@@ -79,7 +97,8 @@ def rename_in_text(text: str, old: str, new: str, *, emphasis: bool = True) -> t
         if span is None:
             out.append(piece)
         else:
-            out.append(piece[: span[0]] + new + piece[span[1]:])
+            start, end, escaped = span
+            out.append(piece[:start] + (escaped_new if escaped else new) + piece[end:])
             n += 1
     return "".join(out), n
 
