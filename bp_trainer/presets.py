@@ -524,6 +524,16 @@ def _to_float(params: Mapping[str, Any], key: str) -> Optional[float]:
         raise BPError(f"infotext value '{key}: {params[key]}' is not a number") from None
 
 
+# v1.10.1 samplers with `uses_ensd` whose default eta is not 0 (DDIM has uses_ensd but eta 0 by default; the
+# SDE samplers use Brownian noise from the seeds and ignore ENSD)
+ENSD_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive")
+
+
+def sampler_uses_ensd(sampler: str) -> bool:
+    """Whether the WebUI writes a non-zero `ENSD` into the infotext for this sampler (at its default eta)."""
+    return sampler in ENSD_SAMPLERS
+
+
 def split_sampler(sampler: str, schedule_type: Optional[str]) -> Tuple[str, Optional[str]]:
     """Old infotexts name the schedule in the sampler ("DPM++ 2M Karras"); v1.10.1 splits it out."""
     if schedule_type in (None, "", "Automatic"):
@@ -536,19 +546,22 @@ def split_sampler(sampler: str, schedule_type: Optional[str]) -> Tuple[str, Opti
 
 def preset_from_infotext(text: str, name: str = "From infotext", *, include_sampling: bool = True) -> Preset:
     """The preset an infotext's parameter line makes (clip skip, ENSD, hires fix and, optionally,
-    steps / sampler / schedule type / CFG scale). Missing keys mean the WebUI defaults: clip skip 1, ENSD 0,
-    no hires fix."""
+    steps / sampler / schedule type / CFG scale). A missing `Clip skip` means 1 and no hires keys mean no hires
+    fix; a missing `ENSD` means 0 only for samplers that would have written it, else ENSD is left alone."""
     _, _, params = split_infotext(text)
     if not params:
         raise BPError("no parameter line found in the infotext",
                       hint="paste the whole text, including the line 'Steps: ..., Sampler: ..., CFG scale: ...'")
     p = Preset(name=name)
-    p.clip_skip = _to_int(params, "Clip skip") or 1
-    p.ensd = _to_int(params, "ENSD") or 0
+    p.clip_skip = _to_int(params, "Clip skip") or 1  # the WebUI writes it whenever it is above 1
+    sampler, scheduler = split_sampler(params["Sampler"], params.get("Schedule type")) \
+        if params.get("Sampler") else (None, None)
+    p.ensd = _to_int(params, "ENSD")
+    if p.ensd is None and sampler is not None and sampler_uses_ensd(sampler):
+        p.ensd = 0  # this sampler would have written a non-zero ENSD; other samplers say nothing about it
     if include_sampling:
         p.steps = _to_int(params, "Steps")
-        if params.get("Sampler"):
-            p.sampler, p.scheduler = split_sampler(params["Sampler"], params.get("Schedule type"))
+        p.sampler, p.scheduler = sampler, scheduler
         p.cfg_scale = _to_float(params, "CFG scale")
     hires_keys = ("Hires upscale", "Hires upscaler", "Hires resize-1")
     if "Denoising strength" in params and any(k in params for k in hires_keys):

@@ -41,8 +41,9 @@ def test_preset_from_real_infotext_matches_request(ci):
     preset = preset_from_infotext(CASES[ci]["infotexts"][0], "p")
     overrides = req.get("override_settings", {})
     assert preset.clip_skip == overrides.get("CLIP_stop_at_last_layers", 1)
-    # ENSD is written only for samplers that use it (Euler a); Euler drops it, so the preset says 0 then
-    expected_ensd = overrides.get("eta_noise_seed_delta", 0) if req["sampler_name"] == "Euler a" else 0
+    # ENSD is written only for samplers that use it (Euler a): its absence means 0 there; with Euler or DDIM
+    # the infotext says nothing about ENSD, so the preset leaves it alone
+    expected_ensd = overrides.get("eta_noise_seed_delta", 0) if req["sampler_name"] == "Euler a" else None
     assert preset.ensd == expected_ensd
     assert preset.steps == req["steps"] and preset.sampler == req["sampler_name"]
     assert preset.cfg_scale == float(req["cfg_scale"])
@@ -170,3 +171,9 @@ def test_cli_save_needs_a_name(tmp_path, capsys):
     out = tmp_path / "p.yaml"
     assert cli.main(["infotext", CASES[1]["infotexts"][0], "--save", str(out)]) == 2
     assert "--name" in capsys.readouterr().err and not out.exists()
+
+
+def test_missing_ensd_means_zero_only_for_samplers_that_write_it():
+    assert preset_from_infotext("x\nSteps: 20, Sampler: DPM2 a Karras, CFG scale: 7").ensd == 0
+    assert preset_from_infotext("x\nSteps: 20, Sampler: DPM++ 2M SDE, CFG scale: 7").ensd is None
+    assert preset_from_infotext("x\nSteps: 20, Sampler: DDIM, CFG scale: 7, ENSD: 31337").ensd == 31337

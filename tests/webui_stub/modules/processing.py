@@ -5,9 +5,8 @@ from modules import devices, sd_models, shared
 from modules.infotext_utils import quote
 from modules.shared import opts
 
-# samplers whose config has uses_ensd (ancestral / SDE samplers; eta defaults to 1)
-SAMPLERS_USING_ENSD = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
-                       "DPM++ 3M SDE", "DPM adaptive"}
+# samplers whose config has uses_ensd and whose default eta is not 0 (DDIM's is 0; SDE samplers have no uses_ensd)
+SAMPLERS_USING_ENSD = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
 
 
 class StableDiffusionProcessing:
