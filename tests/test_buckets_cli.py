@@ -68,6 +68,9 @@ def test_run_config_with_relative_dataset_path(tmp_path, capsys, demo):
     # --dataset overrides the config's dataset, and the human output is a readable table
     code, out, _ = run_cli(capsys, "buckets", "--config", str(cfg), "--dataset", str(demo / "subset_a"))
     assert code == 0 and "12 images" in out and "crop: mean" in out
+    # decoding every image finds nothing more in the demo data (its only damage is the truncated file)
+    code, out, _ = run_cli(capsys, "buckets", "--config", str(cfg), "--json", "--verify", "full", "--workers", "2")
+    assert code == 0 and json.loads(out)["counts"] == data["counts"] and len(json.loads(out)["skipped"]) == 4
 
 
 @pytest.mark.parametrize("text, fragment", [

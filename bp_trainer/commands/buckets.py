@@ -24,6 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", default=None, help="JSON/JSONL file mapping image -> caption instead of sidecars")
     parser.add_argument("--missing-caption", choices=("skip", "empty", "error"), default="skip",
                         help="images without a caption: skip them (default), train them with an empty caption, or fail")
+    parser.add_argument("--verify", choices=("header", "full"), default="header",
+                        help="header: sizes from headers, truncation from file ends (fast, default); "
+                             "full: also decode every image to find damaged pixel data (slow)")
     parser.add_argument("--workers", type=int, default=1,
                         help="threads reading image headers (helps on network or spinning disks; default 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="also count batches per epoch at this batch size")
@@ -95,7 +98,8 @@ def compute(args: argparse.Namespace) -> Dict[str, Any]:
         return {"arb": arb.to_dict(), "enabled": arb.enabled, "buckets": [list(b) for b in buckets]}
     caption_ext = args.caption_ext or ds_section.get("caption_extension") or ".txt"
     scan = scan_dataset(dataset, caption_ext=caption_ext, metadata_file=args.metadata,
-                        missing_caption=args.missing_caption, workers=max(1, args.workers))
+                        missing_caption=args.missing_caption, workers=max(1, args.workers),
+                        verify=args.verify)
     plan = plan_buckets(scan.items, arb, rule=args.rule, problems=scan.problems, batch_size=args.batch_size,
                         world_size=args.world_size, leftover=args.leftover)
     out = plan.to_dict()
