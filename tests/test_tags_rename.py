@@ -83,6 +83,11 @@ def test_dry_run_shows_every_change_and_writes_nothing(dataset):
     assert not (dataset / JOURNAL_DIR).exists()
 
 
+def test_dry_run_without_match_lists_similar_tags(dataset):
+    plan = rn.plan_rename(dataset, "Sakimichan", "sakim").to_dict()
+    assert plan["files"] == [] and plan["similar"][0] == {"tag": "sakimichan", "count": 3}  # a, c, d (b has "(sakimichan:1.2)")
+
+
 def test_apply_then_undo_byte_exact(dataset):
     result = rn.apply_rename(dataset, "sakimichan", "sakim")
     assert result["applied"] == 4 and result["conflicts"] == [] and result["state"] == "applied"

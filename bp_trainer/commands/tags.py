@@ -101,6 +101,9 @@ def _human_plan(r: dict) -> str:
     for f in r["files"]:
         for ln in f["lines"]:
             lines.append(f"{f['path']}:{ln['line']}:\n  - {ln['before']}\n  + {ln['after']}")
+    if not r["files"] and r.get("similar"):
+        lines.append("no caption has this exact tag; similar tags: " + ", ".join(
+            f"{s['tag']!r} ({s['count']})" for s in r["similar"]))
     if r["duplicates"]:
         lines.append(f"note: {len(r['duplicates'])} caption(s) already have {r['to']!r}; it will appear twice there")
     for j in r.get("unfinished_journals", []):

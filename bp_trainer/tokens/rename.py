@@ -151,6 +151,7 @@ class RenamePlan:
     caption_ext: str
     captions_scanned: int
     files: list  # [FilePlan]
+    similar: list = field(default_factory=list)  # when nothing matches: [{"tag", "count"}] that look like `old`
 
     @property
     def replacements(self) -> int:
@@ -163,6 +164,7 @@ class RenamePlan:
             "files_changed": len(self.files), "replacements": self.replacements,
             "duplicates": [f.path for f in self.files if f.already_has_new],
             "files": [asdict(f) for f in self.files],
+            "similar": list(self.similar),
         }
 
 
@@ -186,8 +188,10 @@ def plan_rename(root: "str | os.PathLike[str]", old: str, new: str, *, caption_e
     root_path = Path(root).resolve()
     files: list[FilePlan] = []
     scanned = 0
-    for caption_path, _text in iter_caption_files(root_path, caption_ext):
+    texts: list[str] = []
+    for caption_path, text in iter_caption_files(root_path, caption_ext):
         scanned += 1
+        texts.append(text)
         path = Path(caption_path)
         data = _read(path)
         try:
@@ -203,8 +207,23 @@ def plan_rename(root: "str | os.PathLike[str]", old: str, new: str, *, caption_e
             replacements=n, lines=_changed_lines(text_before, text_after),
             already_has_new=_has_tag(text_before, new, emphasis),
         ))
+    similar = _similar_tags(old, texts) if not files else []
     return RenamePlan(root=os.fspath(root_path), old=old, new=new, emphasis=emphasis, caption_ext=caption_ext,
-                      captions_scanned=scanned, files=files)
+                      captions_scanned=scanned, files=files, similar=similar)
+
+
+def _similar_tags(tag: str, texts: list[str], limit: int = 5) -> list[dict]:
+    """Tags of the dataset that look like `tag` (other case, `_` vs space, a typo): a hint when nothing matched."""
+    import difflib
+
+    from bp_trainer.tokens.audit import count_tags
+
+    counts, _ = count_tags(texts)
+    key = tag.casefold().replace(" ", "_")
+    same = [t for t in counts if t.casefold().replace(" ", "_") == key and t != tag]
+    close = difflib.get_close_matches(tag, list(counts), n=limit, cutoff=0.75)
+    names = list(dict.fromkeys(same + close))[:limit]
+    return [{"tag": t, "count": counts[t]} for t in names]
 
 
 # ---------------------------------------------------------------------------------------------- journal
