@@ -7,7 +7,6 @@ set to `config` (what config.json holds), scripts imported with the extension ro
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from pathlib import Path
@@ -136,4 +135,4 @@ def fake_tokenizer() -> Any:
     return types.SimpleNamespace(get_vocab=lambda: {}, name="loaded-model-tokenizer")
 
 
-__all__ = ["WebUI", "load_webui", "unload_webui", "fake_tokenizer", "REPO", "os"]
+__all__ = ["WebUI", "load_webui", "unload_webui", "fake_tokenizer", "REPO"]
