@@ -43,33 +43,9 @@ def iter_caption_files(root: "str | os.PathLike[str]", caption_ext: str = ".txt"
 
 
 def _iter_captions(root: str, caption_ext: str) -> Iterator[tuple[str, str, str]]:
-    try:
-        from bp_trainer.dataset.scan import iter_captions
-    except ImportError:  # pragma: no cover - the dataset package is part of bp_trainer
-        iter_captions = _fallback_iter_captions
+    from bp_trainer.dataset.scan import iter_captions  # imported lazily: it loads Pillow
+
     return iter_captions(root, caption_ext)
-
-
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def _fallback_iter_captions(root: str, caption_ext: str) -> Iterator[tuple[str, str, str]]:  # pragma: no cover
-    ext = caption_ext if caption_ext.startswith(".") else "." + caption_ext
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        names = set(files)
-        for name in sorted(files):
-            if name.startswith(".") or not name.lower().endswith(_IMAGE_EXTS):
-                continue
-            for cap in (os.path.splitext(name)[0] + ext, name + ext):
-                if cap in names:
-                    path = os.path.join(folder, cap)
-                    try:
-                        text = Path(path).read_bytes().decode("utf-8-sig").strip()
-                    except (OSError, UnicodeDecodeError):
-                        break
-                    yield os.path.join(folder, name), path, text
-                    break
 
 
 def split_tags(caption: str) -> list[str]:
@@ -77,10 +53,9 @@ def split_tags(caption: str) -> list[str]:
 
 
 def underscores_to_spaces(tag: str) -> str:
-    try:
-        from bp_trainer.dataset.captions import underscores_to_spaces as convert
-    except ImportError:  # pragma: no cover
-        return tag if all(len(p) <= 1 for p in tag.split("_")) else tag.replace("_", " ")
+    """The caption option's rule (`bp_trainer.dataset.captions`): `long_hair` -> `long hair`, kaomoji kept."""
+    from bp_trainer.dataset.captions import underscores_to_spaces as convert
+
     return convert(tag)
 
 
