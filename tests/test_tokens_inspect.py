@@ -6,7 +6,7 @@ import pytest
 
 from bp_trainer.tokens import inspect_prompt, token_counter, tokenize_line
 from bp_trainer.tokens.chunks import chunk_segments, target_token_count
-from bp_trainer.tokens.tokenizer import TokenizerView, find_model_tokenizer, readable_piece
+from bp_trainer.tokens.tokenizer import TokenizerView, find_model_tokenizer, readable_piece, readable_pieces
 from tests.conftest import load_fixture
 
 FIX = load_fixture("a1111-prompts.json")
@@ -110,6 +110,16 @@ def test_odd_punctuation_keeps_ids_exact(clip_tokenizer):
 def test_readable_piece_and_model_lookup(clip_tokenizer):
     assert readable_piece("hair</w>") == "hair "
     assert readable_piece("cafÃ©</w>") == "café "
+    # A character cut over several byte-level pieces shows on each of them, marked with "…".
+    view = TokenizerView.of(clip_tokenizer)
+    pieces = view.pieces(view.encode("1girl, 初音ミク"))
+    texts = readable_pieces(pieces)
+    assert texts[:3] == ["1 ", "girl ", ", "]
+    glued = [t for t in texts[3:] if t.strip()]
+    assert all("…" in t for t in glued)  # every CJK character here spans two or three pieces
+    assert set("初音ミク") == {c for t in glued for c in t if c not in "… "}
+    r = inspect_prompt("初音ミク", clip_tokenizer)
+    assert [c["text"] for c in r["tokens"]] == readable_pieces(r["tags"][0]["pieces"])
 
     class Wrapped:
         tokenizer = clip_tokenizer

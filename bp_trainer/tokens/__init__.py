@@ -11,10 +11,10 @@ from bp_trainer.tokens.attention import parse_prompt_attention
 from bp_trainer.tokens.chunks import Chunk, chunk_segments, target_token_count
 from bp_trainer.tokens.inspect import inspect_prompt, token_counter, tokenize_line
 from bp_trainer.tokens.schedules import counter_prompts, prompt_schedule, split_and, strip_extra_networks
-from bp_trainer.tokens.tokenizer import TokenizerView, find_model_tokenizer, readable_piece
+from bp_trainer.tokens.tokenizer import TokenizerView, find_model_tokenizer, readable_piece, readable_pieces
 
 __all__ = [
     "parse_prompt_attention", "Chunk", "chunk_segments", "target_token_count", "inspect_prompt", "token_counter",
     "tokenize_line", "counter_prompts", "prompt_schedule", "split_and", "strip_extra_networks", "TokenizerView",
-    "find_model_tokenizer", "readable_piece",
+    "find_model_tokenizer", "readable_piece", "readable_pieces",
 ]

@@ -21,7 +21,7 @@ from bp_trainer.errors import BPError
 from bp_trainer.tokens.attention import is_break, parse_prompt_attention
 from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, Chunk, EmbeddingUse, chunk_segments, target_token_count
 from bp_trainer.tokens.schedules import counter_prompts, strip_extra_networks, unique
-from bp_trainer.tokens.tokenizer import TokenizerView, readable_piece
+from bp_trainer.tokens.tokenizer import TokenizerView, readable_pieces
 
 
 @dataclass
@@ -226,19 +226,21 @@ def _variants(text: str, tokenizer: Any, steps: int, negative: bool, hires_steps
 
 
 def token_chips(line: LineTokens) -> list[dict]:
-    """One entry per token of the stream, for drawing chips: position, id, BPE piece, display text, weight,
-    chunk, and the index of its tag in `tags` (None for the comma tokens between tags)."""
+    """One entry per token of the stream, for drawing chips: position, id, BPE piece, display text (a character
+    cut across pieces shows on each with `…`), weight, chunk, and the index of its tag in `tags` (None for the
+    comma tokens between tags)."""
     owner: dict[int, int] = {}
     for i, tag in enumerate(line.tags):
         for p in range(tag["start"], tag["end"]):
             owner[p] = i
+    texts = readable_pieces(line.pieces)
     chips = []
     for c in line.chunks:
         ids = c.ids[1:1 + c.count]
         for k, token in enumerate(ids):
             pos = c.start + k
             piece = line.pieces[pos]
-            chips.append({"pos": pos, "id": token, "piece": piece, "text": readable_piece(piece),
+            chips.append({"pos": pos, "id": token, "piece": piece, "text": texts[pos],
                           "weight": c.multipliers[1 + k], "chunk": c.index, "tag": owner.get(pos)})
     return chips
 

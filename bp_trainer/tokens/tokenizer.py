@@ -32,6 +32,50 @@ def readable_piece(piece: str) -> str:
     return core + (" " if end else "")
 
 
+def readable_pieces(pieces: Sequence[str]) -> list[str]:
+    """Display text of each piece of a token sequence, for characters cut across pieces too.
+
+    CLIP's byte-level BPE can split one character (Japanese, many emoji) over several pieces; alone each part
+    is no text. Here every piece shows the characters its bytes belong to, with `…` on the side where a
+    character continues in the neighbouring piece: `初` over two pieces reads `初…`, `…初`.
+    """
+    import codecs
+
+    dec = _byte_decoder()
+    raw: list[bytes] = []
+    for piece in pieces:
+        core = piece[:-4] if piece.endswith("</w>") else piece
+        raw.append(bytes(dec[c] for c in core) if all(c in dec for c in core) else core.encode("utf-8"))
+    # Character spans over the concatenated bytes.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    spans: list[tuple[int, int, str]] = []
+    start = pos = 0
+    for chunk in raw:
+        for b in chunk:
+            out = decoder.decode(bytes([b]))
+            pos += 1
+            if out:
+                # A replacement char may complete together with the next char: give each its own span.
+                for k, ch in enumerate(out):
+                    spans.append((start if k == 0 else pos - 1, pos, ch))
+                start = pos
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        spans.append((start, pos, tail))
+    texts: list[str] = []
+    offset = 0
+    for piece, chunk in zip(pieces, raw):
+        a, b = offset, offset + len(chunk)
+        offset = b
+        parts = []
+        for s0, s1, ch in spans:
+            if s1 <= a or s0 >= b:
+                continue
+            parts.append(("…" if s0 < a else "") + ch + ("…" if s1 > b else ""))
+        texts.append("".join(parts) + (" " if piece.endswith("</w>") else ""))
+    return texts
+
+
 class TokenizerView:
     """Cached tokenization plus the ids the WebUI's chunking needs (comma, BOS, EOS)."""
 
