@@ -78,15 +78,15 @@ def _embeddings(specs: list) -> dict:
 
 
 def _pieces(pieces: list) -> str:
-    from bp_trainer.tokens.tokenizer import readable_piece
+    from bp_trainer.tokens.tokenizer import readable_pieces
 
     shown: list = []
-    for p in pieces:
+    for p, text in zip(pieces, readable_pieces(pieces)):
         if p.startswith("<") and p.endswith(">") and shown and shown[-1][0] == p:
-            shown[-1][1] += 1  # an embedding's vectors: one entry "<name>x8"
+            shown[-1][2] += 1  # an embedding's vectors: one entry "<name>x8"
         else:
-            shown.append([p, 1])
-    return "|".join(readable_piece(p).rstrip() + (f"x{n}" if n > 1 else "") for p, n in shown)
+            shown.append([p, text.rstrip(), 1])
+    return "|".join(text + (f"x{n}" if n > 1 else "") for _p, text, n in shown)
 
 
 def _human_prompt(r: dict) -> str:
