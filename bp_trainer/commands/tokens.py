@@ -107,7 +107,7 @@ def _human_prompt(r: dict) -> str:
         for t in tags_by_chunk.get(c["index"], []):
             weight = "" if t["weight"] == 1.0 and not t["mixed_weights"] else f"x{t['weight']:.3g}" + (
                 "*" if t["mixed_weights"] else "")
-            mark = "  ! word split" if split_word_count(t["pieces"]) else ""
+            mark = "  ! word split" if not t.get("embeddings") and split_word_count(t["pieces"]) else ""
             cross = " (crosses into the next chunk)" if t["crosses_chunk"] else ""
             lines.append(f"  {t['text'][:width]:<{width}} {weight:>7} {len(t['ids']):>2}  {_pieces(t['pieces'])}"
                          f"{mark}{cross}")
