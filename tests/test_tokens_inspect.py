@@ -133,6 +133,14 @@ def test_readable_piece_and_model_lookup(clip_tokenizer):
     assert find_model_tokenizer(Model()) is clip_tokenizer
     assert find_model_tokenizer(object()) is None
 
+    class Conditioner:  # SDXL: a GeneralConditioner without .wrapped; CLIP-L is the first embedder
+        embedders = [Wrapped(), object()]
+
+    class XL:
+        cond_stage_model = Conditioner()
+
+    assert find_model_tokenizer(XL()) is clip_tokenizer
+
 
 def test_tags_and_chunks_tile_the_token_stream(clip_tokenizer):
     """Property over generated prompts: each tag's ids are exactly its slice of the WebUI's token stream, and
