@@ -32,7 +32,7 @@ def make_cfg(model: Path, data: Path, runs: Path, **sections: Dict[str, Any]) ->
         "dataset": {"path": str(data)},
         "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128},
         "training": {"batch_size": 2, "learning_rate": 1e-3, "seed": 7},
-        "ema": {"decay": 0.9},
+        "ema": {"decay": 0.9, "every_n_steps": 1},
         "saving": {"every_n_epochs": 0},
         "logging": {"tensorboard": False, "progress_bar": "false"},
     }

@@ -34,7 +34,7 @@ def demo_config(out: Path, *, epochs: int, max_steps: "int | None", num_processe
         "training": {"batch_size": 4, "learning_rate": 2.0e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 2,
                      "epochs": epochs, "max_steps": max_steps, "seed": 42, "noise_offset": 0.05,
                      "min_snr_gamma": 5.0},
-        "ema": {"enabled": True, "decay": 0.99, "device": "cpu"},
+        "ema": {"enabled": True, "decay": 0.99, "device": "cpu", "every_n_steps": 1},
         "latents": {"cache": "memory"},
         "saving": {"every_n_epochs": 2, "at_end": True, "precision": "fp16", "main_unet": "ema"},
         "sampling": {"prompts": ["1girl, solo, red_background", "2girls, striped_background"], "steps": 8,

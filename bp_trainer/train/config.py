@@ -116,9 +116,10 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
     },
     "ema": {
         "enabled": Field("bool", True, "keep an exponential moving average of the UNet"),
-        "decay": Field("float", 0.9999, "EMA decay per update", min=0.0, max=1.0),
+        "decay": Field("float", 0.999, "EMA decay per update", min=0.0, max=1.0),
         "device": Field("str", "cpu", "cpu (saves VRAM) or accelerator (faster)", choices=("cpu", "accelerator")),
-        "every_n_steps": Field("int", 1, "update the EMA every N optimizer steps", min=1),
+        "every_n_steps": Field("int", 5, "update the EMA every N optimizer steps (a CPU EMA costs a copy of the UNet)",
+                               min=1),
     },
     "latents": {
         "cache": Field("str", "none", "none, memory or disk (disk: reused between runs)",
