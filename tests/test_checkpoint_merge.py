@@ -228,3 +228,26 @@ def test_ckpt_output(demo, base_sd, tmp_path):
     assert main(["merge", "--base", str(demo / "tiny-sd.safetensors"), "--drop-ema", "--out", str(out)]) == 0
     obj = torch.load(out, weights_only=True)
     assert set(obj["state_dict"]) == {k for k in base_sd if not k.startswith(lk.EMA_PREFIX)}
+
+
+def test_direct_chunked_conversion_writes_the_same_bytes_as_the_tensor_path(demo, tmp_path, monkeypatch):
+    """The fast path (converted chunk by chunk straight into the file) and the tensor path agree byte for byte."""
+    from bp_trainer.checkpoint import io as cio
+
+    opts = dict(base=str(demo / "tiny-sd.safetensors"), vae=str(demo / "tiny-vae.safetensors"), use_ema=True,
+                precision="fp16")
+    fast = tmp_path / "fast.safetensors"
+    used = {"n": 0}
+    real = cio.SafetensorsSource.write_converted
+
+    def counting(self, *a):
+        used["n"] += 1
+        return real(self, *a)
+
+    monkeypatch.setattr(cio.SafetensorsSource, "write_converted", counting)
+    merge(MergeOptions(**opts), fast)
+    assert used["n"] > 400  # nearly every tensor took the direct path
+    monkeypatch.setattr(cio, "_direct_ok", lambda e: False)
+    slow = tmp_path / "slow.safetensors"
+    merge(MergeOptions(**opts), slow)
+    assert fast.read_bytes() == slow.read_bytes()

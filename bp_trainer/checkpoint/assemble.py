@@ -251,7 +251,9 @@ def plan_merge(opts: MergeOptions) -> tuple[list[Entry], dict[str, Any], list[Te
             ref = plan[k]
             dtype, shape = ref.info()
             target = out_dtype(dtype, opts.precision)
-            entries.append(Entry(k, target, tuple(shape), (lambda ref=ref, target=target: ref.load_as(target))))
+            direct = ref.view.direct(ref.key) if ref.fn is None and isinstance(ref.view, MappedSource) else None
+            entries.append(Entry(k, target, tuple(shape), (lambda ref=ref, target=target: ref.load_as(target)),
+                                 direct=direct))
         recipe = _recipe(opts, plan, notes)
         return entries, recipe, views
     except BaseException:

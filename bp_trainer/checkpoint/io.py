@@ -237,6 +237,33 @@ class SafetensorsSource(TensorSource):
             flat[i : i + m].copy_(scratch[:nbytes].view(info.dtype))
         return out
 
+    def write_converted(self, key: str, dtype: torch.dtype, fd: int, offset: int) -> None:
+        """Write the tensor's bytes, converted to `dtype` (floating only), at `offset` of the file `fd`,
+        chunk by chunk through per-thread scratch buffers (positioned writes: threads may run in parallel)."""
+        info = self._infos[key]
+        if not (info.dtype.is_floating_point and dtype.is_floating_point):
+            dtype = info.dtype
+        src_size, dst_size = itemsize(info.dtype), itemsize(dtype)
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None:
+            scratch = _scratch.buf = torch.empty(_CHUNK, dtype=torch.uint8)
+        out = getattr(_scratch, "out", None)
+        if out is None:
+            out = _scratch.out = torch.empty(_CHUNK * 2, dtype=torch.uint8)  # up to 2x wider (f16 -> f32)
+        in_view, out_view = memoryview(scratch.numpy()), memoryview(out.numpy())
+        start = int(self._entries[key]["data_offsets"][0])
+        per = _CHUNK // src_size
+        n = info.numel
+        for i in range(0, n, per):
+            m = min(per, n - i)
+            self._read_into(in_view[: m * src_size], self._base + start + i * src_size, key)
+            if dtype == info.dtype:
+                data = in_view[: m * src_size]
+            else:
+                out[: m * dst_size].view(dtype).copy_(scratch[: m * src_size].view(info.dtype))
+                data = out_view[: m * dst_size]
+            _pwrite_all(fd, data, offset + i * dst_size)
+
     def _read_into(self, view: memoryview, offset: int, key: str) -> None:
         got = 0
         total = len(view)
@@ -416,6 +443,9 @@ class Entry:
     dtype: torch.dtype
     shape: tuple
     produce: Callable[[], torch.Tensor]
+    # optional fast path: (source, key) whose bytes, converted to `dtype`, are exactly this tensor's
+    # (lets the writer convert chunk by chunk straight into the output file: no full-size buffers)
+    direct: "tuple[Any, str] | None" = None
 
 
 def cast(t: torch.Tensor, precision: "str | torch.dtype | None") -> torch.Tensor:
@@ -507,6 +537,57 @@ def _produced(entries: list[Entry], ahead: int = 2) -> Iterator[tuple[Entry, tor
         pool.shutdown(wait=True)
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _direct_ok(e: Entry) -> bool:
+    if e.direct is None:
+        return False
+    src, key = e.direct
+    return hasattr(src, "write_converted") and numel(src.info(key).shape) == numel(e.shape)
+
+
+def _write_data_positioned(entries: list[Entry], fh, base: int, workers: int = 2) -> None:
+    """Write every tensor at its offset (data section starts at `base`), `workers` tensors at a time.
+    Entries with a direct source are converted chunk by chunk straight into the file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fd = fh.fileno()
+    offsets = []
+    pos = base
+    for e in entries:
+        offsets.append(pos)
+        pos += numel(e.shape) * itemsize(e.dtype)
+
+    def one(e: Entry, off: int) -> None:
+        if _direct_ok(e):
+            src, key = e.direct
+            src.write_converted(key, e.dtype, fd, off)
+            return
+        t = e.produce()
+        if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
+            raise BPError(f"tensor {e.key!r} came out as {t.dtype} {tuple(t.shape)}, "
+                          f"expected {e.dtype} {tuple(e.shape)}")
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        if t.numel():
+            _pwrite_all(fd, memoryview(t.view(torch.uint8).numpy()), off)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bp-ckpt-write") as pool:
+        futures = [pool.submit(one, e, off) for e, off in zip(entries, offsets)]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def _write_data(entries: list[Entry], fh) -> None:
     for e, t in _produced(entries):
         if t.numel():
@@ -561,8 +642,11 @@ def write_checkpoint(
                 reserved = len(_header_bytes(header, meta)) + int(late_reserve)
                 reserved += (8 - reserved % 8) % 8
                 with open(tmp, "wb") as raw:
-                    raw.seek(8 + reserved)
-                    _write_data(ordered, raw)
+                    if hasattr(os, "pwrite"):
+                        _write_data_positioned(ordered, raw, 8 + reserved)
+                    else:
+                        raw.seek(8 + reserved)
+                        _write_data(ordered, raw)
                     final = dict(meta)
                     final.update({str(k): str(v) for k, v in late_metadata().items()})
                     raw.seek(0)

@@ -128,6 +128,13 @@ class MappedSource(TensorSource):
         t = src.get(k)
         return fn(t) if fn is not None else t
 
+    def direct(self, key: str) -> "tuple[TensorSource, str]":
+        """(underlying source, key) holding this tensor's bytes (the transforms here are reshapes only)."""
+        src, k, fn, _ = self._map[key]
+        if isinstance(src, MappedSource):
+            return src.direct(k)
+        return src, k
+
     def get_as(self, key: str, dtype: "torch.dtype | None" = None) -> torch.Tensor:
         src, k, fn, _ = self._map[key]  # transforms here are reshapes: they commute with a dtype change
         t = src.get_as(k, dtype)
