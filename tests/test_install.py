@@ -46,7 +46,8 @@ def test_status_states_from_files(tmp_path):
 def test_requirements_pin_the_trainer_stack_for_python_310_torch_21():
     lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements-trainer.txt").read_text().splitlines()]
     pins = dict(ln.split("==") for ln in lines if ln)
-    assert set(pins) == {"diffusers", "transformers", "tokenizers", "huggingface_hub", "accelerate", "safetensors"}
+    assert set(pins) == {"diffusers", "transformers", "tokenizers", "huggingface_hub", "accelerate", "safetensors",
+                         "tensorboard"}
     # nothing that would replace the WebUI's torch
     assert not any(name.lower().startswith(("torch", "xformers", "gradio", "fastapi")) for name in pins)
 
