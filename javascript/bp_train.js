@@ -48,7 +48,24 @@
         button.click();
     }
 
-    setInterval(tick, 500);
+    // ---- the log follows its newest line unless the user scrolled up to read.
+    var logStick = true;
+    var logArea = null;
+
+    function followLog() {
+        var box = byId("bp_train_log");
+        var area = box && box.querySelector("textarea");
+        if (!area) return;
+        if (area !== logArea) {
+            logArea = area;
+            area.addEventListener("scroll", function () {
+                logStick = area.scrollHeight - area.scrollTop - area.clientHeight < 30;
+            });
+        }
+        if (logStick) area.scrollTop = area.scrollHeight;
+    }
+
+    setInterval(function () { tick(); followLog(); }, 500);
 
     // ---- token chips: hovering a chip highlights every chip of the same token id.
     function chipHover(ev, on) {
@@ -66,5 +83,5 @@
     document.addEventListener("mouseout", function (ev) { chipHover(ev, false); }, true);
 
     // Exposed for tests and for other scripts.
-    window.bpTrain = { tick: tick, runActive: runActive, root: root };
+    window.bpTrain = { tick: tick, runActive: runActive, root: root, followLog: followLog };
 })();

@@ -94,7 +94,12 @@ def _tab(page, name: str) -> None:
 
 
 def _shot(page, shots: Path, name: str) -> None:
-    page.screenshot(path=str(shots / f"{name}.png"), full_page=True, type="png")
+    """A full-page PNG, reduced to a 256-colour palette (README images stay small)."""
+    from PIL import Image
+
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True, type="png")
+    Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)
 
 
 def test_page_loads_js_and_css(page):
@@ -141,6 +146,9 @@ def test_train_watch_progress_and_stop(page, app, shots):
     page.wait_for_selector("#bp_train_samples img", timeout=60000)
     page.wait_for_selector("#bp_train_loss svg polyline")
     assert "ETA" in page.inner_text("#bp_train_progress")
+    at_bottom = ("() => { const t = document.querySelector('#bp_train_log textarea'); "
+                 "return t.scrollHeight - t.scrollTop - t.clientHeight < 30; }")
+    page.wait_for_function(at_bottom)  # the log shows its newest line
     assert page.is_disabled("#bp_train_start") and not page.is_disabled("#bp_train_stop")
     _shot(page, shots, "train")
     page.click("#bp_train_stop")
@@ -162,7 +170,11 @@ def test_merge_a_vae(page, app, shots):
     page.click("#bp_train_mg_vae li:has-text('tiny-vae.safetensors')")
     page.fill("#bp_train_mg_name textarea", "browser-merged")
     page.click("#bp_train_mg_go")
-    page.wait_for_selector("#bp_train_mg_result .bp-msg", timeout=60000)
+    try:
+        page.wait_for_selector("#bp_train_mg_result .bp-msg", timeout=120000)
+    except Exception:
+        _shot(page, shots, "merge-failed")
+        raise
     text = page.inner_text("#bp_train_mg_result")
     assert "bp-kv" in page.inner_html("#bp_train_mg_result"), text
     assert "AutoV2" in text and "old hash" in text
