@@ -148,6 +148,7 @@ def test_one_run_at_a_time_and_graceful_stop(tmp_path, fake_trainer):
     assert ctl.wait(30)
     snap = ctl.snapshot()
     assert snap["status"] == "stopped" and ctl.exit_code == 0 and not snap["active"]
+    assert runs.find_live_run(host.runs_dir()) is None
     assert host.calls.count("reclaim") == 1
     with pytest.raises(BPError, match="no training run"):
         ctl.stop()
@@ -161,6 +162,7 @@ def test_reattach_after_host_restart(tmp_path, fake_trainer):
     assert _wait_for(lambda: ctl.snapshot()["step"] >= 3)
     # A new process (fresh registry, new host object) finds the live run through the runs folder.
     second = RecordingHost(tmp_path)
+    assert runs.find_live_run(second.runs_dir()) == launcher.find_active_run(second.runs_dir()) == Path(run_dir)
     fresh = runs.RunController(second)
     assert fresh.attach_existing()
     assert fresh.run_dir == Path(run_dir)

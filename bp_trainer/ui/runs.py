@@ -67,6 +67,29 @@ def _webui_file(event: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def find_live_run(runs_dir: "str | os.PathLike[str]") -> Optional[Path]:
+    """The newest run folder whose process is alive, from the run locks alone.
+
+    Same answer as `launcher.find_active_run`, but it reads only `run.lock` files (the page polls this while
+    no run is active; a folder of long runs has large event files that need not be read for it).
+    """
+    from bp_trainer import launcher
+
+    root = Path(runs_dir)
+    live = []
+    try:
+        candidates = [d for d in root.iterdir() if (d / launcher.LOCK_FILE).is_file()]
+    except OSError:
+        return None
+    for d in candidates:
+        if launcher.is_active(d):
+            try:
+                live.append(((d / launcher.LOCK_FILE).stat().st_mtime, d))
+            except OSError:
+                continue
+    return max(live)[1] if live else None
+
+
 class RunController:
     """Start/stop/follow the one run of a runs folder for a host."""
 
@@ -126,7 +149,7 @@ class RunController:
         with self.lock:
             if self.active:
                 return True
-            run_dir = launcher.find_active_run(self.host.runs_dir())
+            run_dir = find_live_run(self.host.runs_dir())
             if run_dir is None:
                 return False
             handle = launcher.attach(run_dir)
