@@ -101,7 +101,11 @@ def test_build_tab_has_every_sub_tab_and_prefixed_ids(host):
         assert needed in ids, needed
     assert all(i.startswith(("bp_train_", "bp_train")) for i in ids)
     assert any(d["trigger"] == "load" for d in page.config["dependencies"])  # re-attach on page load
-    base = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "bp_train_base")
+    by_id = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
+    for volatile in ("bp_train_log", "bp_train_base", "bp_train_mg_vae", "bp_train_tok_table"):
+        assert by_id[volatile].do_not_save_to_config  # the WebUI's ui-config.json must not freeze these
+    assert not getattr(by_id["bp_train_dataset"], "do_not_save_to_config", False)
+    base = by_id["bp_train_base"]
     assert [c[0] if isinstance(c, (list, tuple)) else c for c in base.choices] == host.list_checkpoints()
 
 

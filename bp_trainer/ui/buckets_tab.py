@@ -111,6 +111,8 @@ def build(host: Any, train: Any = None) -> BucketsCallbacks:
             skipped = gr.Dataframe(headers=SKIP_HEADERS, interactive=False, wrap=True, elem_id="bp_train_bk_skipped",
                                    max_rows=None, height=420, row_count=(0, "dynamic"))
 
+    render.not_saved(table, skipped)
+
     def run(d, a, r, b, e, progress=gr.Progress()):
         return cb.plan(d, a, r, b, e, progress=lambda f, desc: progress(f, desc=desc))
 

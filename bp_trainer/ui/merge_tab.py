@@ -181,6 +181,8 @@ def build(host: Any) -> MergeCallbacks:
             go = gr.Button("Merge", variant="primary", elem_id="bp_train_mg_go")
         result = gr.HTML(elem_id="bp_train_mg_result")
 
+    render.not_saved(base, unet, vae, te, result)
+
     def do_refresh():
         c, v = cb.refresh()
         return (gr.update(choices=c), gr.update(choices=[NONE, *c]), gr.update(choices=[NONE, *v]),

@@ -19,6 +19,16 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def not_saved(*components: Any) -> None:
+    """Keep volatile components (logs, outputs, model lists) out of the WebUI's ui-config.json.
+
+    The WebUI stores every labelled component's value and restores it at start-up; a stale log or a model
+    name that no longer exists should not come back. Other hosts ignore the attribute.
+    """
+    for c in components:
+        c.do_not_save_to_config = True
+
+
 def message_html(text: str, kind: str = "info") -> str:
     """A one-line notice (kind: info, ok, warn, error)."""
     return f'<div class="bp-msg bp-msg-{esc(kind)}">{esc(text)}</div>'

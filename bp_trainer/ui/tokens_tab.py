@@ -180,6 +180,7 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                                      elem_id="bp_train_tok_sug_table",
                                      max_rows=None, height=360, row_count=(0, "dynamic"))
 
+    render.not_saved(table, changes, journal, sug_table)
     for event in (prompt.change, steps.change, negative.change):
         event(cb.inspect, [prompt, steps, negative], [chips], show_progress="hidden", queue=False)
     audit.click(cb.audit, [dataset, focus, only_flagged], [table, audit_msg], show_progress="minimal")

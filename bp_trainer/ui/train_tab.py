@@ -315,6 +315,7 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
                                  elem_classes=["bp-log"])
         version = gr.State("")
 
+    render.not_saved(base, yaml_file, yaml_import, log, samples, version)
     cb.initial_values = init
     cb.components = {"dataset": dataset, "base": base, "arb": arb, "yaml": yaml_box, "fields": fields}
     form_inputs = [yaml_box, base, dataset, arb, *fields]
@@ -357,4 +358,5 @@ def _trainer_env_box(gr: Any, cb: TrainCallbacks, message: str) -> None:
         button = gr.Button("Set up trainer environment", elem_id="bp_train_env_setup")
         out = gr.Textbox(label="Set-up output", lines=6, max_lines=12, interactive=False, elem_id="bp_train_env_log",
                          elem_classes=["bp-log"])
+    render.not_saved(out)
     button.click(cb.setup_trainer_env, None, [out])
