@@ -44,6 +44,7 @@ FAKE_TRAINER = textwrap.dedent(
             ev.emit("checkpoint", step=step, epoch=0, reason="every_n_steps", files={"webui": {"path": str(ck)}})
             ev.emit("sample", step=step, path=str(run_dir / "s.png"), prompt="1girl", ema=False)
         if (run_dir / "STOP").exists():
+            (run_dir / "state" / f"step-{step}").mkdir(parents=True, exist_ok=True)
             ev.emit("done", step=step, reason="stopped", outputs={})
             sys.exit(0)
     ev.emit("done", step=steps, reason="finished", outputs={})
@@ -84,6 +85,7 @@ def fake_trainer(tmp_path, monkeypatch):
     settings = {"steps": 6, "mode": "ok"}
 
     def build_command(cfg, run_dir, **kw):
+        settings.setdefault("commands", []).append(kw)
         return {"argv": [sys.executable, str(script), str(run_dir), str(settings["steps"]), settings["mode"]],
                 "env": {}, "accelerate_config": ""}
 
@@ -210,3 +212,32 @@ def test_publish_checkpoint_links_and_names(tmp_path):
     assert dest.read_bytes() == b"abc"
     assert os.path.samefile(dest, src)  # a hard link on the same file system: no extra space
     assert runs.publish_checkpoint(src, tmp_path / "ckpt", "myrun-20260101", 42) == dest  # idempotent
+
+
+def test_resume_a_stopped_run(tmp_path, fake_trainer):
+    from bp_trainer.ui.train_tab import TrainCallbacks
+
+    fake_trainer["steps"] = 100000
+    host = RecordingHost(tmp_path)
+    (tmp_path / "base.safetensors").write_bytes(b"x")
+    (tmp_path / "data").mkdir()
+    cfg = _cfg(host)
+    cfg["model"]["base"] = str(tmp_path / "base.safetensors")
+    cfg["dataset"]["path"] = str(tmp_path / "data")
+    ctl = runs.controller_for(host)
+    run_dir = ctl.start(cfg)
+    assert _wait_for(lambda: ctl.snapshot()["step"] >= 2)
+    cb = TrainCallbacks(host)
+    assert cb.resumable_runs() == []  # a live run is not resumable
+    ctl.stop()
+    assert ctl.wait(30)
+    assert cb.resumable_runs() == [Path(run_dir).name]
+    html = cb.resume(Path(run_dir).name)
+    assert "resuming" in html, html
+    assert fake_trainer["commands"][-1].get("resume") is True
+    assert ctl.run_dir == Path(run_dir) and ctl.active
+    assert _wait_for(lambda: ctl.snapshot()["status"] == "running")
+    ctl.stop()
+    assert ctl.wait(30)
+    assert host.calls.count("release") == 2 and host.calls.count("reclaim") == 2
+    assert "bp-msg-error" in cb.resume("../elsewhere")

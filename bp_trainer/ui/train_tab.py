@@ -148,6 +148,34 @@ class TrainCallbacks:
             return render.error_html(exc)
         return render.message_html(f"started {Path(run_dir).name} (folder {run_dir})", "ok")
 
+    def resumable_runs(self) -> List[str]:
+        """Runs of the runs folder that ended before finishing and saved a state to resume from (newest first)."""
+        from bp_trainer import launcher
+
+        out = []
+        for r in launcher.list_runs(self.host.runs_dir()):
+            state = Path(r["run_dir"]) / "state"
+            if not r["active"] and r["status"] != "finished" and state.is_dir() and any(state.iterdir()):
+                out.append(r["name"])
+        return out
+
+    def resume(self, name: str) -> str:
+        """Continue a stopped or interrupted run from its last saved state (same folder, same config)."""
+        from bp_trainer.train.config import load_config
+
+        if not name:
+            return render.message_html("choose a run to resume", "warn")
+        run_dir = Path(self.host.runs_dir()) / name
+        try:
+            if os.path.dirname(name) or not run_dir.is_dir():
+                raise BPError("run folder not found", path=run_dir, hint="press \u21bb to list the runs")
+            cfg = load_config(run_dir / "config.yaml")
+            cfg["run"]["python"] = self.host.trainer_python()
+            self.controller.start(cfg, resume_dir=str(run_dir))
+        except BPError as exc:
+            return render.error_html(exc)
+        return render.message_html(f"resuming {name} from its last saved state", "ok")
+
     def stop(self) -> str:
         try:
             return render.message_html(self.controller.stop(), "info")
@@ -306,6 +334,13 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
                     stop = gr.Button("Stop", variant="stop", elem_id="bp_train_stop", interactive=False)
                     poll = gr.Button("Refresh", elem_id="bp_train_poll", elem_classes=["bp-small-btn"], scale=0,
                                      min_width=90)
+                with gr.Accordion("Resume a stopped run", open=False, elem_id="bp_train_resume_box"):
+                    with gr.Row():
+                        resume_name = gr.Dropdown(label="Run", choices=cb.resumable_runs(), elem_id="bp_train_resume_run",
+                                                  scale=4)
+                        resume_refresh = gr.Button("\u21bb", elem_id="bp_train_resume_refresh",
+                                                   elem_classes=["bp-icon-btn"], scale=0, min_width=40)
+                        resume_btn = gr.Button("Resume", elem_id="bp_train_resume", scale=1)
                 message = gr.HTML(elem_id="bp_train_message")
                 progress = gr.HTML(render.progress_html({"status": "idle"}), elem_id="bp_train_progress")
                 loss = gr.HTML(render.line_chart_svg([], title="loss"), elem_id="bp_train_loss")
@@ -315,7 +350,7 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
                                  elem_classes=["bp-log"])
         version = gr.State("")
 
-    render.not_saved(base, yaml_file, yaml_import, log, samples, version)
+    render.not_saved(base, yaml_file, yaml_import, log, samples, version, resume_name)
     cb.initial_values = init
     cb.components = {"dataset": dataset, "base": base, "arb": arb, "yaml": yaml_box, "fields": fields}
     form_inputs = [yaml_box, base, dataset, arb, *fields]
@@ -347,6 +382,9 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
     stop.click(cb.stop, None, [message], show_progress="hidden").then(do_poll, [version], poll_outputs,
                                                                      show_progress="hidden")
     poll.click(do_poll, [version], poll_outputs, show_progress="hidden")
+    resume_refresh.click(lambda: gr.update(choices=cb.resumable_runs()), None, [resume_name], show_progress="hidden")
+    resume_btn.click(cb.resume, [resume_name], [message], show_progress="minimal").then(
+        do_poll, [version], poll_outputs, show_progress="hidden")
     cb.load_event = (do_poll, [version], poll_outputs)  # wired to the tab's load in tab.py
     return cb
 
