@@ -211,3 +211,15 @@ def test_events_follow_json_shape_matches_trainer(tmp_path):
     s = v.summary(now=json.loads((tmp_path / "events.jsonl").read_text())["time"])
     assert (s["step"], s["epoch"], s["total_steps"], s["ips"], s["lr"]) == (3, 1, 9, 7.5, 1e-5)
     assert s["eta"] == pytest.approx(12.0)
+
+
+def test_editing_the_buckets_marks_the_preset_custom(host, tmp_path):
+    cb = TrainCallbacks(host)
+    init, values = _form(cb)
+    text, err, preset = cb.form_to_yaml(init["yaml"], "", "", init["arb"], *values)
+    assert (err, preset) == ("", "768")
+    edited = init["arb"].replace("min_dim: 256", "min_dim: 320")
+    text, err, preset = cb.form_to_yaml(init["yaml"], "", "", edited, *values)
+    assert preset == "custom" and yaml.safe_load(text)["arb"]["min_dim"] == 320
+    text, err, preset = cb.form_to_yaml(init["yaml"], "", "", "arb: [", *values)
+    assert "bp-msg-error" in err and preset is NO_CHANGE and text == init["yaml"]

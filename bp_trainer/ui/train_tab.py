@@ -83,15 +83,16 @@ class TrainCallbacks:
         train_form.put(raw, "run.python", self.host.trainer_python())
         return train_form.validate(raw, check_paths=check_paths)
 
-    def form_to_yaml(self, yaml_text: str, base: str, dataset: str, arb_text: str, *values: Any) -> Tuple[str, str]:
-        """Form edits into the YAML box (not validated: the box shows what Start will check)."""
+    def form_to_yaml(self, yaml_text: str, base: str, dataset: str, arb_text: str, *values: Any) -> Tuple[str, str, Any]:
+        """Form edits into the YAML box (not validated: the box shows what Start will check), and the preset
+        the buckets now match ("custom" after an edit of the `arb:` block)."""
         try:
             raw = train_form.merge_form(yaml_text, base=self.base_path(base) if base else None, dataset=dataset,
                                         arb_text=arb_text, values=values)
             full = train_form._cfgmod().merge(train_form._cfgmod().defaults(), raw)
-            return train_form.dump_yaml(full), ""
+            return train_form.dump_yaml(full), "", train_form.detect_preset(full) or "custom"
         except (BPError, ValueError, TypeError) as exc:
-            return yaml_text, render.error_html(exc)
+            return yaml_text, render.error_html(exc), NO_CHANGE
 
     def apply_preset(self, preset: str, yaml_text: str, arb_text: str, *values: Any) -> List[Any]:
         """Preset radio: its `arb:` block and training keys into the form and the YAML."""
@@ -357,13 +358,12 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
     refresh.click(lambda cur: gr.update(choices=cb.refresh_models(), value=cur), [base], [base], show_progress="hidden")
 
     def sync(*args):
-        text, err = cb.form_to_yaml(*args)
-        return text, err
+        return _upd(gr, cb.form_to_yaml(*args))
 
     # User edits only (`input`/`blur`), so programmatic updates of the form do not echo back.
     for comp in [base, dataset, arb, *fields]:
         event = comp.blur if isinstance(comp, (gr.Textbox, gr.Number)) else comp.input
-        event(sync, form_inputs, [yaml_box, message], show_progress="hidden", queue=False)
+        event(sync, form_inputs, [yaml_box, message, preset], show_progress="hidden", queue=False)
     preset.input(lambda p, y, a, *v: _upd(gr, cb.apply_preset(p, y, a, *v)), [preset, yaml_box, arb, *fields],
                   [arb, yaml_box, *fields, message], show_progress="hidden", queue=False)
     form_outputs = [base, dataset, preset, arb, yaml_box, *fields, message]
