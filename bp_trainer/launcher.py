@@ -333,6 +333,9 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
 
 
+signal_group = _signal_group  # public name: send a signal to a run's whole process group
+
+
 def stop_run(run_dir: "str | os.PathLike[str]", *, timeout: float = 0.0, force: bool = False,
              handle: Optional[RunHandle] = None) -> Optional[int]:
     """Stop a run: STOP file; after `timeout` s without exit SIGTERM, then SIGKILL after as long again.
