@@ -67,6 +67,19 @@ def run_child(cmd: list[str]) -> tuple[float, int, str, float]:
     return wall, usage.ru_maxrss * 1024, out.decode(), usage.ru_utime + usage.ru_stime
 
 
+def child_nohash(base: str, vae: str, out: str) -> int:
+    """The same merge with every SHA-256 replaced by a constant: what the conversion costs without the
+    hashing a plain copy does not do (input hashes for the recipe, output hashes for the result)."""
+    from bp_trainer.checkpoint import assemble, io
+    from bp_trainer.checkpoint.assemble import MergeOptions, merge
+
+    fake = {"sha256": "0" * 64, "autov2": "0" * 10, "old": "0" * 8}
+    io.file_hashes = assemble.file_hashes = lambda p: dict(fake)
+    merge(MergeOptions(base=base, vae=vae, precision="fp16"), out)
+    print("{}")
+    return 0
+
+
 def verify(fixture: dict, out: Path, vae: Path, reported: dict) -> None:
     import torch
 
@@ -91,7 +104,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-nohash", nargs=3, metavar=("BASE", "VAE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_nohash:
+        return child_nohash(*args.child_nohash)
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt, vae, out, copy = work / "sd15-fp32.safetensors", work / "vae-fp32.safetensors", work / "out-fp16.safetensors", \
@@ -113,7 +129,7 @@ def main() -> int:
                     "fd=os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd)", str(ckpt), str(copy)]
         conv_cmd = [py, "-m", "bp_trainer", "merge", "--base", str(ckpt), "--vae", str(vae), "--precision", "fp16",
                     "--out", str(out), "--json"]
-        copies, convs = [], []
+        copies, convs, nohash = [], [], []
         reported = None
         for i in range(args.repeat):
             for p in (copy, out):
@@ -125,8 +141,13 @@ def main() -> int:
             wall, rss, stdout, cpu = run_child(conv_cmd)
             convs.append((wall, rss, cpu))
             reported = json.loads(stdout)
+            nohash_out = work / "out-nohash.safetensors"
+            n_wall, n_rss, _, n_cpu = run_child([py, __file__, "--child-nohash", str(ckpt), str(vae), str(nohash_out)])
+            nohash_out.unlink()
+            nohash.append((n_wall, n_rss, n_cpu))
             print(f"run {i + 1} (load {load:.1f}): copy {c_wall:.2f}s wall {c_cpu:.2f}s cpu (rss {c_rss / 2**20:.0f} MiB), "
-                  f"convert {wall:.2f}s wall {cpu:.2f}s cpu (rss {rss / 2**20:.0f} MiB)", flush=True)
+                  f"convert {wall:.2f}s wall {cpu:.2f}s cpu (rss {rss / 2**20:.0f} MiB), "
+                  f"convert without hashing {n_wall:.2f}s wall {n_cpu:.2f}s cpu", flush=True)
         verify(fixture, out, vae, reported)
         copy_t = min(c[0] for c in copies)
         conv_t = min(c[0] for c in convs)
@@ -143,9 +164,13 @@ def main() -> int:
             "peak_rss_bytes": peak,
             "rss_ratio": round(peak / size, 4),
             "copy_cpu_s": round(min(c[2] for c in copies), 2),
+            "convert_without_hashing_s": round(min(c[0] for c in nohash), 2),
+            "convert_without_hashing_cpu_s": round(min(c[2] for c in nohash), 2),
+            "time_ratio_without_hashing": round(min(c[0] for c in nohash) / copy_t, 3),
             "convert_cpu_s": round(min(c[2] for c in convs), 2),
             "runs": {"copy": [round(c[0], 2) for c in copies], "convert": [round(c[0], 2) for c in convs],
                      "copy_cpu": [round(c[2], 2) for c in copies], "convert_cpu": [round(c[2], 2) for c in convs],
+                     "convert_without_hashing": [round(c[0], 2) for c in nohash],
                      "convert_rss_mib": [round(c[1] / 2**20) for c in convs]},
             "verified": True,
         }

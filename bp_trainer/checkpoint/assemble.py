@@ -292,21 +292,32 @@ def input_hashes(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
         return {r: _hash_entry(p, futures[r].result() if r in futures else None) for r, p in paths.items()}
 
 
-def merge(opts: MergeOptions, out: "str | os.PathLike[str]") -> dict[str, Any]:
+def start_hashing(paths: "dict[str, str]") -> tuple[ThreadPoolExecutor, dict[str, Any]]:
+    """Start hashing the file inputs on background threads: (pool, {role: Future})."""
+    files = {r: p for r, p in paths.items() if p and os.path.isfile(p)}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(files))), thread_name_prefix="bp-hash")
+    return pool, {r: pool.submit(file_hashes, p) for r, p in files.items()}
+
+
+def merge(opts: MergeOptions, out: "str | os.PathLike[str]", *,
+          hashing: "tuple[ThreadPoolExecutor, dict[str, Any]] | None" = None) -> dict[str, Any]:
     """Plan, write `out` atomically while the inputs are hashed for the recipe. Returns the CLI contract dict.
 
     The input hashes (full-file SHA-256, needed in the recipe) are computed on background threads while
-    the tensors stream; the header with the recipe is written last into reserved space (safetensors).
+    the tensors stream (`hashing`: already started by `start_hashing`); the header with the recipe is
+    written last into reserved space (safetensors).
     """
     from bp_trainer.fsutil import refuse_overwriting_inputs
 
     refuse_overwriting_inputs(out, opts.inputs().values())
-    entries, recipe, views = plan_merge(opts)
     paths = opts.inputs()
-    files = {r: p for r, p in paths.items() if os.path.isfile(p)}
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(files))), thread_name_prefix="bp-hash")
+    pool, futures = hashing if hashing is not None else start_hashing(paths)
     try:
-        futures = {r: pool.submit(file_hashes, p) for r, p in files.items()}
+        entries, recipe, views = plan_merge(opts)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    try:
         meta = {str(k): str(v) for k, v in opts.extra_metadata.items()}
         base_meta = views[0].metadata
         for k in ("bp_configs", "bp_prediction_type"):

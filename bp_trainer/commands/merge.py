@@ -23,15 +23,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
+def _start_hashing(args: argparse.Namespace):
+    """Hash the input files from the start, on threads, while torch is still being imported."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bp_trainer.checkpoint.hashes import file_hashes  # no torch import
+
+    named = {"base": args.base, "unet": args.unet, "vae": args.vae, "text_encoder": args.text_encoder,
+             "b": args.b, "c": args.c}
+    files = {r: p for r, p in named.items() if p and os.path.isfile(p)}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(files))), thread_name_prefix="bp-hash")
+    return pool, {r: pool.submit(file_hashes, p) for r, p in files.items()}
+
+
 def run(args: argparse.Namespace) -> int:
-    from bp_trainer.checkpoint.assemble import MergeOptions, merge
+    from bp_trainer.fsutil import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs(args.out, [args.base, args.unet, args.vae, args.text_encoder, args.b, args.c])
+    hashing = _start_hashing(args)
+    try:
+        from bp_trainer.checkpoint.assemble import MergeOptions, merge
+    except BaseException:
+        hashing[0].shutdown(wait=False, cancel_futures=True)
+        raise
     from bp_trainer.cli import emit
 
     fmt = args.fmt or ("ckpt" if str(args.out).lower().endswith((".ckpt", ".pt")) else "safetensors")
     opts = MergeOptions(base=args.base, unet=args.unet, use_ema=args.use_ema, vae=args.vae,
                         text_encoder=args.text_encoder, drop_ema=args.drop_ema, precision=args.precision,
                         mode=args.mode, b=args.b, c=args.c, alpha=args.alpha, fmt=fmt)
-    result = merge(opts, args.out)
+    result = merge(opts, args.out, hashing=hashing)
     emit(result, args.json, lambda r: (f"wrote {r['out']} ({r['tensors']} tensors, {r['bytes']:,} bytes)\n"
                                        f"sha256 {r['sha256']}  autov2 {r['autov2']}  old {r['old']}"))
     return 0
