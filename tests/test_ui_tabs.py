@@ -101,6 +101,9 @@ def test_build_tab_has_every_sub_tab_and_prefixed_ids(host):
         assert needed in ids, needed
     assert all(i.startswith(("bp_train_", "bp_train")) for i in ids)
     assert any(d["trigger"] == "load" for d in page.config["dependencies"])  # re-attach on page load
+    # The WebUI may run without the gradio queue (--no-gradio-queue): no gr.Progress, no `every=` polling.
+    page.validate_queue_settings()
+    assert not page.progress_tracking and not any(d.get("every") for d in page.config["dependencies"])
     by_id = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
     for volatile in ("bp_train_log", "bp_train_base", "bp_train_mg_vae", "bp_train_tok_table"):
         assert by_id[volatile].do_not_save_to_config  # the WebUI's ui-config.json must not freeze these
@@ -242,3 +245,30 @@ def test_merge_refuses_a_base_that_is_a_vae(host):
     assert "bp-msg-error" in html and "nope" in html
     assert "x.safetensors" not in host.list_checkpoints()
     assert render.error_html(BPError("m", path="p")) == '<div class="bp-msg bp-msg-error">p: m</div>'
+
+
+def test_stream_progress_yields_progress_then_the_result():
+    import threading
+
+    from bp_trainer.ui.progress import stream_progress
+
+    go = threading.Event()
+
+    def work(progress):
+        progress(0.5, "half way")
+        go.wait(5)
+        return "result"
+
+    it = stream_progress(work, lambda f, t: (f, t), interval=0.01)
+    seen = [next(it) for _ in range(3)]
+    while seen[-1] != (0.5, "half way") and len(seen) < 1000:  # the worker reports once it has run
+        seen.append(next(it))
+    assert seen[-1] == (0.5, "half way") and set(seen) <= {(0.0, "starting"), (0.5, "half way")}
+    go.set()
+    assert list(it)[-1] == "result"
+
+    def broken(progress):
+        raise BPError("bad input")
+
+    with pytest.raises(BPError, match="bad input"):
+        list(stream_progress(broken, lambda f, t: None, interval=0.01))

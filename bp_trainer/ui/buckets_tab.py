@@ -113,10 +113,14 @@ def build(host: Any, train: Any = None) -> BucketsCallbacks:
 
     render.not_saved(table, skipped)
 
-    def run(d, a, r, b, e, progress=gr.Progress()):
-        return cb.plan(d, a, r, b, e, progress=lambda f, desc: progress(f, desc=desc))
+    def run(d, a, r, b, e):
+        from bp_trainer.ui.progress import stream_progress
 
-    plan_btn.click(run, [dataset, arb, rule, batch, ext], [summary, chart, table, skipped], show_progress="minimal")
+        yield from stream_progress(lambda progress: cb.plan(d, a, r, b, e, progress=progress),
+                                   lambda f, text: (render.task_progress_html(f, text), gr.update(), gr.update(),
+                                                    gr.update()))
+
+    plan_btn.click(run, [dataset, arb, rule, batch, ext], [summary, chart, table, skipped], show_progress="hidden")
     comps = getattr(train, "components", None)
     if comps:
         comps["dataset"].change(lambda v: v, [comps["dataset"]], [dataset], queue=False, show_progress="hidden")

@@ -188,10 +188,12 @@ def build(host: Any) -> MergeCallbacks:
         return (gr.update(choices=c), gr.update(choices=[NONE, *c]), gr.update(choices=[NONE, *v]),
                 gr.update(choices=[NONE, *c]))
 
-    def do_merge(*args, progress=gr.Progress()):
-        return cb.merge(*args, progress=lambda f, desc="": progress(f, desc=desc))
+    def do_merge(*args):
+        from bp_trainer.ui.progress import stream_progress
+
+        yield from stream_progress(lambda progress: cb.merge(*args, progress=progress), render.task_progress_html)
 
     refresh.click(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
     go.click(do_merge, [base, unet, use_ema, vae, te, precision, drop_ema, name, fmt, overwrite], [result],
-             show_progress="full").then(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
+             show_progress="hidden").then(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
     return cb

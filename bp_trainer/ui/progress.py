@@ -7,9 +7,10 @@ rebuild the whole picture by replaying the file from offset 0, then keep followi
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 LOG_LINES = 200
 MAX_LOSS_POINTS = 20000
@@ -194,3 +195,35 @@ def _human(ev: Mapping[str, Any]) -> str:
         return human_line(dict(ev))
     except Exception:  # a malformed event must not break the view
         return str(dict(ev))
+
+
+def stream_progress(work: Callable[[Callable[..., None]], Any], render_progress: Callable[[float, str], Any],
+                    interval: float = 0.3) -> Iterator[Any]:
+    """Run `work(progress)` in a thread; yield `render_progress(fraction, text)` while it runs, then its result.
+
+    Gradio streams a generator's yields to the page, so long work (a dataset scan, a merge) shows a live
+    progress bar without `gr.Progress`, which would make the WebUI refuse to start under --no-gradio-queue.
+    An exception in `work` is re-raised here after the last progress yield.
+    """
+    state = {"fraction": 0.0, "text": "starting"}
+    box: dict = {}
+
+    def progress(fraction: float, text: str = "") -> None:
+        state["fraction"], state["text"] = float(fraction), str(text)
+
+    def target() -> None:
+        try:
+            box["result"] = work(progress)
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="bp-train-task", daemon=True)
+    t.start()
+    while True:
+        t.join(interval)
+        if not t.is_alive():
+            break
+        yield render_progress(state["fraction"], state["text"])
+    if "error" in box:
+        raise box["error"]
+    yield box["result"]

@@ -263,6 +263,14 @@ def progress_html(view: Mapping[str, Any]) -> str:
             f'<div class="bp-progress-info">{esc(" · ".join(bits))}</div>{note}{err_html}</div>')
 
 
+def task_progress_html(fraction: float, text: str) -> str:
+    """A small progress bar for work done in a request (a scan, a merge)."""
+    pct = f"{max(0.0, min(1.0, float(fraction))) * 100:.0f}%"
+    return (f'<div class="bp-progress bp-task" data-status="running"><div class="bp-progress-track">'
+            f'<div class="bp-progress-fill" style="width:{pct}"></div><span class="bp-progress-pct">{pct}</span></div>'
+            f'<div class="bp-progress-info">{esc(text)}</div></div>')
+
+
 def kv_table_html(rows: Iterable[tuple[str, Any]], *, cls: str = "bp-kv") -> str:
     body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     return f'<table class="{esc(cls)}">{body}</table>'
