@@ -241,3 +241,31 @@ def test_resume_a_stopped_run(tmp_path, fake_trainer):
     assert ctl.wait(30)
     assert host.calls.count("release") == 2 and host.calls.count("reclaim") == 2
     assert "bp-msg-error" in cb.resume("../elsewhere")
+
+
+def test_pages_keep_polling_while_the_host_releases_the_gpu(tmp_path, fake_trainer):
+    """Inside the WebUI the release waits for a generation in progress: polls answer, a second Start is refused."""
+    import threading
+
+    gate = threading.Event()
+
+    class SlowHost(RecordingHost):
+        def release_gpu(self) -> None:
+            gate.wait(20)
+            super().release_gpu()
+
+    host = SlowHost(tmp_path)
+    ctl = runs.controller_for(host)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(run_dir=ctl.start(_cfg(host))))
+    t.start()
+    assert _wait_for(lambda: ctl._starting)
+    snap = ctl.snapshot()  # not blocked by the pending release
+    assert snap["status"] == "starting" and "waiting for the GPU" in snap["gpu_note"]
+    with pytest.raises(BPError, match="already running"):
+        ctl.start(_cfg(host))
+    assert not ctl.attach_existing()
+    gate.set()
+    t.join(20)
+    assert ctl.wait(30) and ctl.snapshot()["status"] == "done"
+    assert host.calls.count("release") == 1 and host.calls.count("reclaim") == 1

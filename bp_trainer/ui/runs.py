@@ -105,6 +105,7 @@ class RunController:
         self.messages: list[str] = []
         self._thread: Optional[threading.Thread] = None
         self._gpu_released = False
+        self._starting = False
         self._stop_requested_at: Optional[float] = None
 
     # ------------------------------------------------------------------------------------------ state
@@ -124,14 +125,20 @@ class RunController:
     # ------------------------------------------------------------------------------------------ start
 
     def start(self, cfg: Dict[str, Any], *, resume_dir: Optional[str] = None) -> Path:
-        """Start a validated config as the one run; raises BPError when a run is already active."""
+        """Start a validated config as the one run; raises BPError when a run is already active.
+
+        The host's GPU release may wait (inside the WebUI: for a generation in progress); it happens outside
+        the controller's lock, so pages keep polling meanwhile, and a second Start is refused.
+        """
         from bp_trainer import launcher
 
         with self.lock:
             self.attach_existing()
-            if self.active:
+            if self.active or self._starting:
                 raise BPError("a training run is already running", path=self.run_dir,
                               hint="stop it first; BP Train runs one training at a time")
+            self._starting = True
+        try:
             self.host.release_gpu()
             self._gpu_released = True
             try:
@@ -139,16 +146,19 @@ class RunController:
             except BaseException:
                 self._reclaim()
                 raise
-            self._follow(handle)
+            with self.lock:
+                self._follow(handle)
             return handle.run_dir
+        finally:
+            self._starting = False
 
     def attach_existing(self) -> bool:
         """Re-attach to a live run of the host's runs folder (after a page reload or a host restart)."""
         from bp_trainer import launcher
 
         with self.lock:
-            if self.active:
-                return True
+            if self.active or self._starting:  # a Start in progress follows its own child
+                return self.active
             run_dir = find_live_run(self.host.runs_dir())
             if run_dir is None:
                 return False
@@ -299,6 +309,14 @@ class RunController:
     def snapshot(self) -> Dict[str, Any]:
         with self.lock:
             s = self.view.summary()
+            if self._starting and not self.active:
+                s["status"] = "starting"
+                s["gpu_note"] = "waiting for the GPU (a generation in progress finishes first)…"
+                s["active"] = True
+                s["version"] = -1
+                s["exit_code"] = None
+                s["published"] = []
+                return s
             s["gpu_note"] = self.gpu_note() if self.active else ""
             s["active"] = self.active
             s["version"] = self.view.version
