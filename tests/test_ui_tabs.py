@@ -86,6 +86,18 @@ def test_ui_command_refuses_a_missing_models_folder(tmp_path):
     assert "models folder not found" in res.stderr and str(tmp_path / "nope") in res.stderr
 
 
+def test_ui_command_refuses_a_busy_port(host, demo):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "bp_trainer", "ui", "--models", str(demo / "models"), "--port",
+                              str(port)], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2 and f"port {port}" in res.stderr and "--port" in res.stderr
+
+
 def test_build_tab_has_every_sub_tab_and_prefixed_ids(host):
     import gradio as gr
 

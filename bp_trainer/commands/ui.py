@@ -31,6 +31,21 @@ def run(args: argparse.Namespace) -> int:
                       hint="create it with Stable-diffusion/ and VAE/ subfolders, or run dev/demo.sh for the demo models")
     if args.config and not os.path.isfile(args.config):
         raise BPError("run config not found", path=args.config)
+    _check_port(args.port)
     host = StandaloneHost(args.models, args.runs, python=args.python)
     launch(host, port=args.port, initial_config=args.config, open_browser=args.open)
     return 0
+
+
+def _check_port(port: int) -> None:
+    """A clear message when the port is taken (gradio's own is 'Cannot find empty port in range')."""
+    import socket
+
+    from bp_trainer.errors import BPError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise BPError(f"port {port} on 127.0.0.1 is in use (another app, or BP Train already running there)",
+                          hint="pass --port N, or set BP_TRAIN_PORT") from None
