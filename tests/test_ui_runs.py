@@ -269,3 +269,20 @@ def test_pages_keep_polling_while_the_host_releases_the_gpu(tmp_path, fake_train
     t.join(20)
     assert ctl.wait(30) and ctl.snapshot()["status"] == "done"
     assert host.calls.count("release") == 1 and host.calls.count("reclaim") == 1
+
+
+def test_stop_pressed_twice_sends_sigterm(tmp_path, fake_trainer):
+    """A trainer that does not react to the STOP file (stuck in a long step) gets SIGTERM on the second press."""
+    fake_trainer["steps"] = 100000
+    host = RecordingHost(tmp_path)
+    ctl = runs.controller_for(host)
+    run_dir = ctl.start(_cfg(host))
+    assert _wait_for(lambda: ctl.snapshot()["step"] >= 1)
+    # make the stand-in ignore the STOP file: rename it away as soon as it appears
+    assert "Stopping" in ctl.stop()
+    (Path(run_dir) / launcher.STOP_FILE).unlink()
+    assert "SIGTERM" in ctl.stop()
+    assert ctl.wait(30)
+    assert ctl.exit_code not in (0, None)  # killed by the signal (the stand-in has no handler)
+    assert ctl.snapshot()["status"] == "stopped" and "after the stop" in ctl.view.log_text()
+    assert host.calls.count("reclaim") == 1

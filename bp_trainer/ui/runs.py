@@ -237,8 +237,13 @@ class RunController:
                     with self.lock:
                         self.exit_code = code
                         if not self.view.finished:
-                            self.view.status = "exited" if code in (0, -1) else "error"
-                            if code not in (0, -1):
+                            if self._stop_requested_at is not None:  # stopped by the user (e.g. SIGTERM)
+                                self.view.status = "stopped"
+                                self.view.log.append(f"the trainer ended with code {code} after the stop")
+                            elif code in (0, -1):
+                                self.view.status = "exited"
+                            else:
+                                self.view.status = "error"
                                 self.view.error = f"the trainer exited with code {code}; see the log below"
                         self.view.log.extend(self._log_tail(40) if code not in (0, -1) else [])
                     break
@@ -292,7 +297,7 @@ class RunController:
                 return "Stopping: the trainer finishes its current step, saves and exits."
             import signal
 
-            launcher._signal_group(self.handle.pid, signal.SIGTERM)
+            launcher.signal_group(self.handle.pid, signal.SIGTERM)
             self.view.log.append("stop pressed again: SIGTERM sent to the run's processes")
             return "SIGTERM sent to the run's processes."
 
