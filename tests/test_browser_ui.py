@@ -102,6 +102,15 @@ def _shot(page, shots: Path, name: str) -> None:
     Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)
 
 
+def test_http_api_is_mounted(app):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(app["url"] + "bp-train/v1/status", timeout=30) as res:
+        status = json.loads(res.read())
+    assert status["host"] == "standalone" and status["runs_dir"] == app["host"].runs_dir()
+
+
 def test_page_loads_js_and_css(page):
     assert page.evaluate("typeof window.bpTrain") == "object"  # javascript/bp_train.js ran
     colour = page.evaluate("getComputedStyle(document.querySelector('#bp_train_progress .bp-progress-track')).borderRadius")
