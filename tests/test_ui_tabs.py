@@ -284,3 +284,18 @@ def test_stream_progress_yields_progress_then_the_result():
 
     with pytest.raises(BPError, match="bad input"):
         list(stream_progress(broken, lambda f, t: None, interval=0.01))
+
+
+def test_a_broken_run_yaml_does_not_break_the_tab(host, tmp_path):
+    import gradio as gr
+
+    from bp_trainer.ui.tab import build_tab
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n", encoding="utf-8")
+    tab = build_tab(host, initial_config=bad)
+    msg = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "bp_train_message")
+    assert "could not load the run config" in msg.value and "line" in msg.value
+    preset = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "bp_train_preset")
+    assert preset.value == "768"  # the defaults instead
+    assert isinstance(tab, gr.Blocks)

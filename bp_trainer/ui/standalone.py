@@ -120,7 +120,7 @@ def create_app(host: Any, *, initial_config: "str | os.PathLike[str] | None" = N
     assets.install_template_injection()
     # Built outside any Blocks context and rendered into the page, exactly as the WebUI renders on_ui_tabs tabs.
     tab = build_tab(host, initial_config=initial_config)
-    with gr.Blocks(title="BP Train", analytics_enabled=False, css=assets.css_text()) as app:
+    with gr.Blocks(title="BP Train", analytics_enabled=False) as app:  # JS and CSS come with the page template
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("BP Train", id="bp_train", elem_id="tab_bp_train"):
                 tab.render()

@@ -2,8 +2,9 @@
 
 Callbacks live on `TrainCallbacks(host)` as plain methods over plain values (unit-tested with a fake
 host); `build(host)` lays out the gradio components and wires them. Progress is redrawn when the page
-clicks the hidden `#bp_train_poll` button (javascript/bp_train.js does it every 1.5 s while the tab
-is visible) or the Refresh button; the run itself is followed by a background watcher (`runs.py`).
+clicks the Refresh button `#bp_train_poll` (javascript/bp_train.js does it every 1.5 s while a run is
+active and the tab is visible, the user may too); the run itself is followed by a background watcher
+(`runs.py`), so nothing depends on a page being open.
 """
 
 from __future__ import annotations
@@ -289,7 +290,12 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
     import gradio as gr
 
     cb = TrainCallbacks(host)
-    init = cb.initial(initial_config)
+    first_message = ""
+    try:
+        init = cb.initial(initial_config)
+    except (BPError, OSError, UnicodeDecodeError) as exc:  # a broken run YAML must not break the tab
+        init = cb.initial()
+        first_message = render.error_html(BPError(f"could not load the run config ({exc})", path=initial_config))
     ready, env_msg = cb.trainer_env_status()
     with gr.Column(elem_id="bp_train_train"):
         if not ready:
@@ -342,7 +348,7 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
                         resume_refresh = gr.Button("\u21bb", elem_id="bp_train_resume_refresh",
                                                    elem_classes=["bp-icon-btn"], scale=0, min_width=40)
                         resume_btn = gr.Button("Resume", elem_id="bp_train_resume", scale=1)
-                message = gr.HTML(elem_id="bp_train_message")
+                message = gr.HTML(first_message, elem_id="bp_train_message")
                 progress = gr.HTML(render.progress_html({"status": "idle"}), elem_id="bp_train_progress")
                 loss = gr.HTML(render.line_chart_svg([], title="loss"), elem_id="bp_train_loss")
                 samples = gr.Gallery(label="Latest samples", elem_id="bp_train_samples", columns=4, height=220,
