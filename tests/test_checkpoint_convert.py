@@ -323,3 +323,36 @@ def test_sd2_openclip_single_file_loads_with_v_prediction(tmp_path):
     assert load_diffusers_components(ck)["scheduler"].config.prediction_type == "epsilon"
     assert load_diffusers_components(ck, prediction_type="v_prediction")["scheduler"].config.prediction_type == \
         "v_prediction"
+
+
+def test_naifu_lightning_ckpt_with_torch_ema_converts_to_webui(tiny_components, tmp_path):
+    """naifu-diffusion's last.ckpt: state_dict with unet.*/vae.*/text_encoder.* (diffusers names) and the
+    torch_ema state (shadow_params in unet.parameters() order) -> a WebUI file with model_ema.*."""
+    from bp_trainer.tiny_model import ema_perturbation
+
+    unet = tiny_components["unet"]
+    sd = {}
+    for comp in ("text_encoder", "vae", "unet"):
+        sd.update({f"{comp}.{k}": v for k, v in tiny_components[comp].state_dict().items()})
+    ema = ema_perturbation(unet.state_dict(), 5)
+    shadow = [ema[name] for name, _ in unet.named_parameters()]
+    ck = tmp_path / "last.ckpt"
+    torch.save({"state_dict": sd, "global_step": 1000, "model_ema": {"decay": 0.995, "num_updates": 1000,
+                                                                     "shadow_params": shadow}}, ck)
+    with open_file(ck) as src:
+        rep = describe(src)
+    assert (rep["kind"], rep["layout"], rep["has_ema"]) == ("checkpoint", "diffusers-prefixed", True)
+    out = tmp_path / "webui.safetensors"
+    assert main(["merge", "--base", str(ck), "--use-ema", "--drop-ema", "--out", str(out)]) == 0
+    with open_file(out) as o:
+        for k, ldm in lk.unet_key_map(ema).items():
+            assert torch.equal(o.get(ldm), ema[k]), k
+        for k, ldm in lk.vae_key_map(tiny_components["vae"].state_dict()).items():
+            assert torch.equal(o.get(lk.VAE_PREFIX + ldm),
+                               lk.vae_tensor_to_ldm(ldm, tiny_components["vae"].state_dict()[k]))
+        assert not any(k.startswith(lk.EMA_PREFIX) for k in o.keys())
+    keep = tmp_path / "with-ema.safetensors"
+    assert main(["merge", "--base", str(ck), "--out", str(keep)]) == 0
+    with open_file(keep) as o:
+        assert abs(float(o.get("model_ema.decay")) - 0.995) < 1e-7
+        assert int(o.get("model_ema.num_updates")) == 1000

@@ -326,7 +326,28 @@ def load_pickle_state_dict(path: "str | os.PathLike[str]") -> tuple[dict[str, to
             tensors.setdefault(k, v)
     if not tensors:
         raise BPError("no tensors found in this checkpoint", path=path)
+    _naifu_ema(obj, tensors, meta)
     return tensors, meta
+
+
+def _naifu_ema(obj: dict, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """naifu-diffusion keeps its EMA as torch_ema state: `model_ema.shadow_params`, a list in the order of
+    `unet.parameters()`, which is the order of the `unet.*` keys of its state dict. Exposed as `unet_ema.*`
+    only when every shape matches pairwise (otherwise nothing is guessed)."""
+    ema = obj.get("model_ema")
+    if not isinstance(ema, dict) or not isinstance(ema.get("shadow_params"), (list, tuple)):
+        return
+    shadow = ema["shadow_params"]
+    unet_keys = [k for k in tensors if k.startswith("unet.")]
+    if len(shadow) != len(unet_keys) or not all(
+            isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(tensors[k].shape) for t, k in zip(shadow, unet_keys)):
+        return
+    for k, t in zip(unet_keys, shadow):
+        tensors["unet_ema." + k[len("unet."):]] = t
+    for name in ("decay", "num_updates"):
+        v = ema.get(name)
+        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+            meta[f"ema_{name}"] = str(float(v) if name == "decay" else int(v))
 
 
 class PickleSource(DictSource):

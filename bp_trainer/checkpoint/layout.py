@@ -188,36 +188,54 @@ class _Const(TensorSource):
         return self._t[key]
 
 
+PREFIXED_COMPONENTS = ("unet", "vae", "text_encoder", "unet_ema")
+
+
+def _components_view(src: TensorSource, comps: "dict[str, list[str]]", sep: str, configs: "dict[str, Any]",
+                     layout: str) -> MappedSource:
+    """LDM view of diffusers components stored as `<component><sep><diffusers key>`."""
+    path = src.path
+    mapping: dict = {}
+    for comp, keys in comps.items():
+        if comp in PREFIXED_COMPONENTS and keys:
+            mapping.update(_map_component(src, keys, comp, strip=comp + sep))
+    extras: dict[str, Any] = {"configs": configs}
+    consts: dict[str, torch.Tensor] = {}
+    if comps.get("unet"):
+        consts.update(lk.schedule_buffers(configs.get("scheduler")))
+    if comps.get("unet_ema"):
+        st = configs.get("ema_state", {})
+        consts["model_ema.decay"] = torch.tensor(float(st.get("decay", 0.9999)), dtype=torch.float32)
+        consts["model_ema.num_updates"] = torch.tensor(int(st.get("num_updates", 0)), dtype=torch.int32)
+    if comps.get("text_encoder") and lk.POSITION_IDS not in mapping:
+        emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
+        consts[lk.POSITION_IDS] = lk.position_ids(int(emb[3].shape[0]) if emb else 77)
+    c = _Const(consts)
+    mapping.update({k: _ident(c, k) for k in consts})
+    shapes = {k: v[3].shape for k, v in mapping.items()}
+    kinds = [x for x in ("unet", "vae", "text_encoder") if comps.get(x)]
+    kind = "checkpoint" if len(kinds) > 1 else (kinds[0] if kinds else "unknown")
+    arch = detect_arch(shapes, "ldm")
+    refuse_sdxl(arch, path)
+    extras["prediction_type"] = (configs.get("scheduler") or {}).get("prediction_type")
+    return MappedSource(src, mapping, kind=kind, layout=layout, arch=arch, path=path, extras=extras)
+
+
 def ldm_view(src: TensorSource) -> MappedSource:
     """The source in the WebUI layout, whatever layout it has on disk. Unknown layouts raise a BPError."""
     path = src.path
     if isinstance(src, DiffusersFolderSource):
-        mapping: dict = {}
-        for comp in src.components():
-            keys = [k for k in src.keys() if k.startswith(comp + "/")]
-            if comp in ("unet", "vae", "text_encoder", "unet_ema"):
-                mapping.update(_map_component(src, keys, comp, strip=comp + "/"))
-        extras: dict[str, Any] = {"configs": src.configs}
-        consts: dict[str, torch.Tensor] = {}
-        if "unet" in src.components():
-            consts.update(lk.schedule_buffers(src.configs.get("scheduler")))
-        if "unet_ema" in src.components():
-            st = src.configs.get("ema_state", {})
-            consts["model_ema.decay"] = torch.tensor(float(st.get("decay", 0.9999)), dtype=torch.float32)
-            consts["model_ema.num_updates"] = torch.tensor(int(st.get("num_updates", 0)), dtype=torch.int32)
-        if "text_encoder" in src.components() and lk.POSITION_IDS not in mapping:
-            emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
-            consts[lk.POSITION_IDS] = lk.position_ids(int(emb[3].shape[0]) if emb else 77)
-        c = _Const(consts)
-        mapping.update({k: _ident(c, k) for k in consts})
-        shapes = {k: v[3].shape for k, v in mapping.items()}
-        kinds = [x for x in ("unet", "vae", "text_encoder") if x in src.components()]
-        kind = "checkpoint" if len(kinds) > 1 else (kinds[0] if kinds else "unknown")
-        arch = detect_arch(shapes, "ldm")
-        refuse_sdxl(arch, path)
-        pred = (src.configs.get("scheduler") or {}).get("prediction_type")
-        extras["prediction_type"] = pred
-        return MappedSource(src, mapping, kind=kind, layout="diffusers", arch=arch, path=path, extras=extras)
+        comps = {c: [k for k in src.keys() if k.startswith(c + "/")] for c in src.components()}
+        return _components_view(src, comps, "/", src.configs, layout="diffusers")
+    prefixed = {c: [k for k in src.keys() if k.startswith(c + ".")] for c in PREFIXED_COMPONENTS}
+    if prefixed["unet"] and not any(k.startswith(lk.UNET_PREFIX) for k in src.keys()):
+        # a trainer's state dict in diffusers naming (naifu-diffusion's Lightning .ckpt: unet.*, vae.*,
+        # text_encoder.*; its torch_ema shadow parameters exposed as unet_ema.* by the reader)
+        cfg: dict[str, Any] = {}
+        if "ema_decay" in src.metadata:
+            cfg["ema_state"] = {"decay": float(src.metadata["ema_decay"]),
+                                "num_updates": int(float(src.metadata.get("ema_num_updates", 0)))}
+        return _components_view(src, {c: k for c, k in prefixed.items() if k}, ".", cfg, layout="diffusers-prefixed")
 
     shapes = src.shapes()
     kind, layout = detect_layout(shapes)
