@@ -31,7 +31,7 @@ def file_hashes(path: "str | os.PathLike[str]") -> dict[str, str]:
     """{"sha256", "autov2", "old"} of a file, reading it once in 1 MiB blocks (constant memory)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise BPError("file not found", path=path)
+        raise BPError("not a file (a folder has no WebUI hash)" if os.path.isdir(path) else "file not found", path=path)
     sha = hashlib.sha256()
     buf = bytearray(_BLOCK)
     view = memoryview(buf)
