@@ -356,3 +356,29 @@ def test_naifu_lightning_ckpt_with_torch_ema_converts_to_webui(tiny_components, 
     with open_file(keep) as o:
         assert abs(float(o.get("model_ema.decay")) - 0.995) < 1e-7
         assert int(o.get("model_ema.num_updates")) == 1000
+
+
+def test_sd2_text_encoder_exports_back_to_openclip_layout(tmp_path):
+    """diffusers -> LDM for a 1024-wide (SD 2.x) CLIPTextModel: OpenCLIP keys with q/k/v fused, both through
+    diffusers_to_ldm and through the lazy view of a transformers-layout file (what merge/convert use)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=1024, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                                      bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    want = _openclip_keys(te.state_dict())
+    got = lk.diffusers_to_ldm(text_encoder=te.state_dict())
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    p = tmp_path / "te2.safetensors"
+    save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(p))
+    from bp_trainer.checkpoint.layout import ldm_view
+
+    with open_file(p) as src:
+        view = ldm_view(src)
+        assert view.arch == "sd2" and set(view.keys()) == set(want)
+        for k in want:
+            assert view.info(k).shape == tuple(want[k].shape)
+            assert torch.equal(view.get(k), want[k]) and torch.equal(view.get_as(k, torch.float16), want[k].half())

@@ -128,9 +128,11 @@ class MappedSource(TensorSource):
         t = src.get(k)
         return fn(t) if fn is not None else t
 
-    def direct(self, key: str) -> "tuple[TensorSource, str]":
+    def direct(self, key: str) -> "tuple[TensorSource, str] | None":
         """(underlying source, key) holding this tensor's bytes (the transforms here are reshapes only)."""
         src, k, fn, _ = self._map[key]
+        if fn is not None and not getattr(fn, "reshape_only", False):
+            return None
         if isinstance(src, MappedSource):
             return src.direct(k)
         return src, k
@@ -146,6 +148,14 @@ class MappedSource(TensorSource):
 
 def _ident(src: TensorSource, k: str):
     return (src, k, None, src.info(k))
+
+
+def _reshape_fn(ldm: str) -> Callable:
+    def fn(t):
+        return lk.vae_tensor_to_ldm(ldm, t)
+
+    fn.reshape_only = True  # same bytes: the chunked direct path may copy them
+    return fn
 
 
 def _map_component(src: TensorSource, keys: list[str], component: str, strip: str = "") -> dict:
@@ -164,13 +174,23 @@ def _map_component(src: TensorSource, keys: list[str], component: str, strip: st
         for k, b in zip(keys, bare):
             ldm = m[b]
             info = src.info(k)
-            fn = (lambda t, ldm=ldm: lk.vae_tensor_to_ldm(ldm, t)) if lk.vae_needs_conv_shape(ldm) and len(info.shape) == 2 else None
+            fn = _reshape_fn(ldm) if lk.vae_needs_conv_shape(ldm) and len(info.shape) == 2 else None
             out[lk.VAE_PREFIX + ldm] = (src, k, fn, TensorInfo(info.dtype, lk.vae_shape_to_ldm(ldm, info.shape)))
+    elif component == "text_encoder" and lk.is_openclip_width({b: src.info(k).shape for k, b in zip(keys, bare)}):
+        full = dict(zip(bare, keys))
+        for ldm, parts in lk.openclip_key_plan(bare).items():
+            srcs = [full[p] for p in parts]
+            first = src.info(srcs[0])
+            if len(srcs) == 1:
+                out[ldm] = _ident(src, srcs[0])
+                continue
+            rows = sum(int(src.info(x).shape[0]) for x in srcs)
+
+            def fuse(t, rest=tuple(srcs[1:])):
+                return torch.cat([t] + [src.get(x).to(t.dtype) for x in rest])
+
+            out[ldm] = (src, srcs[0], fuse, TensorInfo(first.dtype, (rows,) + tuple(first.shape[1:])))
     elif component == "text_encoder":
-        for k, b in zip(keys, bare):
-            if b.endswith("token_embedding.weight") and len(src.info(k).shape) == 2 and src.info(k).shape[1] == 1024:
-                raise BPError("an SD 2.x (OpenCLIP) text encoder in transformers layout cannot be written in the "
-                              "WebUI layout yet", path=src.path, hint="keep the SD 2.x text encoder of a WebUI checkpoint")
         m = lk.text_key_map(bare)
         for k, b in zip(keys, bare):
             if b in m:
@@ -207,7 +227,7 @@ def _components_view(src: TensorSource, comps: "dict[str, list[str]]", sep: str,
         st = configs.get("ema_state", {})
         consts["model_ema.decay"] = torch.tensor(float(st.get("decay", 0.9999)), dtype=torch.float32)
         consts["model_ema.num_updates"] = torch.tensor(int(st.get("num_updates", 0)), dtype=torch.int32)
-    if comps.get("text_encoder") and lk.POSITION_IDS not in mapping:
+    if comps.get("text_encoder") and lk.POSITION_IDS not in mapping and _has(mapping, lk.SD1_TEXT_PREFIX):
         emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
         consts[lk.POSITION_IDS] = lk.position_ids(int(emb[3].shape[0]) if emb else 77)
     c = _Const(consts)
@@ -261,7 +281,7 @@ def ldm_view(src: TensorSource) -> MappedSource:
                 mapping[k] = _ident(src, k)
     elif layout in ("diffusers", "transformers"):
         mapping = _map_component(src, keys, {"vae": "vae", "unet": "unet", "text_encoder": "text_encoder"}[kind])
-        if kind == "text_encoder" and lk.POSITION_IDS not in mapping:
+        if kind == "text_encoder" and lk.POSITION_IDS not in mapping and _has(mapping, lk.SD1_TEXT_PREFIX):
             emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
             c = _Const({lk.POSITION_IDS: lk.position_ids(int(emb[3].shape[0]) if emb else 77)})
             mapping[lk.POSITION_IDS] = _ident(c, lk.POSITION_IDS)

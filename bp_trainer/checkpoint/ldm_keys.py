@@ -10,7 +10,8 @@ LDM layout of a full checkpoint:
 - UNet `model.diffusion_model.<ldm unet key>`; EMA copy `model_ema.<"diffusion_model." + key, dots removed>`
   plus `model_ema.decay` / `model_ema.num_updates` (LitEma buffers);
 - VAE `first_stage_model.<ldm vae key>` (a standalone WebUI VAE file uses the same keys without prefix);
-- SD 1.x text encoder `cond_stage_model.transformer.text_model.<transformers key>`;
+- SD 1.x text encoder `cond_stage_model.transformer.text_model.<transformers key>`; SD 2.x (1024 wide)
+  `cond_stage_model.model.<OpenCLIP key>` with q/k/v fused into `in_proj_*`;
 - the noise-schedule buffers of `LatentDiffusion.register_schedule` (`betas`, `alphas_cumprod`, ...).
 """
 
@@ -227,6 +228,55 @@ def text_key_map(keys: Iterable[str]) -> dict[str, str]:
     return out
 
 
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+_OPENCLIP_LAYER = [("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                   ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj.")]
+
+
+def is_openclip_width(text_keys_shapes: Mapping[str, Any]) -> bool:
+    """SD 2.x text encoders (OpenCLIP ViT-H) are 1024 wide; SD 1.x CLIP ViT-L is 768."""
+    for k, v in text_keys_shapes.items():
+        if k.endswith("token_embedding.weight"):
+            shape = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+            return len(shape) == 2 and shape[1] == 1024
+    return False
+
+
+def openclip_key_plan(keys: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """LDM SD 2.x key (`cond_stage_model.model.*`) -> the transformers CLIPTextModel key(s) it is made of.
+
+    q/k/v projections fuse into `attn.in_proj_weight`/`in_proj_bias` (concatenated in that order), the
+    inverse of diffusers' `convert_open_clip_checkpoint`. Block 23 and `text_projection` of the original
+    OpenCLIP-H are not in a (penultimate-layer) CLIPTextModel; the WebUI loads non-strictly and does not use them.
+    """
+    bare = {(k[len("text_model."):] if k.startswith("text_model.") else k): k for k in keys}
+    out: dict[str, tuple[str, ...]] = {}
+    simple = {"embeddings.token_embedding.weight": "token_embedding.weight",
+              "embeddings.position_embedding.weight": "positional_embedding",
+              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+    for b, k in bare.items():
+        if b in simple:
+            out[SD2_TEXT_PREFIX + simple[b]] = (k,)
+            continue
+        m = re.match(r"encoder\.layers\.(\d+)\.(.*)$", b)
+        if not m:
+            continue  # position_ids, text_projection, logit_scale
+        i, rest = m.group(1), m.group(2)
+        dst = f"{SD2_TEXT_PREFIX}transformer.resblocks.{i}."
+        qkv = re.match(r"self_attn\.(q|k|v)_proj\.(weight|bias)$", rest)
+        if qkv:
+            if qkv.group(1) == "q":
+                w = qkv.group(2)
+                src = tuple(bare[f"encoder.layers.{i}.self_attn.{x}_proj.{w}"] for x in "qkv")
+                out[dst + f"attn.in_proj_{w}"] = src
+            continue
+        for d, l in _OPENCLIP_LAYER:
+            if rest.startswith(d):
+                out[dst + l + rest[len(d):]] = (k,)
+                break
+    return out
+
+
 def position_ids(max_positions: int = 77):
     import torch
 
@@ -315,7 +365,10 @@ def diffusers_to_ldm(
     if vae is not None:
         for k, ldm in vae_key_map(vae.keys()).items():
             out[VAE_PREFIX + ldm] = vae_tensor_to_ldm(ldm, vae[k])
-    if text_encoder is not None:
+    if text_encoder is not None and is_openclip_width(text_encoder):
+        for ldm, parts in openclip_key_plan(text_encoder.keys()).items():
+            out[ldm] = torch.cat([text_encoder[p] for p in parts]) if len(parts) > 1 else text_encoder[parts[0]]
+    elif text_encoder is not None:
         for k, ldm in text_key_map(text_encoder.keys()).items():
             out[ldm] = text_encoder[k]
         if POSITION_IDS not in out:
