@@ -251,3 +251,26 @@ def test_direct_chunked_conversion_writes_the_same_bytes_as_the_tensor_path(demo
     slow = tmp_path / "slow.safetensors"
     merge(MergeOptions(**opts), slow)
     assert fast.read_bytes() == slow.read_bytes()
+
+
+def test_disk_full_during_direct_write_leaves_no_output(demo, tmp_path, monkeypatch):
+    """ENOSPC from a positioned write (the fast path): one-line error, no output, no temporary file."""
+    import errno
+
+    from bp_trainer.checkpoint import io as cio
+
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(cio.os, "pwrite", full)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(BPError, match="No space left on device"):
+        merge(MergeOptions(base=str(demo / "tiny-sd.safetensors"), precision="fp16"), out)
+    assert calls["n"] > 20
+    assert os.listdir(tmp_path) == []
