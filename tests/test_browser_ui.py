@@ -130,6 +130,11 @@ def test_tokenize_a_prompt_shows_chips(page, shots):
     page.click("#bp_train_tok_audit")
     page.wait_for_selector("#bp_train_tok_audit_msg .bp-msg")
     assert "distinct tags" in page.inner_text("#bp_train_tok_audit_msg")
+    first = page.locator("#bp_train_tok_table tbody tr").first.locator("td").first
+    tag = first.inner_text().strip()
+    first.click()  # a click on a tag fills the rename and the suggestion boxes
+    page.wait_for_function(f"() => document.querySelector('#bp_train_tok_sug_tag textarea').value === {tag!r}")
+    assert page.input_value("#bp_train_tok_old textarea") == tag
     _shot(page, shots, "tokens")
 
 

@@ -299,3 +299,14 @@ def test_a_broken_run_yaml_does_not_break_the_tab(host, tmp_path):
     preset = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "bp_train_preset")
     assert preset.value == "768"  # the defaults instead
     assert isinstance(tab, gr.Blocks)
+
+
+def test_table_clicks_fill_rename_and_suggest(host):
+    from bp_trainer.ui.tokens_tab import NO_PICK
+
+    cb = TokensCallbacks(host)
+    rows = [["by_sakimichan", 3, "by _ sa kim ic han", 6, "6 pieces"], ["solo", 5, "solo", 1, ""]]
+    assert cb.pick_audit_row(rows, [1, 2]) == ("solo", "solo")
+    assert cb.pick_audit_row([["", 0, "", 0, ""]], [0, 0]) == (NO_PICK, NO_PICK)  # the empty table's blank row
+    assert cb.pick_suggestion([["sakura", 4888, "rare"]], [0, 2], " by_sakimichan ") == ("by_sakimichan", "sakura")
+    assert cb.pick_suggestion([], [3, 0], "x") == (NO_PICK, NO_PICK)

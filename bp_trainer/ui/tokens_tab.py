@@ -55,7 +55,8 @@ class TokensCallbacks:
                  f"{r['n_pieces']} pieces" if r["flagged"] else ""] for r in report["tags"]]
         text = (f"{report['captions']} captions, {report['distinct_tags']} distinct tags"
                 + (f", {report['selected_tags']} matching" if (pattern or "").strip() else "")
-                + f"; {report['flagged']} split into {report['min_pieces']}+ CLIP pieces")
+                + f"; {report['flagged']} split into {report['min_pieces']}+ CLIP pieces"
+                + (" \u2014 click a tag to rename it or find single-token replacements" if rows else ""))
         return rows, render.message_html(text, "info")
 
     # ------------------------------------------------------------------------------------ rename
@@ -131,6 +132,31 @@ class TokensCallbacks:
         return rows, render.message_html(text, "info")
 
 
+    # ------------------------------------------------------------------------------------ table picks
+
+    @staticmethod
+    def _row(rows: Any, index: Any) -> Optional[List[Any]]:
+        try:
+            r = int(index[0] if isinstance(index, (list, tuple)) else index)
+            row = list(rows[r])
+        except (TypeError, ValueError, IndexError, KeyError):
+            return None
+        return row if row and str(row[0]).strip() else None
+
+    def pick_audit_row(self, rows: Any, index: Any) -> Tuple[Any, Any]:
+        """A click on an audit row: its tag goes to the rename's "Tag" and the suggestion box."""
+        row = self._row(rows, index)
+        return (row[0], row[0]) if row else (NO_PICK, NO_PICK)
+
+    def pick_suggestion(self, rows: Any, index: Any, tag: str) -> Tuple[Any, Any]:
+        """A click on a suggestion: rename the mangled tag to it (preview first)."""
+        row = self._row(rows, index)
+        return ((tag or "").strip(), row[0]) if row else (NO_PICK, NO_PICK)
+
+
+NO_PICK = object()
+
+
 def build(host: Any, train: Any = None) -> TokensCallbacks:
     import gradio as gr
 
@@ -154,7 +180,8 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 only_flagged = gr.Checkbox(label="Only tags of 3+ pieces", value=False, elem_id="bp_train_tok_flagged")
                 audit = gr.Button("Audit tags", variant="primary", elem_id="bp_train_tok_audit")
             audit_msg = gr.HTML(elem_id="bp_train_tok_audit_msg")
-            table = gr.Dataframe(headers=AUDIT_HEADERS, datatype=["str", "number", "str", "number", "str"],
+            table = gr.Dataframe(headers=AUDIT_HEADERS, type="array",
+                                 datatype=["str", "number", "str", "number", "str"],
                                  interactive=False, wrap=True, elem_id="bp_train_tok_table",
                                  max_rows=None, height=420, row_count=(0, "dynamic"))
         with gr.Accordion("Rename a tag", open=False, elem_id="bp_train_tok_rename_box"):
@@ -176,7 +203,7 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 sug_n = gr.Number(label="How many", value=12, precision=0, elem_id="bp_train_tok_sug_n")
                 suggest = gr.Button("Suggest", elem_id="bp_train_tok_suggest")
             sug_msg = gr.HTML(elem_id="bp_train_tok_sug_msg")
-            sug_table = gr.Dataframe(headers=SUGGEST_HEADERS, interactive=False, wrap=True,
+            sug_table = gr.Dataframe(headers=SUGGEST_HEADERS, type="array", interactive=False, wrap=True,
                                      elem_id="bp_train_tok_sug_table",
                                      max_rows=None, height=360, row_count=(0, "dynamic"))
 
@@ -188,6 +215,23 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
     apply.click(cb.rename_apply, [dataset, old, new], [rename_msg, journal], show_progress="minimal")
     undo.click(cb.rename_undo, [journal], [rename_msg], show_progress="minimal")
     suggest.click(cb.suggest, [dataset, sug_tag, sug_n], [sug_table, sug_msg], show_progress="minimal")
+
+    def picked(values):
+        return [gr.update() if v is NO_PICK else v for v in values]
+
+    def on_audit_select(rows, evt):
+        return picked(cb.pick_audit_row(rows, evt.index))
+
+    def on_suggestion_select(rows, tag, evt):
+        return picked(cb.pick_suggestion(rows, evt.index, tag))
+
+    # gradio passes the click through a parameter annotated gr.SelectData; set the annotation as an object
+    # (this module's annotations are strings, which gradio would resolve in a namespace without `gr`).
+    on_audit_select.__annotations__["evt"] = gr.SelectData
+    on_suggestion_select.__annotations__["evt"] = gr.SelectData
+
+    table.select(on_audit_select, [table], [old, sug_tag], show_progress="hidden")
+    sug_table.select(on_suggestion_select, [sug_table, sug_tag], [old, new], show_progress="hidden")
     if train is not None and getattr(train, "components", None):
         train.components["dataset"].change(lambda v: v, [train.components["dataset"]], [dataset], queue=False,
                                            show_progress="hidden")
