@@ -33,7 +33,7 @@ import torch
 from bp_trainer.errors import BPError
 from bp_trainer.checkpoint import ldm_keys as lk
 from bp_trainer.checkpoint.hashes import file_hashes
-from bp_trainer.checkpoint.io import PRECISIONS, Entry, TensorSource, cast, open_file, out_dtype, write_checkpoint
+from bp_trainer.checkpoint.io import PRECISIONS, Entry, TensorSource, open_file, out_dtype, write_checkpoint
 from bp_trainer.checkpoint.layout import MappedSource, ema_unet_map, group_of, ldm_view
 
 MODES = ("assemble", "weighted-sum", "add-difference")
