@@ -286,3 +286,15 @@ def test_stop_pressed_twice_sends_sigterm(tmp_path, fake_trainer):
     assert ctl.exit_code not in (0, None)  # killed by the signal (the stand-in has no handler)
     assert ctl.snapshot()["status"] == "stopped" and "after the stop" in ctl.view.log_text()
     assert host.calls.count("reclaim") == 1
+
+
+def test_a_trainer_that_cannot_start_is_refused_before_the_gpu_moves(tmp_path, fake_trainer):
+    class NoTrainerHost(RecordingHost):
+        def trainer_python(self) -> str:
+            raise BPError("the trainer environment is outdated")
+
+    host = NoTrainerHost(tmp_path)
+    ctl = runs.controller_for(host)
+    with pytest.raises(BPError, match="outdated"):
+        ctl.start(_cfg(host))
+    assert "release" not in host.calls and "reclaim" not in host.calls and not ctl.active

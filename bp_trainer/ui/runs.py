@@ -139,10 +139,11 @@ class RunController:
                               hint="stop it first; BP Train runs one training at a time")
             self._starting = True
         try:
+            python = self.host.trainer_python()  # a trainer that cannot start is refused before the GPU moves
             self.host.release_gpu()
             self._gpu_released = True
             try:
-                handle = launcher.start_run(cfg, resume_dir=resume_dir, python=self.host.trainer_python())
+                handle = launcher.start_run(cfg, resume_dir=resume_dir, python=python)
             except BaseException:
                 self._reclaim()
                 raise

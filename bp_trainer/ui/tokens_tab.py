@@ -170,7 +170,7 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                                 placeholder="masterpiece, 1girl, (by_sakimichan:1.2), long_hair, ...")
             with gr.Column(scale=1, min_width=160):
                 steps = gr.Number(label="Sampling steps", value=20, precision=0, elem_id="bp_train_tok_steps")
-                negative = gr.Checkbox(label="Negative prompt", value=False, elem_id="bp_train_tok_negative")
+                negative = gr.Checkbox(label="Count as a negative prompt", value=False, elem_id="bp_train_tok_negative")
         chips = gr.HTML(render.token_chips_html({"tags": []}), elem_id="bp_train_tok_chips")
         with gr.Accordion("Dataset tags", open=True, elem_id="bp_train_tok_dataset_box"):
             with gr.Row():
