@@ -274,3 +274,20 @@ def test_disk_full_during_direct_write_leaves_no_output(demo, tmp_path, monkeypa
         merge(MergeOptions(base=str(demo / "tiny-sd.safetensors"), precision="fp16"), out)
     assert calls["n"] > 20
     assert os.listdir(tmp_path) == []
+
+
+def test_unet_of_wrong_shape_or_other_structure_is_refused(demo, base_sd, tmp_path, capsys):
+    unet = {k: v for k, v in base_sd.items() if k.startswith(lk.UNET_PREFIX)}
+    k = "model.diffusion_model.out.2.weight"
+    unet[k] = torch.zeros(4, 16, 3, 3)
+    bad = tmp_path / "bad-unet.safetensors"
+    save_file(unet, str(bad))
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", "--base", str(demo / "tiny-sd.safetensors"), "--unet", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "wrong-shaped UNet" in err and k in err and str(bad) in err and err.count("\n") == 1
+    del unet[k]
+    save_file(unet, str(bad))
+    assert main(["merge", "--base", str(demo / "tiny-sd.safetensors"), "--unet", str(bad), "--out", str(out)]) == 2
+    assert "does not fit the base" in capsys.readouterr().err
+    assert not out.exists()
