@@ -150,6 +150,11 @@ def test_round_trip_ldm_to_diffusers_to_ldm_is_bit_identical(demo, tmp_path):
     folder = tmp_path / "diff"
     assert main(["convert", str(demo / "tiny-sd.safetensors"), "--to", "diffusers", "--out", str(folder)]) == 0
     assert (folder / "unet_ema").is_dir()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None)
+    image = pipe("a cat", num_inference_steps=1, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     back = tmp_path / "back.safetensors"
     assert main(["convert", str(folder), "--to", "webui", "--out", str(back)]) == 0
     with open_file(demo / "tiny-sd.safetensors") as a, open_file(back) as b:
