@@ -321,7 +321,8 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
                         if key.startswith(("sampling.", "run.num_processes")):
                             break
                         fields.append(_widget(gr, key, label, next(inits)))
-                with gr.Accordion("Samples during training, processes", open=False, elem_id="bp_train_sampling_box"):
+                with gr.Accordion("Sample prompts (images during training), processes", open=False,
+                                  elem_id="bp_train_sampling_box"):
                     with gr.Row():
                         for key, label in train_form.FORM_FIELDS[len(fields):]:
                             fields.append(_widget(gr, key, label, next(inits)))
