@@ -30,7 +30,10 @@ def _free_port() -> int:
 def app(tmp_path_factory, tiny_components):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run dev/ensure_chromium.sh (dev/test.sh does) to install Debian's chromium")
-    from test_ui_tabs import write_models
+    try:
+        from test_ui_tabs import write_models
+    except ImportError:  # tests/ as a package
+        from tests.test_ui_tabs import write_models
 
     from bp_trainer.dataset.demo import write_demo_dataset
     from bp_trainer.ui import runs
