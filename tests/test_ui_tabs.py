@@ -318,3 +318,37 @@ def test_table_clicks_fill_rename_and_suggest(host):
     assert cb.pick_audit_row([["", 0, "", 0, ""]], [0, 0]) == (NO_PICK, NO_PICK)  # the empty table's blank row
     assert cb.pick_suggestion([["sakura", 4888, "rare"]], [0, 2], " by_sakimichan ") == ("by_sakimichan", "sakura")
     assert cb.pick_suggestion([], [3, 0], "x") == (NO_PICK, NO_PICK)
+
+
+def test_trainer_env_button_only_when_the_env_is_not_ready(host, monkeypatch):
+    from bp_trainer import trainer_env
+    from bp_trainer.ui.tab import build_tab
+    from bp_trainer.ui.train_tab import TrainCallbacks
+
+    def ids(tab):
+        return {getattr(b, "elem_id", None) for b in tab.blocks.values()}
+
+    assert "bp_train_env_setup" not in ids(build_tab(host))  # the standalone app trains with its own Python
+
+    class WebUILikeHost(StandaloneHost):
+        name = "webui"
+        ready = False
+
+        def trainer_env_status(self):
+            return {"state": "ready" if self.ready else "missing", "message": "not set up yet: /x/trainer-venv"}
+
+    other = WebUILikeHost(host.models_dir, host.runs_dir())
+    tab = build_tab(other)
+    assert "bp_train_env_setup" in ids(tab)
+    note = [b.value for b in tab.blocks.values() if isinstance(getattr(b, "value", None), str) and "trainer-venv" in b.value]
+    assert note and "bp-msg-warn" in note[0]
+
+    def fake_setup_lines():
+        yield "$ python -m venv /x/trainer-venv"
+        other.ready = True
+        yield "== trainer environment ready"
+
+    monkeypatch.setattr(trainer_env, "setup_lines", fake_setup_lines)
+    outputs = list(TrainCallbacks(other).setup_trainer_env())
+    assert outputs[0] == "$ python -m venv /x/trainer-venv"
+    assert outputs[-1].splitlines()[-2:] == ["== trainer environment ready", "ready: press Start training"]
