@@ -298,3 +298,13 @@ def test_a_trainer_that_cannot_start_is_refused_before_the_gpu_moves(tmp_path, f
     with pytest.raises(BPError, match="outdated"):
         ctl.start(_cfg(host))
     assert "release" not in host.calls and "reclaim" not in host.calls and not ctl.active
+
+
+def test_a_missing_trainer_python_is_a_clear_error_before_the_gpu_moves(tmp_path, fake_trainer):
+    host = RecordingHost(tmp_path, python=str(tmp_path / "nonexistent" / "python"))
+    ctl = runs.controller_for(host)
+    with pytest.raises(BPError, match="trainer's Python does not exist") as err:
+        ctl.start(_cfg(host))
+    assert "nonexistent" in str(err.value)
+    assert "release" not in host.calls and not ctl.active
+    assert list(Path(host.runs_dir()).iterdir()) == []  # no run folder was made

@@ -120,14 +120,15 @@ def test_build_tab_has_every_sub_tab_and_prefixed_ids(host):
     for volatile in ("bp_train_log", "bp_train_base", "bp_train_mg_vae", "bp_train_tok_table"):
         assert by_id[volatile].do_not_save_to_config  # the WebUI's ui-config.json must not freeze these
     assert not getattr(by_id["bp_train_dataset"], "do_not_save_to_config", False)
-    # The WebUI keys saved values by label ("bp_train/<label>/value"): components sharing a label must be of
-    # one kind, or one gets the other's value (a checkbox checked by a prompt string).
-    kinds: dict = {}
+    # The WebUI keys saved values by label ("bp_train/<label>/value"): two saved components with one label
+    # get each other's value (a checkbox checked by a prompt string, the counter's steps set to the sampler's).
+    seen: dict = {}
     for b in page.blocks.values():
         label = getattr(b, "label", None)
-        if label and hasattr(b, "value") and not getattr(b, "do_not_save_to_config", False):
-            kinds.setdefault(label, set()).add(type(b).__name__)
-    assert {k: v for k, v in kinds.items() if len(v) > 1} == {}
+        if label and hasattr(b, "value") and not isinstance(b, gr.Button) \
+                and not getattr(b, "do_not_save_to_config", False):
+            seen.setdefault(label, []).append(b.elem_id)
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
     base = by_id["bp_train_base"]
     assert [c[0] if isinstance(c, (list, tuple)) else c for c in base.choices] == host.list_checkpoints()
 

@@ -91,11 +91,11 @@ def build(host: Any, train: Any = None) -> BucketsCallbacks:
     init = getattr(train, "initial_values", None) or {}
     with gr.Column(elem_id="bp_train_buckets"):
         with gr.Row():
-            dataset = gr.Textbox(label="Dataset folder", value=init.get("dataset", ""), elem_id="bp_train_bk_dataset",
+            dataset = gr.Textbox(label="Dataset folder to plan", value=init.get("dataset", ""), elem_id="bp_train_bk_dataset",
                                  scale=4)
             rule = gr.Radio(label="Assignment", choices=["log", "linear"], value="log", elem_id="bp_train_bk_rule",
                             info="nearest aspect ratio in log space (symmetric), or naifu's linear rule")
-            batch = gr.Number(label="Batch size", value=1, precision=0, elem_id="bp_train_bk_batch")
+            batch = gr.Number(label="Batch size (steps per epoch)", value=1, precision=0, elem_id="bp_train_bk_batch")
             ext = gr.Textbox(label="Caption extension", value=".txt", elem_id="bp_train_bk_ext")
         with gr.Row():
             with gr.Column(scale=2):

@@ -140,6 +140,9 @@ class RunController:
             self._starting = True
         try:
             python = self.host.trainer_python()  # a trainer that cannot start is refused before the GPU moves
+            if not (os.path.isfile(python) and os.access(python, os.X_OK)) and not shutil.which(python):
+                raise BPError("the trainer's Python does not exist or is not executable", path=python,
+                              hint="check Settings > BP Train > Trainer Python (empty: BP Train's own environment)")
             self.host.release_gpu()
             self._gpu_released = True
             try:

@@ -169,12 +169,13 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="bp_train_tok_prompt", scale=5,
                                 placeholder="masterpiece, 1girl, (by_sakimichan:1.2), long_hair, ...")
             with gr.Column(scale=1, min_width=160):
-                steps = gr.Number(label="Sampling steps", value=20, precision=0, elem_id="bp_train_tok_steps")
+                steps = gr.Number(label="Steps (for prompt schedules)", value=20, precision=0, elem_id="bp_train_tok_steps")
                 negative = gr.Checkbox(label="Count as a negative prompt", value=False, elem_id="bp_train_tok_negative")
         chips = gr.HTML(render.token_chips_html({"tags": []}), elem_id="bp_train_tok_chips")
         with gr.Accordion("Dataset tags", open=True, elem_id="bp_train_tok_dataset_box"):
             with gr.Row():
-                dataset = gr.Textbox(label="Dataset folder", value=dataset_default, elem_id="bp_train_tok_dataset", scale=4)
+                dataset = gr.Textbox(label="Dataset folder to audit", value=dataset_default, elem_id="bp_train_tok_dataset",
+                                     scale=4)
                 focus = gr.Textbox(label="Focus (regular expression, optional)", elem_id="bp_train_tok_focus", scale=2,
                                    placeholder="^by_")
                 only_flagged = gr.Checkbox(label="Only tags of 3+ pieces", value=False, elem_id="bp_train_tok_flagged")
