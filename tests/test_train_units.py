@@ -136,3 +136,25 @@ def test_sample_infotext_is_read_back_by_the_webui_parser():
     assert (p["Model hash"], p["Model"], p["Clip skip"]) == ("0123456789", "bp, step 3", "2")
     assert "Skipped" not in p
     assert math.isclose(float(p["CFG scale"]), 7.0)
+
+
+def test_base_from_a_webui_file_with_a_webui_vae_file(tiny_components, tmp_path):
+    """model.base as a WebUI single file and model.vae as a WebUI models/VAE file (no prefix)."""
+    from bp_trainer.checkpoint.io import write_checkpoint
+    from bp_trainer.checkpoint.ldm_keys import vae_key_map, vae_tensor_to_ldm
+    from bp_trainer.tiny_model import build_vae, save_webui_file
+    from bp_trainer.train.models import load_base
+
+    base = save_webui_file(tiny_components, tmp_path / "base.safetensors", ema_seed=None)["out"]
+    other = build_vae(77).state_dict()
+    write_checkpoint({ldm: vae_tensor_to_ldm(ldm, other[k]) for k, ldm in vae_key_map(other).items()},
+                     tmp_path / "other-vae.safetensors", {})
+    m = load_base({"model": {"base": base, "vae": str(tmp_path / "other-vae.safetensors"), "v_prediction": "auto"}})
+    got = m["vae"].state_dict()
+    assert all(torch.equal(got[k], other[k].float()) for k in other)
+    assert m["prediction_type"] == "epsilon"
+    unet = tiny_components["unet"].state_dict()
+    assert all(torch.equal(m["unet"].state_dict()[k], unet[k]) for k in list(unet)[:10])
+    forced = load_base({"model": {"base": base, "vae": None, "v_prediction": "true"}})
+    assert forced["prediction_type"] == "v_prediction"
+    assert forced["noise_scheduler"].config.prediction_type == "v_prediction"

@@ -41,6 +41,8 @@ class EventWriter:
         self.echo = echo
         self._fh = None
         self.listeners: List[Any] = []
+        # where "human" lines go (a progress bar replaces it with its own write, so lines do not break it)
+        self.printer: Any = lambda text: print(text, file=sys.stderr, flush=True)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8")
@@ -58,7 +60,7 @@ class EventWriter:
         if self.echo == "json":
             print(line, flush=True)
         elif self.echo == "human" and type != "step":
-            print(human_line(event), file=sys.stderr, flush=True)
+            self.printer(human_line(event))
         for listener in self.listeners:
             listener(event)
         return event

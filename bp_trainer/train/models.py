@@ -13,9 +13,8 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -68,10 +67,6 @@ def pad_to_same_length(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor) ->
     while b.shape[1] < a.shape[1]:
         b = torch.cat([b, empty.expand(b.shape[0], -1, -1)], dim=1)
     return a, b
-
-
-def _is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "unet").is_dir()
 
 
 def load_base(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -158,7 +153,3 @@ def _load_vae(path: Path, current: Any) -> Any:
         state[dk] = t.reshape(expected[dk].shape).float() if t.numel() == expected[dk].numel() else t
     current.load_state_dict(state)
     return current
-
-
-def model_name(cfg: Dict[str, Any]) -> str:
-    return Path(cfg["model"]["base"]).stem if os.path.isfile(cfg["model"]["base"]) else Path(cfg["model"]["base"]).name

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from bp_trainer.errors import BPError
 from bp_trainer.train import data as data_mod
 from bp_trainer.train import state as state_mod
-from bp_trainer.train.events import EventWriter, human_line
-from bp_trainer.train.models import encode_captions, load_base, model_name
+from bp_trainer.train.events import EventWriter
+from bp_trainer.train.models import encode_captions, load_base
 
 
 def lr_at(step: int, *, base_lr: float, schedule: str, warmup: int, total: int) -> float:
@@ -280,7 +280,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
                 mixed_precision=accelerator.mixed_precision, device=str(device))
     progress = _Progress(use_bar, total_steps, step)
     if use_bar:
-        events.listeners.append(lambda ev: progress.write(human_line(ev)) if ev["type"] != "step" else None)
+        events.printer = progress.write
     record = None
     if lg.get("record_batches"):
         record = open(run_dir / f"batches-rank{rank}.jsonl", "a", encoding="utf-8")
