@@ -388,7 +388,7 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
         do_poll, [version], poll_outputs, show_progress="hidden")
     stop.click(cb.stop, None, [message], show_progress="hidden").then(do_poll, [version], poll_outputs,
                                                                      show_progress="hidden")
-    poll.click(do_poll, [version], poll_outputs, show_progress="hidden")
+    poll.click(do_poll, [version], poll_outputs, show_progress="hidden", queue=False)  # a quick read: never queued
     resume_refresh.click(lambda: gr.update(choices=cb.resumable_runs()), None, [resume_name], show_progress="hidden")
     resume_btn.click(cb.resume, [resume_name], [message], show_progress="minimal").then(
         do_poll, [version], poll_outputs, show_progress="hidden")
