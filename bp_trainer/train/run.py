@@ -244,6 +244,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr,
                        "base_lr": te_lr})
     optimizer = _make_optimizer(groups, t, warn)
+    _configure_deepspeed(accelerator, int(t["batch_size"]), accum)
     ema = None
     if e_cfg["enabled"]:
         ema_device = "cpu" if e_cfg["device"] == "cpu" else device
@@ -467,6 +468,18 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
     events.emit("done", step=step, reason=reason, outputs=outputs, loss=loss_value,
                 latent_cache={"hits": cache.hits, "misses": cache.misses} if cache is not None else None)
     return {"reason": reason, "step": step, "outputs": outputs, "files": last_files or {}}
+
+
+def _configure_deepspeed(accelerator: Any, batch_size: int, accum: int) -> None:
+    """Under DeepSpeed (ZeRO-2 from the user's accelerate config) tell it the per-GPU batch size; our
+    batches come from the bucket sampler, not a prepared DataLoader it could read it from."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    if accum != 1:
+        raise BPError("with DeepSpeed, set gradient_accumulation_steps in the DeepSpeed config",
+                      hint="and keep training.gradient_accumulation at 1")
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def _gather_objects(accelerator: Any, obj: Any) -> List[Any]:
