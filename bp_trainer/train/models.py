@@ -44,13 +44,14 @@ def tokenize_chunks(tokenizer: Any, captions: Sequence[str], max_chunks: int) ->
 def encode_tokens(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
     """Hidden states (batch, chunks*77, dim) of token chunks (batch, chunks, 77) with WebUI clip skip."""
     b, n, length = tokens.shape
-    flat = tokens.reshape(b * n, length).to(text_encoder.device)
+    flat = tokens.reshape(b * n, length).to(next(text_encoder.parameters()).device)
     if clip_skip <= 1:
         hidden = text_encoder(flat, return_dict=True).last_hidden_state
     else:
         out = text_encoder(flat, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states[-clip_skip]
-        final_ln = getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm")
+        inner = getattr(text_encoder, "module", text_encoder)  # a DDP-wrapped encoder (trained, several GPUs)
+        final_ln = getattr(getattr(inner, "text_model", inner), "final_layer_norm")
         hidden = final_ln(hidden)
     return hidden.reshape(b, n * length, hidden.shape[-1])
 
