@@ -25,10 +25,10 @@ def small_dataset(tmp_path_factory) -> Path:
     return out
 
 
-def make_cfg(model: Path, data: Path, runs: Path, **sections: Dict[str, Any]) -> Dict[str, Any]:
+def make_cfg(model_dir: Path, data: Path, runs: Path, **sections: Dict[str, Any]) -> Dict[str, Any]:
     raw: Dict[str, Any] = {
         "run": {"name": "t", "runs_dir": str(runs)},
-        "model": {"base": str(model)},
+        "model": {"base": str(model_dir)},
         "dataset": {"path": str(data)},
         "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128},
         "training": {"batch_size": 2, "learning_rate": 1e-3, "seed": 7},
@@ -165,3 +165,34 @@ def test_dataset_without_images_fails_with_one_clear_error(tiny_model_dir, tmp_p
         train(cfg, tmp_path / "run")
     errors = [e for e in read_all(tmp_path / "run") if e["type"] == "error"]
     assert len(errors) == 1 and "no usable images" in errors[0]["message"]
+
+
+def test_text_encoder_training_checkpointing_v_prediction_and_disk_cache(tiny_model_dir, small_dataset,
+                                                                        tiny_components, tmp_path):
+    """The other switches in one short run: the text encoder is trained and saved, gradient checkpointing,
+    the default attention processor, forced v-prediction, a disk latent cache reused by the next run."""
+    import math
+
+    from bp_trainer.train.run import train
+
+    cfg = make_cfg(tiny_model_dir, small_dataset, tmp_path, model={"v_prediction": "true"},
+                   training={"max_steps": 2, "train_text_encoder": True, "text_encoder_lr": 1e-3,
+                             "gradient_checkpointing": True, "attention": "default"},
+                   latents={"cache": "disk", "dir": str(tmp_path / "cache")}, saving={"main_unet": "trained"})
+    result = train(cfg, tmp_path / "a")
+    events = read_all(tmp_path / "a")
+    assert next(e for e in events if e["type"] == "start")["prediction_type"] == "v_prediction"
+    assert all(math.isfinite(e["loss"]) for e in events if e["type"] == "step")
+    saved = _tensors(Path(result["outputs"]["webui"]), "cond_stage_model.")
+    base = tiny_components["text_encoder"].state_dict()
+    def same(k: str) -> bool:
+        return torch.equal(saved["cond_stage_model.transformer.text_model." + k.removeprefix("text_model.")],
+                           base[k].half())
+
+    q = sorted(k for k in base if k.endswith("q_proj.weight"))
+    assert len(q) == 4 and not any(same(k) for k in q[:3])
+    assert same(q[3])  # clip skip 2: the last layer does not shape the conditioning, so it is not trained
+    misses = events[-1]["latent_cache"]["misses"]
+    assert misses > 0 and len(list((tmp_path / "cache").glob("*.safetensors"))) == misses
+    train(cfg, tmp_path / "b")  # a second run over the same images reuses every cached latent
+    assert read_all(tmp_path / "b")[-1]["latent_cache"]["misses"] == 0
