@@ -126,9 +126,25 @@ def build_command(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, res
     return {"argv": argv, "env": env, "accelerate_config": str(acc_path)}
 
 
+_WINDOWS = os.name == "nt"
+SIGKILL = getattr(signal, "SIGKILL", 9)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
+    if _WINDOWS:  # os.kill(pid, 0) would terminate the process on Windows: ask the kernel instead
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -302,10 +318,12 @@ def start_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = root + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
     log = open(target / LOG_FILE, "ab") if log_to_file else None
+    # Its own process group (a session on POSIX), so a stop reaches every process and the run outlives the UI.
+    group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS  # type: ignore[attr-defined]
+             else {"start_new_session": True})
     proc = subprocess.Popen(cmd["argv"], env=child_env, cwd=str(target), stdin=subprocess.DEVNULL,
                             stdout=log if log is not None else None,
-                            stderr=subprocess.STDOUT if log is not None else None,
-                            start_new_session=True)
+                            stderr=subprocess.STDOUT if log is not None else None, **group)
     write_lock(target, proc.pid, command=cmd["argv"], pgid=proc.pid)
     return RunHandle(target, proc, log=log)
 
@@ -324,6 +342,20 @@ def request_stop(run_dir: "str | os.PathLike[str]") -> None:
 
 
 def _signal_group(pid: int, sig: int) -> None:
+    """Send `sig` to the run's whole process group (the launcher and every trainer process).
+
+    On Windows a graceful signal is CTRL_BREAK (the trainer handles SIGBREAK like SIGTERM) and SIGKILL is
+    `taskkill /T /F` (the process tree).
+    """
+    if _WINDOWS:
+        if sig == SIGKILL:
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
+        else:
+            try:
+                os.kill(pid, signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+            except OSError:
+                pass
+        return
     try:
         os.killpg(os.getpgid(pid), sig)
     except (ProcessLookupError, PermissionError):
@@ -347,12 +379,12 @@ def stop_run(run_dir: "str | os.PathLike[str]", *, timeout: float = 0.0, force: 
     if handle is None:
         return _recorded_exit(Path(run_dir)) if (Path(run_dir) / EXIT_FILE).exists() else None
     if force:
-        _signal_group(handle.pid, signal.SIGKILL)
+        _signal_group(handle.pid, SIGKILL)
         return handle.wait(30)
     request_stop(run_dir)
     if timeout <= 0:
         return handle.poll()
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+    for sig in (None, signal.SIGTERM, SIGKILL):
         if sig is not None:
             _signal_group(handle.pid, sig)
         try:

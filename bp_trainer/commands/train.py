@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
             launcher.request_stop(handle.run_dir)
             print("\nstopping after the current step (saving); Ctrl+C again to terminate", file=sys.stderr)
         else:
-            sig = signal.SIGTERM if presses[0] == 2 else signal.SIGKILL
-            launcher._signal_group(handle.pid, sig)
+            sig = signal.SIGTERM if presses[0] == 2 else launcher.SIGKILL
+            launcher.signal_group(handle.pid, sig)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -38,7 +38,8 @@ class StopFlag:
         self.signal_received: Optional[int] = None
         self._previous: Dict[int, Any] = {}
         if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+            for sig in sigs:  # SIGBREAK: the launcher's graceful stop on Windows
                 try:
                     self._previous[sig] = signal.signal(sig, self._handle)
                 except ValueError:  # not the main thread (e.g. a UI running the trainer in-process)
