@@ -113,9 +113,10 @@ def save_state(accelerator: Any, run_dir: "str | os.PathLike[str]", *, step: int
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # DeepSpeed writes sub-folders
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
