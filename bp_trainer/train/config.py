@@ -69,6 +69,8 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "tag_dropout": Field("float", 0.0, "probability of dropping each tag", min=0.0, max=1.0),
         "caption_dropout": Field("float", 0.0, "probability of training an image with an empty caption (ucg)",
                                  min=0.0, max=1.0),
+        "underscores_to_spaces": Field("bool", False, "write tags as 'long hair' instead of 'long_hair'"),
+        "escape_brackets": Field("bool", False, "escape ( ) [ ] in tags, as WebUI prompts need (e.g. 'kaguya \\(oshi no ko\\)')"),
         "max_chunks": Field("int", 3, "75-token chunks per caption (3 = 225 tokens, like naifu)", min=1, max=8),
         "center_crop": Field("bool", False, "centre crop into the bucket (random crop when false)"),
         "repeats": Field("int", 1, "times each image is used per epoch", min=1),

@@ -91,7 +91,9 @@ def build_data(cfg: Dict[str, Any], *, rank: int, world_size: int, cache: Any = 
                       f"(batch size {t['batch_size']} x {world_size} process(es))", path=d["path"],
                       hint="lower training.batch_size or add images")
     captions = CaptionProcessor(shuffle=bool(d["shuffle_tags"]), keep_first=int(d["keep_tokens"]),
-                                tag_dropout=float(d["tag_dropout"]), caption_dropout=float(d["caption_dropout"]))
+                                tag_dropout=float(d["tag_dropout"]), caption_dropout=float(d["caption_dropout"]),
+                                underscores_to_spaces=bool(d["underscores_to_spaces"]),
+                                escape_brackets=bool(d["escape_brackets"]))
     dataset = BucketDataset(items, seed=int(t["seed"]), captions=captions, center_crop=bool(d["center_crop"]),
                             cache=cache)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.keyed(), collate_fn=collate,
