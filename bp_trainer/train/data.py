@@ -90,6 +90,12 @@ def build_data(cfg: Dict[str, Any], *, rank: int, world_size: int, cache: Any = 
         raise BPError(f"{len(items)} image(s) do not make one batch per process "
                       f"(batch size {t['batch_size']} x {world_size} process(es))", path=d["path"],
                       hint="lower training.batch_size or add images")
+    if a.get("debug") and warn is not None:  # naifu's arb.debug: show the bucket plan before training
+        from bp_trainer.dataset.plan import format_plan, plan_buckets
+
+        plan = plan_buckets(items, arb, problems=scan.problems, batch_size=int(t["batch_size"]),
+                            world_size=world_size)
+        warn("bucket plan (arb.debug):\n" + format_plan(plan.to_dict()))
     captions = CaptionProcessor(shuffle=bool(d["shuffle_tags"]), keep_first=int(d["keep_tokens"]),
                                 tag_dropout=float(d["tag_dropout"]), caption_dropout=float(d["caption_dropout"]),
                                 underscores_to_spaces=bool(d["underscores_to_spaces"]),
