@@ -62,6 +62,20 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def resolve_mixed_precision(value: str, use_cpu: bool) -> str:
+    """`auto` -> bf16 on a GPU that supports it, fp16 on older GPUs, no on a CPU; fp16 on a CPU -> no."""
+    if use_cpu:
+        return "no" if value in ("auto", "fp16") else value
+    if value != "auto":
+        return value
+    try:
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    except Exception:  # noqa: BLE001 - no usable CUDA: let accelerate decide at fp32
+        return "no"
+
+
 def accelerate_settings(cfg: Dict[str, Any], *, use_cpu: Optional[bool] = None) -> Dict[str, Any]:
     """The accelerate launch settings of a run: process count, mixed precision, multi-process on CPU."""
     n = int(cfg["run"]["num_processes"])
@@ -73,8 +87,7 @@ def accelerate_settings(cfg: Dict[str, Any], *, use_cpu: Optional[bool] = None) 
         "num_processes": n,
         "num_machines": 1,
         "machine_rank": 0,
-        "mixed_precision": "no" if use_cpu and cfg["training"]["mixed_precision"] == "fp16"
-        else cfg["training"]["mixed_precision"],
+        "mixed_precision": resolve_mixed_precision(cfg["training"]["mixed_precision"], bool(use_cpu)),
         "use_cpu": bool(use_cpu and n == 1),
         "dynamo_config": {},
         "rdzv_backend": "static",

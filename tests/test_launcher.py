@@ -79,6 +79,14 @@ def test_command_for_one_and_several_processes(tmp_path):
     assert "--num_processes" not in cmd2["argv"]
 
 
+def test_mixed_precision_auto(tmp_path):
+    assert [launcher.resolve_mixed_precision(v, use_cpu=True) for v in ("auto", "fp16", "bf16", "no")] == \
+        ["no", "no", "bf16", "no"]
+    assert launcher.resolve_mixed_precision("fp16", use_cpu=False) == "fp16"
+    argv = launcher.build_command(C.validate({}, check_paths=False), tmp_path, use_cpu=True)["argv"]
+    assert argv[argv.index("--mixed_precision") + 1] == "no"  # the default `auto` on a CPU
+
+
 def test_find_active_run_ignores_stale_locks(tmp_path):
     live, dead = tmp_path / "a-live", tmp_path / "b-dead"
     for d in (live, dead):

@@ -26,7 +26,7 @@ def paths(tmp_path):
 def test_defaults_give_a_valid_run(paths):
     cfg = C.validate(paths)
     assert cfg["model"]["clip_skip"] == 2
-    assert cfg["training"]["mixed_precision"] == "no"
+    assert cfg["training"]["mixed_precision"] == "auto"
     assert cfg["arb"] == {"enabled": True, "debug": False, "base_res": [512, 512], "max_size": [768, 512],
                           "divisible": 64, "max_ar_error": 4.0, "min_dim": 256, "dim_limit": 1024}
     assert cfg["saving"]["main_unet"] == "ema" and cfg["ema"]["enabled"]
@@ -52,7 +52,7 @@ def test_every_problem_is_reported_once(paths):
     text = str(err.value)
     assert "5 problems" in text
     assert "training.batch_size: expected a whole number, got 'four'" in text
-    assert "training.mixed_precision: 'fp8' is not one of no, fp16, bf16" in text
+    assert "training.mixed_precision: 'fp8' is not one of auto, no, fp16, bf16" in text
     assert "training.learning_rate: -1.0 is below the minimum 0" in text
     assert "ema.decay: 1.5 is above the maximum 1" in text
     assert "unknown section 'sampler': did you mean 'sampling'?" in text

@@ -106,7 +106,8 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
         "max_grad_norm": Field("float", 1.0, "gradient clipping norm (0: off)", min=0.0),
         "epochs": Field("int", 10, "epochs to train (ignored when max_steps is set)", min=1),
         "max_steps": Field("int", None, "optimizer steps to train (overrides epochs)", optional=True, min=1),
-        "mixed_precision": Field("str", "no", "no, fp16 or bf16", choices=("no", "fp16", "bf16")),
+        "mixed_precision": Field("str", "auto", "auto (bf16 where the GPU supports it, else fp16; none on a CPU), "
+                                 "no, fp16 or bf16", choices=("auto", "no", "fp16", "bf16")),
         "gradient_checkpointing": Field("bool", False, "trade compute for memory"),
         "attention": Field("str", "sdpa", "sdpa (PyTorch scaled_dot_product_attention) or default",
                            choices=("sdpa", "default")),

@@ -133,9 +133,9 @@ def train(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: boo
             log_with = "tensorboard"
         except ImportError:
             log_with = None
-    cpu_only = not torch.cuda.is_available()
-    if cpu_only and mixed == "fp16":
-        mixed = "no"  # fp16 autocast needs a GPU
+    from bp_trainer.launcher import resolve_mixed_precision
+
+    mixed = resolve_mixed_precision(mixed, not torch.cuda.is_available())  # fp16 autocast needs a GPU
     accelerator = Accelerator(mixed_precision=mixed, log_with=log_with,
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "logs")))
@@ -150,8 +150,8 @@ def train(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: boo
     if on_event is not None and main:
         events.listeners.append(on_event)
     warn = lambda msg: events.emit("warning", message=msg)  # noqa: E731
-    if mixed != t["mixed_precision"]:
-        warn(f"mixed precision {t['mixed_precision']} needs a GPU; training in fp32")
+    if t["mixed_precision"] == "fp16" and mixed == "no":
+        warn("mixed precision fp16 needs a GPU; training in fp32")
     lock_owned = False
     if main:
         from bp_trainer import launcher
