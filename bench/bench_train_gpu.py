@@ -144,6 +144,7 @@ def run_case(models, *, mode: str, size: List[int], batch: int, checkpointing: b
     except torch.cuda.OutOfMemoryError if cuda else MemoryError:  # type: ignore[misc]
         return {"status": "OOM", "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
     finally:
+        unet.zero_grad(set_to_none=True)  # an OOM leaves gradients behind: free them for the next case
         del opt, ema
         gc.collect()
         if cuda:
