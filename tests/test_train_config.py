@@ -175,3 +175,23 @@ def test_summarize_folds_events_incrementally():
                      {"type": "done", "step": 3, "reason": "stopped"}], s)
     assert s["status"] == "stopped" and s["last_checkpoint"]["step"] == 3 and s["samples"] == ["a.png"]
     assert E.summarize([{"type": "error", "message": "boom"}])["error"] == "boom"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_show_defaults_check_and_one_line_errors(tmp_path, paths, capsys):
+    from bp_trainer import cli
+
+    assert cli.main(["train", "--show-defaults", "--preset", "1024"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["arb"]["max_size"] == [1536, 1024] and shown["training"] == {**C.defaults()["training"],
+                                                                               **C.preset("1024")["training"]}
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(paths), encoding="utf-8")
+    assert cli.main(["train", "--config", str(good), "--check", "--json", "--num-processes", "2"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["run"]["num_processes"] == 2 and checked["model"]["base"] == paths["model"]["base"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**paths, "training": {"epochz": 3}}), encoding="utf-8")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'training.epochz': did you mean 'epochs'?" in err[0]
