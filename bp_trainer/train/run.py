@@ -334,7 +334,13 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
         events.emit("checkpoint", step=step, epoch=epoch, reason=reason, files=files or {}, state=str(path))
         return files
 
+    sampled: Dict[str, Any] = {"step": -1, "with_files": False}
+
     def do_sample(epoch: int, files: Optional[Dict[str, Any]]) -> None:
+        # once per step (again only to add the Model hash of a checkpoint saved at the same step)
+        if sampled["step"] == step and (sampled["with_files"] or not files):
+            return
+        sampled.update(step=step, with_files=bool(files))
         accelerator.wait_for_everyone()
         if main:
             w, h = sampling.sample_size(cfg)
