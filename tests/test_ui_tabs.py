@@ -353,3 +353,29 @@ def test_trainer_env_button_only_when_the_env_is_not_ready(host, monkeypatch):
     outputs = list(TrainCallbacks(other).setup_trainer_env())
     assert outputs[0] == "$ python -m venv /x/trainer-venv"
     assert outputs[-1].splitlines()[-2:] == ["== trainer environment ready", "ready: press Start training"]
+
+
+def test_token_counter_uses_the_hosts_prompt_settings(host, demo):
+    """Inside the WebUI the counter follows its settings (emphasis mode, comma back-off, loaded embeddings)."""
+    from bp_trainer.tokens import inspect_prompt
+
+    class SettingsHost(StandaloneHost):
+        def __init__(self, *a, settings=None, **k):
+            super().__init__(*a, **k)
+            self.settings = settings
+
+        def prompt_settings(self):
+            return self.settings
+
+    prompt = "(masterpiece:1.2), [[red_circle]], bpstyle, 1girl"
+    count = re.compile(r'id="bp_train_token_count">(\d+)/')
+    for settings in ({}, {"emphasis": False}, {"embeddings": {"bpstyle": 4}}, {"backtrack": 0, "ignored": 1}):
+        h = SettingsHost(demo / "models", host.runs_dir(), settings=settings)
+        html = TokensCallbacks(h).inspect(prompt)
+        kwargs = {k: v for k, v in settings.items() if k != "ignored"}
+        expected = inspect_prompt(prompt, h.tokenizer(), **kwargs)["count"]
+        assert int(count.search(html).group(1)) == expected, settings
+    plain = int(count.search(TokensCallbacks(host).inspect(prompt)).group(1))
+    no_emphasis = int(count.search(TokensCallbacks(SettingsHost(demo / "models", host.runs_dir(),
+                                                                settings={"emphasis": False})).inspect(prompt)).group(1))
+    assert no_emphasis > plain  # brackets become tokens when emphasis is off

@@ -36,6 +36,14 @@ class Host(Protocol):
     def tokenizer(self) -> Any:
         """A CLIPTokenizer-like object: the loaded model's when there is one, else the offline vocabulary's."""
 
+    # Optional (looked up with getattr; a host without it gets the defaults):
+    #   def prompt_settings(self) -> dict:
+    #       """The host's prompt settings as keyword arguments of `bp_trainer.tokens.inspect_prompt`, so the
+    #       Tokens tab counts as the WebUI's prompt box does: `emphasis` (bool: opts.emphasis != "None"),
+    #       `backtrack` (int: opts.comma_padding_backtrack), `use_old_scheduling` (bool), `embeddings`
+    #       ({name: vectors} of the loaded textual inversions)."""
+    #   def trainer_env_status(self) -> dict:  # {"state": "ready"|..., "message": str}; see bp_trainer.trainer_env
+
     # Training
     def runs_dir(self) -> str:
         """Folder holding one sub-folder per training run."""

@@ -27,11 +27,25 @@ class TokensCallbacks:
 
     # ------------------------------------------------------------------------------------ prompt
 
+    PROMPT_SETTINGS = ("emphasis", "backtrack", "use_old_scheduling", "embeddings")
+
+    def prompt_settings(self) -> dict:
+        """The host's prompt settings (WebUI: emphasis mode, comma back-off, loaded embeddings), or none."""
+        fn = getattr(self.host, "prompt_settings", None)
+        if not callable(fn):
+            return {}
+        try:
+            settings = fn() or {}
+        except Exception:  # the counter still works with the defaults
+            return {}
+        return {k: v for k, v in dict(settings).items() if k in self.PROMPT_SETTINGS}
+
     def inspect(self, prompt: str, steps: Any = 20, negative: bool = False) -> str:
         from bp_trainer.tokens import inspect_prompt
 
         try:
-            result = inspect_prompt(prompt or "", self.host.tokenizer(), steps=int(steps or 20), negative=bool(negative))
+            result = inspect_prompt(prompt or "", self.host.tokenizer(), steps=int(steps or 20), negative=bool(negative),
+                                    **self.prompt_settings())
         except BPError as exc:
             return render.error_html(exc)
         return render.token_chips_html(result)
