@@ -175,9 +175,9 @@ def test_kill_9_leaves_a_resumable_state_and_stop_file_stops_gracefully(tiny_mod
     state = latest_state(run_dir)
     assert state is not None and (state / "trainer.json").exists() and (state / "model.safetensors").exists()
     saved_step = json.loads((state / "trainer.json").read_text())["step"]
-    # a save cut off half-way (the rename never happened) is ignored
+    # a save cut off half-way (the rename never happened) is ignored; the kill may have made one already
     partial = run_dir / "state" / f".tmp-step-{saved_step + 2:08d}"
-    partial.mkdir()
+    partial.mkdir(exist_ok=True)
     (partial / "model.safetensors").write_bytes(b"\0" * 10)
     assert latest_state(run_dir) == state
 
