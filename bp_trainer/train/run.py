@@ -369,7 +369,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
     last_files: Optional[Dict[str, Any]] = None
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     step_times: List[float] = []
-    saved_at = -1
+    saved_at = step if resumed_from is not None else -1  # a resumed state was saved at its step
     consumed_in_epoch = consumed
     epoch = start_epoch
     loss_value = float("nan")
