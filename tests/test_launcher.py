@@ -226,3 +226,45 @@ def test_sigterm_saves_and_exits_0(tiny_model_dir, dataset, tmp_path):
     assert evs[-1]["type"] == "done" and evs[-1]["reason"] == "stopped"
     ck = [e for e in evs if e["type"] == "checkpoint"][-1]
     assert ck["reason"] == "stop (SIGTERM)" and Path(ck["files"]["webui"]["path"]).exists()
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(tiny_model_dir, dataset, tmp_path):
+    """Stop a 2-process run after its first save, resume it: losses and final weights equal an uninterrupted
+    run's (per-rank sampler positions and noise generators are part of the state)."""
+    def run(cfg, resume_dir=None):
+        return launcher.start_run(cfg, resume_dir=resume_dir, use_cpu=True, env=_env(tmp_path))
+
+    base = dict(run={"num_processes": 2}, training={"max_steps": 10, "batch_size": 1, "noise_offset": 0.05},
+                logging={"record_batches": True}, dataset={"shuffle_tags": True, "caption_dropout": 0.2})
+    full = launcher.start_run(cfg_for(tiny_model_dir, dataset, tmp_path / "a", **base), use_cpu=True,
+                              env=_env(tmp_path))
+    assert full.wait(timeout=400) == 0, (full.run_dir / "train.log").read_text()[-3000:]
+
+    cfg = cfg_for(tiny_model_dir, dataset, tmp_path / "b", **base, saving={"every_n_steps": 2})
+    part = run(cfg)
+    deadline = time.monotonic() + 300
+    while not any(e["type"] == "checkpoint" for e in read_all(part.run_dir)):
+        assert part.poll() is None, (part.run_dir / "train.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    launcher.request_stop(part.run_dir)
+    assert part.wait(timeout=300) == 0
+    stopped = [e for e in read_all(part.run_dir) if e["type"] == "done"][-1]
+    assert stopped["reason"] == "stopped" and stopped["step"] < 10
+    again = run(cfg, resume_dir=part.run_dir)
+    assert again.wait(timeout=400) == 0, (part.run_dir / "train.log").read_text()[-3000:]
+
+    def losses(d):
+        return {e["step"]: e["loss"] for e in read_all(d) if e["type"] == "step"}
+
+    starts = [e for e in read_all(part.run_dir) if e["type"] == "start"]
+    assert [s["resumed_from_step"] for s in starts] == [None, stopped["step"]]
+    assert losses(part.run_dir) == losses(full.run_dir) and len(losses(full.run_dir)) == 10
+
+    def final_weights(d, rank):
+        lines = (Path(d) / f"batches-rank{rank}.jsonl").read_text().splitlines()
+        return [json.loads(x)["weights"] for x in lines if '"final"' in x][-1]
+
+    for rank in (0, 1):
+        assert final_weights(part.run_dir, rank) == final_weights(full.run_dir, 0)
