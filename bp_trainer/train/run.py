@@ -122,9 +122,10 @@ def train(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: boo
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from bp_trainer.launcher import resolve_mixed_precision
+
     run_dir = Path(run_dir)
-    t, s, e_cfg, lg = cfg["training"], cfg["saving"], cfg["ema"], cfg["logging"]
-    mixed = t["mixed_precision"]
+    t, lg = cfg["training"], cfg["logging"]
     log_with = None
     if lg["tensorboard"]:
         try:
@@ -133,9 +134,7 @@ def train(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: boo
             log_with = "tensorboard"
         except ImportError:
             log_with = None
-    from bp_trainer.launcher import resolve_mixed_precision
-
-    mixed = resolve_mixed_precision(mixed, not torch.cuda.is_available())  # fp16 autocast needs a GPU
+    mixed = resolve_mixed_precision(t["mixed_precision"], not torch.cuda.is_available())  # fp16 needs a GPU
     accelerator = Accelerator(mixed_precision=mixed, log_with=log_with,
                               project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                                   logging_dir=str(run_dir / "logs")))
@@ -289,7 +288,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
     def cond_for(captions: List[str]) -> torch.Tensor:
         ctx = contextlib.nullcontext() if train_te else torch.no_grad()
         with ctx:
-            return encode_captions(text_encoder if train_te else text_encoder, tokenizer, captions,
+            return encode_captions(text_encoder, tokenizer, captions,
                                    clip_skip=int(cfg["model"]["clip_skip"]), max_chunks=int(d["max_chunks"]))
 
     def latents_for(batch: Dict[str, Any]) -> torch.Tensor:
