@@ -42,7 +42,7 @@ def full_trainer(model: Path, data: Path, work: Path, steps: int, warmup: int, b
         "dataset": {"path": str(data), "shuffle_tags": True, "center_crop": True},
         "arb": ARB, "training": {"batch_size": batch, "max_steps": warmup + steps, "seed": seed,
                                  "learning_rate": 1e-4},
-        "ema": {"enabled": True, "decay": 0.999, "device": "cpu"},
+        "ema": {"enabled": True, "decay": 0.999, "device": "cpu", "every_n_steps": 1},  # the costliest setting
         "saving": {"every_n_epochs": 0, "at_end": True, "every_n_steps": 0, "keep_states": 1},  # after the window
         "logging": {"tensorboard": True, "progress_bar": "false"},
     })
