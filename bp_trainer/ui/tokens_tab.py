@@ -27,18 +27,11 @@ class TokensCallbacks:
 
     # ------------------------------------------------------------------------------------ prompt
 
-    PROMPT_SETTINGS = ("emphasis", "backtrack", "use_old_scheduling", "embeddings")
-
     def prompt_settings(self) -> dict:
         """The host's prompt settings (WebUI: emphasis mode, comma back-off, loaded embeddings), or none."""
-        fn = getattr(self.host, "prompt_settings", None)
-        if not callable(fn):
-            return {}
-        try:
-            settings = fn() or {}
-        except Exception:  # the counter still works with the defaults
-            return {}
-        return {k: v for k, v in dict(settings).items() if k in self.PROMPT_SETTINGS}
+        from bp_trainer.ui.host import prompt_settings_of
+
+        return prompt_settings_of(self.host)
 
     def inspect(self, prompt: str, steps: Any = 20, negative: bool = False) -> str:
         from bp_trainer.tokens import inspect_prompt
