@@ -158,8 +158,11 @@ def tokens(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
     text = request.get("text")
     if not isinstance(text, str):
         raise BPError("'text' (the prompt to inspect) is required")
+    from bp_trainer.ui.host import prompt_settings_of
+
     return _jsonable(inspect_prompt(text, host.tokenizer(), steps=int(request.get("steps") or 20),
-                                    negative=bool(request.get("negative")), with_ids=bool(request.get("with_ids"))))
+                                    negative=bool(request.get("negative")), with_ids=bool(request.get("with_ids")),
+                                    **prompt_settings_of(host)))  # the WebUI's emphasis/back-off/embeddings
 
 
 def presets(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

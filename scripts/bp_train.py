@@ -189,6 +189,24 @@ class WebUIHost:
         self._lent_without_lock = False
         self.handoff.reclaim()
 
+    def prompt_settings(self) -> Dict[str, Any]:
+        """The WebUI's prompt settings for the token counter (Tokens tab, /tokens): emphasis mode, comma back-off,
+        old scheduling and the loaded textual-inversion embeddings, so counts match the prompt box."""
+        opts = shared.opts
+        settings: Dict[str, Any] = {
+            "emphasis": str(getattr(opts, "emphasis", "Original")) != "None",
+            "backtrack": int(getattr(opts, "comma_padding_backtrack", 20)),
+            "use_old_scheduling": bool(getattr(opts, "use_old_scheduling", False)),
+        }
+        try:
+            from modules import sd_hijack
+
+            db = sd_hijack.model_hijack.embedding_db
+            settings["embeddings"] = {name: int(emb.vectors) for name, emb in db.word_embeddings.items()}
+        except Exception:  # no embedding database (yet): count without embeddings
+            pass
+        return settings
+
     def gpu_status(self) -> Dict[str, Any]:
         return {"released": self.handoff.released, "waiting_for_generation": self.handoff.pending,
                 "shared_without_lock": self._lent_without_lock,
