@@ -181,10 +181,28 @@ def read_lock(run_dir: "str | os.PathLike[str]") -> Optional[Dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
+TRAINER_PID_FILE = "trainer.pid"
+
+
+def trainer_pid(run_dir: "str | os.PathLike[str]") -> int:
+    """The pid of the run's main training process while it runs (written by the trainer itself), else 0."""
+    try:
+        return int((Path(run_dir) / TRAINER_PID_FILE).read_text(encoding="utf-8").strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def is_active(run_dir: "str | os.PathLike[str]") -> bool:
-    """True while the run's process (recorded in run.lock) is alive."""
+    """True while the run's process (run.lock) or its main training process (trainer.pid) is alive.
+
+    The trainer is checked too: after a SIGTERM the `accelerate launch` process may be gone while the
+    trainer still finishes its step and saves.
+    """
     lock = read_lock(run_dir)
-    return bool(lock) and _pid_alive(int(lock.get("pid", 0)))
+    if lock and _pid_alive(int(lock.get("pid", 0))):
+        return True
+    pid = trainer_pid(run_dir)
+    return bool(pid) and _pid_alive(pid)
 
 
 def write_lock(run_dir: "str | os.PathLike[str]", pid: int, **extra: Any) -> None:
@@ -244,15 +262,22 @@ class RunHandle:
         return None if _pid_alive(self.pid) else _recorded_exit(self.run_dir)
 
     def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the run to end: its process, then a trainer that outlived it (still saving)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def wait_for(pid: int) -> None:
+            while pid and _pid_alive(pid):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(str(pid), timeout or 0)
+                time.sleep(0.2)
+
         if self.process is not None:
             code = self.process.wait(timeout)
+            wait_for(trainer_pid(self.run_dir))
             self._finish(code)
             return code
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while _pid_alive(self.pid):
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
-            time.sleep(0.2)
+        wait_for(self.pid)
+        wait_for(trainer_pid(self.run_dir))
         lock = read_lock(self.run_dir)
         if lock and int(lock.get("pid", 0)) == self.pid:
             (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # the run has ended: its lock is stale
@@ -344,9 +369,12 @@ def start_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None
 def attach(run_dir: "str | os.PathLike[str]") -> Optional[RunHandle]:
     """A handle on a running run started by another process (None when it is not running)."""
     lock = read_lock(run_dir)
-    if not lock or not _pid_alive(int(lock.get("pid", 0))):
-        return None
-    return RunHandle(Path(run_dir), pid=int(lock["pid"]))
+    if lock and _pid_alive(int(lock.get("pid", 0))):
+        return RunHandle(Path(run_dir), pid=int(lock["pid"]))
+    pid = trainer_pid(run_dir)  # the launcher process is gone but the trainer still runs (saving)
+    if pid and _pid_alive(pid):
+        return RunHandle(Path(run_dir), pid=pid)
+    return None
 
 
 def request_stop(run_dir: "str | os.PathLike[str]") -> None:

@@ -268,3 +268,23 @@ def test_two_process_run_resumes_exactly(tiny_model_dir, dataset, tmp_path):
 
     for rank in (0, 1):
         assert final_weights(part.run_dir, rank) == final_weights(full.run_dir, 0)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_the_handle_waits_for_the_trainer(tiny_model_dir, dataset, tmp_path):
+    """The UI's escalation: SIGTERM to the whole group. `accelerate launch` itself dies at once, the trainer
+    finishes its step and saves; the run counts as active (trainer.pid) until the trainer is done."""
+    cfg = cfg_for(tiny_model_dir, dataset, tmp_path / "runs", training={"max_steps": 100000})
+    handle = launcher.start_run(cfg, use_cpu=True, env=_env(tmp_path))
+    deadline = time.monotonic() + 300
+    while not any(e["type"] == "step" for e in read_all(handle.run_dir)):
+        assert handle.poll() is None, (handle.run_dir / "train.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert launcher.trainer_pid(handle.run_dir) not in (0, handle.pid)
+    launcher.signal_group(handle.pid, signal.SIGTERM)
+    handle.wait(timeout=120)
+    evs = read_all(handle.run_dir)
+    assert evs[-1]["type"] == "done" and evs[-1]["reason"] == "stopped"
+    assert [e for e in evs if e["type"] == "checkpoint"][-1]["reason"] == "stop (SIGTERM)"
+    assert not launcher.is_active(handle.run_dir) and launcher.find_active_run(tmp_path / "runs") is None

@@ -152,12 +152,16 @@ def train(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: boo
     if t["mixed_precision"] == "fp16" and mixed == "no":
         warn("mixed precision fp16 needs a GPU; training in fp32")
     lock_owned = False
+    pid_file = run_dir / "trainer.pid"
     if main:
         from bp_trainer import launcher
+        from bp_trainer.fsutil import atomic_write_text
 
-        if launcher.read_lock(run_dir) is None or not launcher.is_active(run_dir):
-            launcher.write_lock(run_dir, os.getpid(), command=sys.argv)
+        lock = launcher.read_lock(run_dir)
+        if lock is None or not launcher._pid_alive(int(lock.get("pid", 0))):
+            launcher.write_lock(run_dir, os.getpid(), command=sys.argv)  # started without our launcher
             lock_owned = True
+        atomic_write_text(pid_file, str(os.getpid()))
     stop = state_mod.StopFlag(run_dir, install_signals=install_signals)
     try:
         return _train(cfg, run_dir, accelerator, events, stop, warn, resume, use_bar)
@@ -171,6 +175,8 @@ def train(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: boo
         stop.restore()
         accelerator.end_training()
         events.close()
+        if main:
+            pid_file.unlink(missing_ok=True)
         if lock_owned:
             (run_dir / "run.lock").unlink(missing_ok=True)
 
