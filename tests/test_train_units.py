@@ -158,3 +158,16 @@ def test_base_from_a_webui_file_with_a_webui_vae_file(tiny_components, tmp_path)
     forced = load_base({"model": {"base": base, "vae": None, "v_prediction": "true"}})
     assert forced["prediction_type"] == "v_prediction"
     assert forced["noise_scheduler"].config.prediction_type == "v_prediction"
+
+
+def test_clip_skip_is_ignored_for_sd2_openclip_like_the_webui():
+    from types import SimpleNamespace
+
+    from bp_trainer.train.run import effective_clip_skip
+
+    warnings = []
+    sd2 = SimpleNamespace(config=SimpleNamespace(hidden_size=1024))
+    sd1 = SimpleNamespace(config=SimpleNamespace(hidden_size=768))
+    assert effective_clip_skip(2, sd2, warnings.append) == 1 and "ignores Clip skip" in warnings[0]
+    assert effective_clip_skip(2, sd1, warnings.append) == 2 and len(warnings) == 1
+    assert effective_clip_skip(1, sd2, warnings.append) == 1 and len(warnings) == 1

@@ -71,6 +71,17 @@ def diffusion_loss(unet: Any, noise_scheduler: Any, latents: torch.Tensor, cond:
     return loss.mean()
 
 
+def effective_clip_skip(clip_skip: int, text_encoder: Any, warn: Callable[[str], None]) -> int:
+    """The WebUI applies Clip skip to SD 1.x's CLIP only. For SD 2.x (OpenCLIP, width 1024) it ignores the
+    setting: the model already conditions on OpenCLIP's penultimate layer, which is the last layer of the
+    diffusers text encoder. Train as the WebUI will generate."""
+    if clip_skip > 1 and int(getattr(text_encoder.config, "hidden_size", 768)) == 1024:
+        warn(f"SD 2.x model: the WebUI ignores Clip skip for OpenCLIP, so model.clip_skip {clip_skip} is "
+             "treated as 1 (the penultimate OpenCLIP layer, as SD 2.x was trained)")
+        return 1
+    return clip_skip
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 of a module's parameters (to compare processes' weights bit for bit)."""
     h = hashlib.sha256()
@@ -204,6 +215,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
     noise_scheduler, v_pred = m["noise_scheduler"], m["prediction_type"] == "v_prediction"
     scheduler_config = dict(m["scheduler_config"], prediction_type=m["prediction_type"])
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    clip_skip = effective_clip_skip(int(cfg["model"]["clip_skip"]), text_encoder, warn)
     vae.requires_grad_(False)
     train_te = bool(t["train_text_encoder"])
     text_encoder.requires_grad_(train_te)
@@ -295,7 +307,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
         ctx = contextlib.nullcontext() if train_te else torch.no_grad()
         with ctx:
             return encode_captions(text_encoder, tokenizer, captions,
-                                   clip_skip=int(cfg["model"]["clip_skip"]), max_chunks=int(d["max_chunks"]))
+                                   clip_skip=clip_skip, max_chunks=int(d["max_chunks"]))
 
     def latents_for(batch: Dict[str, Any]) -> torch.Tensor:
         keys, pixels = batch["cache_key"], batch["pixels"]
@@ -361,7 +373,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
                                            tokenizer=tokenizer, scheduler_config=scheduler_config,
                                            prompts=sc["prompts"], negative_prompt=sc["negative_prompt"],
                                            steps=sc["steps"], cfg_scale=sc["cfg_scale"], seed=sc["seed"], width=w,
-                                           height=h, clip_skip=int(cfg["model"]["clip_skip"]),
+                                           height=h, clip_skip=clip_skip,
                                            max_chunks=int(d["max_chunks"]), out_dir=run_dir / "samples",
                                            stem=f"s{step:06d}-{kind}", extra=extra, autocast=accelerator.autocast)
                 for r in recs:
