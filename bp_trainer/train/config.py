@@ -127,7 +127,8 @@ SCHEMA: Dict[str, Dict[str, Field]] = {
     "latents": {
         "cache": Field("str", "none", "none, memory or disk (disk: reused between runs)",
                        choices=("none", "memory", "disk")),
-        "dir": Field("path", None, "disk cache folder (default: RUN_DIR/latent_cache)", optional=True),
+        "dir": Field("path", None, "disk cache folder (default: RUNS_DIR/latent_cache, shared by runs)",
+                     optional=True),
     },
     "saving": {
         "every_n_epochs": Field("int", 1, "save every N epochs (0: off)", min=0),

@@ -239,7 +239,8 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
     # ---- data
     cache = None
     if cfg["latents"]["cache"] != "none":
-        cache_dir = cfg["latents"]["dir"] or str(run_dir / "latent_cache")
+        # default: shared by the runs in runs_dir (keys cover image, bucket, crop and VAE, so sharing is safe)
+        cache_dir = cfg["latents"]["dir"] or str(Path(cfg["run"]["runs_dir"]) / "latent_cache")
         cache = LatentCache(cfg["latents"]["cache"], cache_dir, vae_fingerprint(vae))
     data = data_mod.build_data(cfg, rank=rank, world_size=world, cache=cache, warn=warn if main else None)
     sampler, loader, dataset = data["sampler"], data["loader"], data["dataset"]
