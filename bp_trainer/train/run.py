@@ -264,7 +264,7 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
     optimizer = _make_optimizer(groups, t, warn)
     _configure_deepspeed(accelerator, int(t["batch_size"]), accum)
     ema = None
-    if e_cfg["enabled"]:
+    if e_cfg["enabled"] and main:  # only the main process saves and samples it: no copy on the others
         ema_device = "cpu" if e_cfg["device"] == "cpu" else device
         ema = EMA(unet, decay=e_cfg["decay"], device=ema_device)
     if train_te:
