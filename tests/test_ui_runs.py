@@ -122,9 +122,11 @@ def test_run_releases_gpu_publishes_checkpoint_and_reclaims(tmp_path, fake_train
     snap = ctl.snapshot()
     assert snap["status"] == "done" and snap["step"] == 6 and snap["total_steps"] == 6
     assert ctl.exit_code == 0
-    # The GPU went back exactly once, after the run.
+    # The GPU went back exactly once, after the run, and after the last re-scan of the model list (inside the
+    # WebUI a re-scan clears the list: generation released by the reclaim must not run into it).
     assert host.calls.count("release") == 1 and host.calls.count("reclaim") == 1
     assert host.calls.index("reclaim") > host.calls.index("release")
+    assert host.calls[-1] == "reclaim" and "refresh" in host.calls[host.calls.index("release"):]
     assert not host.gpu_released
     # The checkpoint is listed by the host, with the run's bytes.
     listed = [n for n in host.list_checkpoints() if n.startswith(runs.PUBLISH_SUBDIR + "/")]

@@ -226,7 +226,8 @@ class RunController:
             dest = publish_checkpoint(src, self.host.checkpoint_dir(), self.run_dir.name, ev.get("step", "final"))
             self.published.append(str(dest))
             self.view.log.append(f"checkpoint listed as {dest}")
-            self.host.refresh_models()
+            if not self.host.generation_may_run_during_training():
+                self.host.refresh_models()  # generation waits meanwhile; else the list is re-scanned at the end
         except Exception as exc:  # never let a copy problem kill the watcher
             self.view.log.append(f"warning: could not add the checkpoint to the model list: {exc}")
 
@@ -253,11 +254,14 @@ class RunController:
                     break
                 time.sleep(POLL_SECONDS)
         finally:
+            # Re-scan the model list BEFORE the GPU goes back: inside the WebUI, generation that waited for the
+            # run starts at the reclaim, and a re-scan then (list_models clears the list) would fail it.
+            if self._gpu_released or self.published:
+                try:
+                    self.host.refresh_models()
+                except Exception:
+                    pass
             self._reclaim()
-            try:
-                self.host.refresh_models()
-            except Exception:
-                pass
 
     def _reclaim(self) -> None:
         if self._gpu_released:
