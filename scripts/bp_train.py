@@ -132,7 +132,11 @@ class WebUIHost:
     def refresh_models(self) -> None:
         from modules import sd_models, sd_vae
 
+        # With --ckpt, list_models() resets the selected checkpoint to --ckpt's; keep the user's selection.
+        selected = shared.opts.data.get("sd_model_checkpoint")
         sd_models.list_models()
+        if selected and selected in sd_models.checkpoints_list:
+            shared.opts.data["sd_model_checkpoint"] = selected
         sd_vae.refresh_vae_list()
 
     def checkpoint_dir(self) -> str:
