@@ -26,6 +26,12 @@ from bp_trainer.cli import main
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    """Keep the hash cache (merge, hash) out of the user's ~/.cache."""
+    monkeypatch.setenv("BP_TRAIN_CACHE_DIR", str(tmp_path / "hash-cache"))
+
+
 @pytest.fixture(scope="module")
 def sd15_fixture():
     return json.loads((FIXTURES / "sd15-ldm-keys.json").read_text(encoding="utf-8"))

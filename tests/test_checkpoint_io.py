@@ -18,6 +18,12 @@ from bp_trainer.cli import main
 from bp_trainer.errors import BPError, UnsafePickleError
 
 
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    """Keep the hash cache (merge, hash) out of the user's ~/.cache."""
+    monkeypatch.setenv("BP_TRAIN_CACHE_DIR", str(tmp_path / "hash-cache"))
+
+
 def _independent_hashes(path: Path) -> dict:
     data = path.read_bytes()
     full = hashlib.sha256(data).hexdigest()

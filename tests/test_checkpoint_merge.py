@@ -17,6 +17,12 @@ from bp_trainer.cli import main
 from bp_trainer.errors import BPError
 
 
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    """Keep the hash cache (merge, hash) out of the user's ~/.cache."""
+    monkeypatch.setenv("BP_TRAIN_CACHE_DIR", str(tmp_path / "hash-cache"))
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")

@@ -32,7 +32,7 @@ import torch
 
 from bp_trainer.errors import BPError
 from bp_trainer.checkpoint import ldm_keys as lk
-from bp_trainer.checkpoint.hashes import file_hashes
+from bp_trainer.checkpoint import hashcache
 from bp_trainer.checkpoint.io import PRECISIONS, Entry, TensorSource, open_file, out_dtype, write_checkpoint
 from bp_trainer.checkpoint.layout import MappedSource, ema_unet_map, group_of, ldm_view
 
@@ -285,27 +285,28 @@ def _hash_entry(path: str, hashes: "dict[str, str] | None") -> dict[str, Any]:
 
 
 def input_hashes(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """{role: {"file", "sha256", "autov2"}} for file inputs (hashed in parallel; folders have no hash)."""
-    files = {r: p for r, p in paths.items() if os.path.isfile(p)}
-    with ThreadPoolExecutor(max_workers=max(1, min(4, len(files)))) as pool:
-        futures = {r: pool.submit(file_hashes, p) for r, p in files.items()}
+    """{role: {"file", "sha256", "autov2"}} for file inputs (hash cache, else hashed in parallel; folders
+    have no hash)."""
+    pool, futures = start_hashing(paths)
+    with pool:
         return {r: _hash_entry(p, futures[r].result() if r in futures else None) for r, p in paths.items()}
 
 
 def start_hashing(paths: "dict[str, str]") -> tuple[ThreadPoolExecutor, dict[str, Any]]:
-    """Start hashing the file inputs on background threads: (pool, {role: Future})."""
-    files = {r: p for r, p in paths.items() if p and os.path.isfile(p)}
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(files))), thread_name_prefix="bp-hash")
-    return pool, {r: pool.submit(file_hashes, p) for r, p in files.items()}
+    """Start hashing the file inputs: (pool, {role: Future}); cache hits are completed futures already
+    (`hashcache.start_hashing`)."""
+    return hashcache.start_hashing(paths)
 
 
 def merge(opts: MergeOptions, out: "str | os.PathLike[str]", *,
           hashing: "tuple[ThreadPoolExecutor, dict[str, Any]] | None" = None) -> dict[str, Any]:
     """Plan, write `out` atomically while the inputs are hashed for the recipe. Returns the CLI contract dict.
 
-    The input hashes (full-file SHA-256, needed in the recipe) are computed on background threads while
-    the tensors stream (`hashing`: already started by `start_hashing`); the header with the recipe is
-    written last into reserved space (safetensors).
+    The input hashes (full-file SHA-256, needed in the recipe) come from the hash cache (`hashcache`) or
+    are computed on background threads while the tensors stream (`hashing`: already started by
+    `start_hashing`). Safetensors output: when every input hash is known before writing starts, the header
+    with the recipe is written first and the output is hashed while it is written; otherwise the header is
+    written last into reserved space and the output hashed afterwards. Same bytes either way.
     """
     from bp_trainer.fsutil import refuse_overwriting_inputs
 
@@ -333,9 +334,11 @@ def merge(opts: MergeOptions, out: "str | os.PathLike[str]", *,
             return json.dumps(full, sort_keys=True)
 
         placeholder = json.dumps({"bp_recipe": recipe_json(False)})
+        # every input hash known already (hash cache): header first, output hashed while it is written
+        ready = all(f.done() and not f.cancelled() and f.exception() is None for f in futures.values())
         result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=paths.values(),
                                   late_metadata=lambda: {"bp_recipe": recipe_json(True)},
-                                  late_reserve=len(placeholder) + 1024)
+                                  late_reserve=len(placeholder) + 1024, late_ready=ready)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for v in views:

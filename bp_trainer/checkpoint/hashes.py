@@ -69,3 +69,89 @@ class HashingWriter:
 
     def hashes(self) -> dict[str, str]:
         return hashes_from_sha256(self.sha.hexdigest(), old_hash_of_bytes(bytes(self._old)))
+
+
+class FollowingHasher:
+    """Hashes a file while it is being written with positioned writes, possibly out of order.
+
+    The writers report each completely written region with `written(offset, n)`; a thread reads the file
+    back (from the page cache) in order up to the contiguous written watermark and hashes it, so when the
+    last write lands only the tail is left to hash. `result()` waits for the end and returns the WebUI
+    hashes of the `total` bytes; `abort()` stops it (after a failed write)."""
+
+    def __init__(self, path: "str | os.PathLike[str]", total: int):
+        import threading
+
+        self.path, self.total = os.fspath(path), int(total)
+        self._cond = threading.Condition()
+        self._pending: dict[int, int] = {}  # start -> end of written regions beyond the watermark
+        self._mark = 0
+        self._aborted = False
+        self._error: "BaseException | None" = None
+        self._sha = hashlib.sha256()
+        self._old = bytearray()
+        self._thread = threading.Thread(target=self._run, name="bp-ckpt-hash", daemon=True)
+        self._thread.start()
+
+    def written(self, offset: int, n: int) -> None:
+        if n <= 0:
+            return
+        with self._cond:
+            self._pending[int(offset)] = int(offset) + int(n)
+            advanced = False
+            while self._mark in self._pending:
+                self._mark = self._pending.pop(self._mark)
+                advanced = True
+            if advanced:
+                self._cond.notify()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify()
+        self._thread.join()
+
+    def result(self) -> dict[str, str]:
+        """Call after every write has returned: the hashes (raises if a region was never reported)."""
+        with self._cond:
+            incomplete = self._mark < self.total
+            if incomplete:
+                self._aborted = True
+                self._cond.notify()
+        self._thread.join()
+        if incomplete:
+            raise RuntimeError(f"{self.path}: bytes {self._mark}..{self.total} were never reported written")
+        if self._error is not None:
+            raise self._error
+        if self._aborted:
+            raise RuntimeError("hashing was aborted")
+        return hashes_from_sha256(self._sha.hexdigest(), old_hash_of_bytes(bytes(self._old)))
+
+    def _run(self) -> None:
+        block = 8 * _BLOCK
+        buf = bytearray(block)
+        view = memoryview(buf)
+        pos = 0
+        lo, hi = OLD_HASH_OFFSET, OLD_HASH_OFFSET + OLD_HASH_LENGTH
+        try:
+            with open(self.path, "rb", buffering=0) as fh:  # unbuffered: a read-ahead buffer would go stale
+                while pos < self.total:
+                    with self._cond:
+                        while self._mark <= pos and not self._aborted:
+                            self._cond.wait()
+                        if self._aborted:
+                            return
+                        mark = self._mark
+                    while pos < mark:
+                        want = min(block, mark - pos)
+                        fh.seek(pos)
+                        n = fh.readinto(view[:want])
+                        if not n:
+                            raise OSError(f"{self.path}: short read at byte {pos} while hashing")
+                        chunk = view[:n]
+                        self._sha.update(chunk)
+                        if pos + n > lo and pos < hi:
+                            self._old += chunk[max(lo - pos, 0): min(hi - pos, n)]
+                        pos += n
+        except BaseException as exc:  # reported by result()
+            self._error = exc

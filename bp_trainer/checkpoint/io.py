@@ -237,9 +237,11 @@ class SafetensorsSource(TensorSource):
             flat[i : i + m].copy_(scratch[:nbytes].view(info.dtype))
         return out
 
-    def write_converted(self, key: str, dtype: torch.dtype, fd: int, offset: int) -> None:
+    def write_converted(self, key: str, dtype: torch.dtype, fd: int, offset: int,
+                        progress: "Callable[[int, int], None] | None" = None) -> None:
         """Write the tensor's bytes, converted to `dtype` (floating only), at `offset` of the file `fd`,
-        chunk by chunk through per-thread scratch buffers (positioned writes: threads may run in parallel)."""
+        chunk by chunk through per-thread scratch buffers (positioned writes: threads may run in parallel).
+        `progress(offset, n)` is called after each chunk is written."""
         info = self._infos[key]
         if not (info.dtype.is_floating_point and dtype.is_floating_point):
             dtype = info.dtype
@@ -263,6 +265,8 @@ class SafetensorsSource(TensorSource):
                 out[: m * dst_size].view(dtype).copy_(scratch[: m * src_size].view(info.dtype))
                 data = out_view[: m * dst_size]
             _pwrite_all(fd, data, offset + i * dst_size)
+            if progress is not None:
+                progress(offset + i * dst_size, len(data))
 
     def _read_into(self, view: memoryview, offset: int, key: str) -> None:
         got = 0
@@ -571,9 +575,11 @@ def _direct_ok(e: Entry) -> bool:
     return hasattr(src, "write_converted") and numel(src.info(key).shape) == numel(e.shape)
 
 
-def _write_data_positioned(entries: list[Entry], fh, base: int, workers: int = 2) -> None:
+def _write_data_positioned(entries: list[Entry], fh, base: int, workers: int = 2,
+                           progress: "Callable[[int, int], None] | None" = None) -> None:
     """Write every tensor at its offset (data section starts at `base`), `workers` tensors at a time.
-    Entries with a direct source are converted chunk by chunk straight into the file."""
+    Entries with a direct source are converted chunk by chunk straight into the file. `progress(offset, n)`
+    is called for every completely written region (in any order)."""
     from concurrent.futures import ThreadPoolExecutor
 
     fd = fh.fileno()
@@ -586,7 +592,10 @@ def _write_data_positioned(entries: list[Entry], fh, base: int, workers: int = 2
     def one(e: Entry, off: int) -> None:
         if _direct_ok(e):
             src, key = e.direct
-            src.write_converted(key, e.dtype, fd, off)
+            if progress is None:
+                src.write_converted(key, e.dtype, fd, off)
+            else:
+                src.write_converted(key, e.dtype, fd, off, progress)
             return
         t = e.produce()
         if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
@@ -596,7 +605,10 @@ def _write_data_positioned(entries: list[Entry], fh, base: int, workers: int = 2
         if t.dtype == torch.bool:
             t = t.to(torch.uint8)
         if t.numel():
-            _pwrite_all(fd, memoryview(t.view(torch.uint8).numpy()), off)
+            data = memoryview(t.view(torch.uint8).numpy())
+            _pwrite_all(fd, data, off)
+            if progress is not None:
+                progress(off, len(data))
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bp-ckpt-write") as pool:
         futures = [pool.submit(one, e, off) for e, off in zip(entries, offsets)]
@@ -626,6 +638,24 @@ def write_safetensors_stream(entries: list[Entry], fh, metadata: Mapping[str, st
     return 8 + len(raw) + data_len
 
 
+def _write_header_first(tmp: Path, ordered: list[Entry], header: dict[str, Any], metadata: Mapping[str, str],
+                        reserved: int, size: int) -> dict[str, str]:
+    """Header (padded to `reserved`) first, then the data with positioned writes, hashed while written."""
+    from bp_trainer.checkpoint.hashes import FollowingHasher
+
+    head = struct.pack("<Q", reserved) + _header_bytes(header, metadata, reserved)
+    with open(tmp, "wb") as raw:
+        follower = FollowingHasher(tmp, size)
+        try:
+            _pwrite_all(raw.fileno(), memoryview(head), 0)
+            follower.written(0, len(head))
+            _write_data_positioned(ordered, raw, len(head), progress=follower.written)
+        except BaseException:
+            follower.abort()
+            raise
+        return follower.result()
+
+
 def write_checkpoint(
     tensors: Any,
     out_path: "str | os.PathLike[str]",
@@ -636,6 +666,7 @@ def write_checkpoint(
     inputs: Iterable["str | os.PathLike[str] | None"] = (),
     late_metadata: "Callable[[], Mapping[str, str]] | None" = None,
     late_reserve: int = 0,
+    late_ready: bool = False,
 ) -> dict[str, Any]:
     """Write a checkpoint atomically (temp file in the target folder, fsync, rename).
 
@@ -647,6 +678,9 @@ def write_checkpoint(
     `late_metadata` (safetensors only): metadata known only after the tensors are written (e.g. input
     hashes computed meanwhile on another thread); `late_reserve` bytes of header space are kept for it
     and the header is written last. The output is then hashed by reading it back.
+    `late_ready`: `late_metadata()` can be answered now (e.g. the input hashes came from the hash cache):
+    the same header (same reserved size, byte for byte the same file) is then written first, and the
+    output is hashed while it is written, by a thread following the written regions in file order.
     """
     out = Path(out_path)
     refuse_overwriting_inputs(out, inputs)
@@ -662,19 +696,24 @@ def write_checkpoint(
                 ordered, header, data_len = _layout(entries)
                 reserved = len(_header_bytes(header, meta)) + int(late_reserve)
                 reserved += (8 - reserved % 8) % 8
-                with open(tmp, "wb") as raw:
-                    if hasattr(os, "pwrite"):
-                        _write_data_positioned(ordered, raw, 8 + reserved)
-                    else:
-                        raw.seek(8 + reserved)
-                        _write_data(ordered, raw)
+                size = 8 + reserved + data_len
+                if late_ready and hasattr(os, "pwrite"):
                     final = dict(meta)
                     final.update({str(k): str(v) for k, v in late_metadata().items()})
-                    raw.seek(0)
-                    raw.write(struct.pack("<Q", reserved))
-                    raw.write(_header_bytes(header, final, reserved))
-                size = 8 + reserved + data_len
-                hashes = file_hashes(tmp)
+                    hashes = _write_header_first(tmp, ordered, header, final, reserved, size)
+                else:
+                    with open(tmp, "wb") as raw:
+                        if hasattr(os, "pwrite"):
+                            _write_data_positioned(ordered, raw, 8 + reserved)
+                        else:
+                            raw.seek(8 + reserved)
+                            _write_data(ordered, raw)
+                        final = dict(meta)
+                        final.update({str(k): str(v) for k, v in late_metadata().items()})
+                        raw.seek(0)
+                        raw.write(struct.pack("<Q", reserved))
+                        raw.write(_header_bytes(header, final, reserved))
+                    hashes = file_hashes(tmp)
             elif fmt == "safetensors":
                 with open(tmp, "wb") as raw:
                     hw = HashingWriter(raw)

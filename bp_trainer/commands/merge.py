@@ -24,17 +24,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_hashing(args: argparse.Namespace):
-    """Hash the input files from the start, on threads, while torch is still being imported."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
+    """Look the input hashes up in the hash cache, and hash the others on threads from the start, while
+    torch is still being imported."""
+    from bp_trainer.checkpoint.hashcache import start_hashing  # no torch import
 
-    from bp_trainer.checkpoint.hashes import file_hashes  # no torch import
-
-    named = {"base": args.base, "unet": args.unet, "vae": args.vae, "text_encoder": args.text_encoder,
-             "b": args.b, "c": args.c}
-    files = {r: p for r, p in named.items() if p and os.path.isfile(p)}
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(files))), thread_name_prefix="bp-hash")
-    return pool, {r: pool.submit(file_hashes, p) for r, p in files.items()}
+    return start_hashing({"base": args.base, "unet": args.unet, "vae": args.vae, "text_encoder": args.text_encoder,
+                          "b": args.b, "c": args.c})
 
 
 def run(args: argparse.Namespace) -> int:
