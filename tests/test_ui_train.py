@@ -223,3 +223,24 @@ def test_editing_the_buckets_marks_the_preset_custom(host, tmp_path):
     assert preset == "custom" and yaml.safe_load(text)["arb"]["min_dim"] == 320
     text, err, preset = cb.form_to_yaml(init["yaml"], "", "", "arb: [", *values)
     assert "bp-msg-error" in err and preset is NO_CHANGE and text == init["yaml"]
+
+
+def test_tab_builds_without_torch_and_without_a_queue(host):
+    """Also run on the WebUI v1.10.1 stack (tests/webui_stub/check_py310.sh: Python 3.10, gradio 3.41.2, no torch):
+    the whole tab builds, renders into a page, and launches without the gradio queue (--no-gradio-queue)."""
+    import sys
+
+    import gradio as gr
+
+    from bp_trainer.ui.tab import build_tab
+
+    had_torch = "torch" in sys.modules
+    tab = build_tab(host)
+    with gr.Blocks() as page:
+        tab.render()
+    page.validate_queue_settings()
+    assert not page.progress_tracking
+    ids = {getattr(b, "elem_id", None) for b in page.blocks.values()}
+    assert {"bp_train_start", "bp_train_tok_chips", "bp_train_bk_plan", "bp_train_mg_go"} <= ids
+    if not had_torch:
+        assert "torch" not in sys.modules  # building the tab imports no torch (the WebUI loads it anyway)
