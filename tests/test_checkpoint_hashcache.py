@@ -21,8 +21,8 @@ from bp_trainer.errors import BPError
 
 
 @pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
+def cache_dir(tmp_path_factory, monkeypatch):
+    d = tmp_path_factory.mktemp("hash-cache") / "cache"
     monkeypatch.setenv("BP_TRAIN_CACHE_DIR", str(d))
     return d
 

@@ -18,9 +18,9 @@ from bp_trainer.errors import BPError
 
 
 @pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    """Keep the hash cache (merge, hash) out of the user's ~/.cache."""
-    monkeypatch.setenv("BP_TRAIN_CACHE_DIR", str(tmp_path / "hash-cache"))
+def _private_hash_cache(tmp_path_factory, monkeypatch):
+    """Keep the hash cache (merge, hash) out of the user's ~/.cache (and out of tmp_path, which tests list)."""
+    monkeypatch.setenv("BP_TRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("hash-cache")))
 
 
 @pytest.fixture(scope="module")
