@@ -52,10 +52,21 @@ def _opt(key: str, default: Any) -> Any:
 def _unload_model() -> None:
     from modules import devices, sd_models
 
-    model = sd_models.model_data.sd_model  # peek: shared.sd_model would load a model if none was ever loaded
-    if model is not None:
-        sd_models.unload_model_weights(model)
+    # The WebUI's start-up model load runs under model_data.lock, not queue_lock: wait for a load in progress
+    # (bounded), so the model it is putting on the GPU is moved off too, instead of landing there mid-run.
+    lock = getattr(sd_models.model_data, "lock", None)
+    got = lock.acquire(timeout=MODEL_LOAD_WAIT_S) if lock is not None else False
+    try:
+        model = sd_models.model_data.sd_model  # peek: shared.sd_model would load a model if none was ever loaded
+        if model is not None:
+            sd_models.unload_model_weights(model)
+    finally:
+        if got:
+            lock.release()
     devices.torch_gc()
+
+
+MODEL_LOAD_WAIT_S = 600.0  # a full-size load from a slow disk can take minutes
 
 
 def _reload_model() -> None:

@@ -240,3 +240,21 @@ def test_a_model_loading_at_startup_during_a_run_goes_to_ram_too(webui):
     assert model.device == "cuda"
     other = webui.sd_models.load_model()  # a load with no run active is left alone
     assert other.device == "cuda"
+
+
+def test_release_waits_for_a_model_load_in_progress_then_unloads_it(webui):
+    # The WebUI's start-up load holds model_data.lock (not queue_lock) while it builds the model and puts it
+    # on the GPU; a run started meanwhile must wait for it and move that model off, not find "no model".
+    data = webui.sd_models.model_data
+    data.lock.acquire()  # the start-up load is running
+    host = webui.glue["get_host"]()
+    released = threading.Event()
+    threading.Thread(target=lambda: (host.release_gpu(), released.set()), daemon=True).start()
+    assert not released.wait(0.3)  # waiting for the load, generation lock already taken
+    model = webui.sd_models.FakeSdModel()
+    data.set_sd_model(model, already_loaded=True)  # the load put its model on the GPU ...
+    data.lock.release()  # ... and finished
+    assert released.wait(10)
+    assert model.device == "cpu" and ("unload",) in webui.sd_models.calls
+    host.reclaim_gpu()
+    assert model.device == "cuda" and not data.lock.locked()
