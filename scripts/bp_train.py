@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any, Dict, List
 
 from modules import script_callbacks, scripts, shared
@@ -66,7 +67,18 @@ def _unload_model() -> None:
     devices.torch_gc()
 
 
+REFRESH_LOCK_WAIT_S = 120.0  # a long generation: re-scan without the lock rather than hang the tab
 MODEL_LOAD_WAIT_S = 600.0  # a full-size load from a slow disk can take minutes
+
+
+def _try_acquire(lock: Any, timeout: float) -> bool:
+    """Acquire the WebUI's FIFOLock within `timeout` seconds (its acquire() takes no timeout)."""
+    deadline = time.monotonic() + timeout
+    while not lock.acquire(blocking=False):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _reload_model() -> None:
@@ -143,12 +155,22 @@ class WebUIHost:
     def refresh_models(self) -> None:
         from modules import sd_models, sd_vae
 
-        # With --ckpt, list_models() resets the selected checkpoint to --ckpt's; keep the user's selection.
-        selected = shared.opts.data.get("sd_model_checkpoint")
-        sd_models.list_models()
-        if selected and selected in sd_models.checkpoints_list:
-            shared.opts.data["sd_model_checkpoint"] = selected
-        sd_vae.refresh_vae_list()
+        # list_models() empties the checkpoint list before refilling it: a generation starting in between finds
+        # "No checkpoints found". Re-scan under the generation lock, unless a run already holds it for us.
+        from modules import call_queue
+
+        lock = call_queue.queue_lock
+        got = False if self.handoff.released else _try_acquire(lock, REFRESH_LOCK_WAIT_S)
+        try:
+            # With --ckpt, list_models() resets the selected checkpoint to --ckpt's; keep the user's selection.
+            selected = shared.opts.data.get("sd_model_checkpoint")
+            sd_models.list_models()
+            if selected and selected in sd_models.checkpoints_list:
+                shared.opts.data["sd_model_checkpoint"] = selected
+            sd_vae.refresh_vae_list()
+        finally:
+            if got:
+                lock.release()
 
     def checkpoint_dir(self) -> str:
         from modules import sd_models

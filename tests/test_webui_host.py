@@ -258,3 +258,21 @@ def test_release_waits_for_a_model_load_in_progress_then_unloads_it(webui):
     assert model.device == "cpu" and ("unload",) in webui.sd_models.calls
     host.reclaim_gpu()
     assert model.device == "cuda" and not data.lock.locked()
+
+
+def test_refresh_waits_for_a_running_generation_unless_a_run_holds_the_lock(webui):
+    # list_models() empties the list before refilling it: a generation must not start in between.
+    host = webui.glue["get_host"]()
+    lock = webui.call_queue.queue_lock
+    lock.acquire()  # a generation is running
+    done = threading.Event()
+    threading.Thread(target=lambda: (host.refresh_models(), done.set()), daemon=True).start()
+    assert not done.wait(0.4)
+    lock.release()
+    assert done.wait(10) and not lock.locked()
+    host.release_gpu()  # a run holds the generation lock: the re-scan must not wait for itself
+    finished = threading.Event()
+    threading.Thread(target=lambda: (host.refresh_models(), finished.set()), daemon=True).start()
+    assert finished.wait(10)
+    host.reclaim_gpu()
+    assert not lock.locked()
