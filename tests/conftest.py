@@ -18,6 +18,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory):
+    """Keep the checkpoint hash cache (~/.cache/bp_train) out of the user's home during tests."""
+    os.environ["BP_TRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("bp_train_cache"))
+    yield
+
+
 def load_fixture(name: str):
     return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
 
