@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -359,9 +360,17 @@ def start_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None
     # Its own process group (a session on POSIX), so a stop reaches every process and the run outlives the UI.
     group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS  # type: ignore[attr-defined]
              else {"start_new_session": True})
-    proc = subprocess.Popen(cmd["argv"], env=child_env, cwd=str(target), stdin=subprocess.DEVNULL,
-                            stdout=log if log is not None else None,
-                            stderr=subprocess.STDOUT if log is not None else None, **group)
+    try:
+        proc = subprocess.Popen(cmd["argv"], env=child_env, cwd=str(target), stdin=subprocess.DEVNULL,
+                                stdout=log if log is not None else None,
+                                stderr=subprocess.STDOUT if log is not None else None, **group)
+    except OSError as exc:  # e.g. the trainer's Python does not exist: no half-made run folder is left behind
+        if log is not None:
+            log.close()
+        if not resume:
+            shutil.rmtree(target, ignore_errors=True)
+        raise BPError(f"cannot start the trainer: {exc.strerror or exc}", path=cmd["argv"][0],
+                      hint="check the trainer's Python (run.python, or Settings > BP Train > Trainer Python)") from exc
     write_lock(target, proc.pid, command=cmd["argv"], pgid=proc.pid)
     return RunHandle(target, proc, log=log)
 

@@ -87,6 +87,19 @@ def test_mixed_precision_auto(tmp_path):
     assert argv[argv.index("--mixed_precision") + 1] == "no"  # the default `auto` on a CPU
 
 
+def test_a_trainer_python_that_does_not_exist_is_a_clear_error_and_leaves_no_run_folder(tiny_model_dir, dataset,
+                                                                                        tmp_path):
+    from bp_trainer.errors import BPError
+
+    runs = tmp_path / "runs"
+    cfg = cfg_for(tiny_model_dir, dataset, runs)
+    missing = str(tmp_path / "no-venv" / "bin" / "python")
+    with pytest.raises(BPError, match="cannot start the trainer") as err:
+        launcher.start_run(cfg, python=missing, use_cpu=True)
+    assert missing in str(err.value)
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_find_active_run_ignores_stale_locks(tmp_path):
     live, dead = tmp_path / "a-live", tmp_path / "b-dead"
     for d in (live, dead):
