@@ -265,6 +265,11 @@ def get_host() -> WebUIHost:
 
 
 def on_ui_settings() -> None:
+    """Register the "BP Train" settings section (idempotent).
+
+    Also called at import time: with --nowebui the WebUI builds the API's options model before any
+    on_ui_settings callback runs, so options added only there are missing from GET /sdapi/v1/options.
+    """
     import gradio as gr
 
     opts = shared.opts
@@ -325,6 +330,7 @@ def on_model_loaded(sd_model: Any) -> None:
         sd_models.send_model_to_cpu(sd_model)
 
 
+on_ui_settings()  # at import time too (see its docstring)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_ui_tabs(on_ui_tabs)

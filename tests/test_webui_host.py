@@ -35,6 +35,18 @@ def test_settings_section_and_defaults(webui):
     assert host.generation_may_run_during_training() is False
 
 
+def test_settings_exist_before_any_ui_settings_callback(webui):
+    # --nowebui: the WebUI builds GET /sdapi/v1/options' model from opts.data_labels before on_ui_settings runs.
+    import modules.scripts as scripts
+    from tests.webui_stub.harness import REPO
+
+    keys = {"bp_train_python", "bp_train_runs_dir", "bp_train_presets_file", "bp_train_allow_generation"}
+    for key in keys:
+        webui.opts.data_labels.pop(key)
+    scripts.load_scripts([str(REPO)])  # the start-up import of extension scripts, no ui_settings callback yet
+    assert keys <= set(webui.opts.data_labels)
+
+
 def test_trainer_python_needs_the_env_or_a_setting(webui):
     host = webui.glue["get_host"]()
     with pytest.raises(BPError, match="trainer environment is missing"):
