@@ -70,6 +70,14 @@ def test_standalone_host_lists_models_like_the_webui(host, demo):
     assert host.tokenizer()("1girl", add_special_tokens=False)["input_ids"] == [272, 1611]
 
 
+def test_standalone_status_reports_its_own_trainer_python(host):
+    # The app trains with its own Python: /status must not report the WebUI's (absent) trainer venv as missing.
+    from bp_trainer import api
+
+    env = api.status(host)["trainer_env"]
+    assert env["state"] == "ready" and env["python"] == host.trainer_python()
+
+
 def test_assets_are_injected_into_the_page():
     page = b"<html><head><title>x</title></head><body><div></div></body></html>"
     out = assets.inject(page).decode()

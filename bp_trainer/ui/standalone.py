@@ -100,6 +100,11 @@ class StandaloneHost:
     def trainer_python(self) -> str:
         return self._python
 
+    def trainer_env_status(self) -> dict:
+        """The app trains with its own Python (the project's .venv, or --python), not the WebUI's trainer venv."""
+        return {"state": "ready", "python": self._python,
+                "message": f"the standalone app trains with {self._python}"}
+
     def release_gpu(self) -> None:
         self.gpu_released = True
 
