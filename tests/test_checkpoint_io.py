@@ -245,3 +245,17 @@ def test_checkpoint_modules_do_not_import_diffusers_or_accelerate():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bad", ["unet/config.json", "scheduler/scheduler_config.json"])
+def test_diffusers_folder_with_a_broken_config_is_a_bperror_naming_it(tmp_path, bad):
+    root = tmp_path / "model"
+    (root / "unet").mkdir(parents=True)
+    (root / "scheduler").mkdir()
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, str(root / "unet" / "diffusion_pytorch_model.safetensors"))
+    (root / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}', encoding="utf-8")
+    (root / "scheduler" / "scheduler_config.json").write_text("{}", encoding="utf-8")
+    (root / bad).write_text('{"_class_name": "UNet2D', encoding="utf-8")  # cut short
+    with pytest.raises(BPError) as info:
+        open_file(root)
+    assert info.value.path is not None and Path(info.value.path) == root / bad

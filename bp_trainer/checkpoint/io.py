@@ -393,22 +393,26 @@ class DiffusersFolderSource(TensorSource):
         comps = [c for c in DIFFUSERS_COMPONENTS if (root / c).is_dir()]
         if not comps and (root / "config.json").is_file():
             comps = [""]  # a single component folder
-        for comp in comps:
-            folder = root / comp if comp else root
-            weights = component_weights(folder)
-            if weights is None:
-                continue
-            cfg = folder / "config.json"
-            name = comp or _component_from_config(cfg)
-            if cfg.is_file():
-                self.configs[name] = json.loads(cfg.read_text(encoding="utf-8"))
-            self._parts[name] = open_file(weights)
-        sched = root / "scheduler" / "scheduler_config.json"
-        if sched.is_file():
-            self.configs["scheduler"] = json.loads(sched.read_text(encoding="utf-8"))
-        ema_state = root / "unet_ema" / "ema_state.json"
-        if ema_state.is_file():
-            self.configs["ema_state"] = json.loads(ema_state.read_text(encoding="utf-8"))
+        try:
+            for comp in comps:
+                folder = root / comp if comp else root
+                weights = component_weights(folder)
+                if weights is None:
+                    continue
+                cfg = folder / "config.json"
+                name = comp or _component_from_config(cfg)
+                if cfg.is_file():
+                    self.configs[name] = _read_json_config(cfg)
+                self._parts[name] = open_file(weights)
+            sched = root / "scheduler" / "scheduler_config.json"
+            if sched.is_file():
+                self.configs["scheduler"] = _read_json_config(sched)
+            ema_state = root / "unet_ema" / "ema_state.json"
+            if ema_state.is_file():
+                self.configs["ema_state"] = _read_json_config(ema_state)
+        except BaseException:
+            self.close()  # the weights already opened are not leaked
+            raise
         if not self._parts:
             raise BPError("no model weights found in this diffusers folder", path=path,
                           hint="expected unet/, vae/ or text_encoder/ with *.safetensors or *.bin")
@@ -429,6 +433,19 @@ class DiffusersFolderSource(TensorSource):
     def close(self) -> None:
         for s in self._parts.values():
             s.close()
+
+
+def _read_json_config(path: Path) -> dict:
+    """A diffusers folder's JSON config as a dict; a BPError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BPError(f"cannot read this model config ({exc})", path=path,
+                      hint="restore the file from the model's source, or re-save the folder") from None
+    if not isinstance(data, dict):
+        raise BPError("this model config is not a JSON object", path=path,
+                      hint="restore the file from the model's source, or re-save the folder")
+    return data
 
 
 def _component_from_config(cfg: Path) -> str:
