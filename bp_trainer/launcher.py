@@ -330,8 +330,9 @@ def prepare_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | No
     else:
         target = Path(run_dir) if run_dir else new_run_dir(cfg["run"]["runs_dir"], cfg["run"]["name"])
     if is_active(target):
-        raise BPError("this run is already running", path=target,
-                      hint=f"stop it first (pid {read_lock(target)['pid']})")  # type: ignore[index]
+        # The lock may be gone while the trainer still saves (trainer.pid): name whichever pid is alive.
+        pid = (read_lock(target) or {}).get("pid") or trainer_pid(target)
+        raise BPError("this run is already running", path=target, hint=f"stop it first (pid {pid})")
     target.mkdir(parents=True, exist_ok=True)
     for stale in (STOP_FILE, EXIT_FILE):
         (target / stale).unlink(missing_ok=True)

@@ -127,6 +127,15 @@ def test_find_active_run_ignores_stale_locks(tmp_path):
     assert launcher.find_active_run(tmp_path) is None
 
 
+def test_resuming_a_run_whose_trainer_still_saves_after_its_lock_is_gone_is_a_bperror(tmp_path):
+    run = tmp_path / "saving"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    (run / launcher.TRAINER_PID_FILE).write_text(str(os.getpid()))  # alive; no run.lock
+    with pytest.raises(launcher.BPError, match=f"already running.*pid {os.getpid()}"):
+        launcher.prepare_run(C.validate({}, check_paths=False), resume_dir=run)
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_train_data_parallel(tiny_model_dir, dataset, tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 with ACCELERATE_USE_CPU: both ranks train on disjoint
