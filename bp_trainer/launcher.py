@@ -144,7 +144,8 @@ _WINDOWS = os.name == "nt"
 SIGKILL = getattr(signal, "SIGKILL", 9)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie, exited but not yet reaped, is not)."""
     if pid <= 0:
         return False
     if _WINDOWS:  # os.kill(pid, 0) would terminate the process on Windows: ask the kernel instead
@@ -200,10 +201,10 @@ def is_active(run_dir: "str | os.PathLike[str]") -> bool:
     trainer still finishes its step and saves.
     """
     lock = read_lock(run_dir)
-    if lock and _pid_alive(int(lock.get("pid", 0))):
+    if lock and pid_alive(int(lock.get("pid", 0))):
         return True
     pid = trainer_pid(run_dir)
-    return bool(pid) and _pid_alive(pid)
+    return bool(pid) and pid_alive(pid)
 
 
 def write_lock(run_dir: "str | os.PathLike[str]", pid: int, **extra: Any) -> None:
@@ -260,14 +261,14 @@ class RunHandle:
             if code is not None:
                 self._finish(code)
             return code
-        return None if _pid_alive(self.pid) else _recorded_exit(self.run_dir)
+        return None if pid_alive(self.pid) else _recorded_exit(self.run_dir)
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """Wait for the run to end: its process, then a trainer that outlived it (still saving)."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def wait_for(pid: int) -> None:
-            while pid and _pid_alive(pid):
+            while pid and pid_alive(pid):
                 if deadline is not None and time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired(str(pid), timeout or 0)
                 time.sleep(0.2)
@@ -379,10 +380,10 @@ def start_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None
 def attach(run_dir: "str | os.PathLike[str]") -> Optional[RunHandle]:
     """A handle on a running run started by another process (None when it is not running)."""
     lock = read_lock(run_dir)
-    if lock and _pid_alive(int(lock.get("pid", 0))):
+    if lock and pid_alive(int(lock.get("pid", 0))):
         return RunHandle(Path(run_dir), pid=int(lock["pid"]))
     pid = trainer_pid(run_dir)  # the launcher process is gone but the trainer still runs (saving)
-    if pid and _pid_alive(pid):
+    if pid and pid_alive(pid):
         return RunHandle(Path(run_dir), pid=pid)
     return None
 

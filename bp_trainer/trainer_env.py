@@ -108,15 +108,9 @@ def _lock_owner(env_dir: Path) -> Optional[int]:
         except OSError:
             return None
         return pid if fresh else None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    except OSError:
-        return None
-    return pid
+    from bp_trainer.launcher import pid_alive
+
+    return pid if pid_alive(pid) else None  # a set-up that exited but is not reaped yet (zombie) holds nothing
 
 
 def _lock_path(env_dir: Path) -> Path:

@@ -43,6 +43,23 @@ def test_status_states_from_files(tmp_path):
         T.requirements_digest(tmp_path / "nope.txt")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="zombie state is read from /proc")
+def test_a_finished_but_unreaped_setup_process_does_not_hold_the_lock(tmp_path):
+    # start_background_setup never waits for its child: once it exits it is a zombie until reaped.
+    env, req = tmp_path / "venv", tmp_path / "req.txt"
+    req.write_text("pyyaml\n")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        (env.parent / f".{env.name}.{T.LOCK_FILE}").write_text(str(child.pid))
+        assert T.status(env, req).state == "missing"
+    finally:
+        child.wait()
+
+
 def test_requirements_pin_the_trainer_stack_for_python_310_torch_21():
     lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements-trainer.txt").read_text().splitlines()]
     pins = dict(ln.split("==") for ln in lines if ln)

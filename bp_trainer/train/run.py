@@ -169,7 +169,7 @@ def train(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: boo
         from bp_trainer.fsutil import atomic_write_text
 
         lock = launcher.read_lock(run_dir)
-        if lock is None or not launcher._pid_alive(int(lock.get("pid", 0))):
+        if lock is None or not launcher.pid_alive(int(lock.get("pid", 0))):
             launcher.write_lock(run_dir, os.getpid(), command=sys.argv)  # started without our launcher
             lock_owned = True
         atomic_write_text(pid_file, str(os.getpid()))
