@@ -158,9 +158,13 @@ def tokens(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
     text = request.get("text")
     if not isinstance(text, str):
         raise BPError("'text' (the prompt to inspect) is required")
+    try:
+        steps = int(request.get("steps") or 20)
+    except (TypeError, ValueError):
+        raise BPError(f"'steps' must be a whole number of sampling steps, not {request.get('steps')!r}") from None
     from bp_trainer.ui.host import prompt_settings_of
 
-    return _jsonable(inspect_prompt(text, host.tokenizer(), steps=int(request.get("steps") or 20),
+    return _jsonable(inspect_prompt(text, host.tokenizer(), steps=steps,
                                     negative=bool(request.get("negative")), with_ids=bool(request.get("with_ids")),
                                     **prompt_settings_of(host)))  # the WebUI's emphasis/back-off/embeddings
 

@@ -159,6 +159,8 @@ def test_bad_requests_name_the_problem(api):
     assert host.calls == []  # nothing started, the GPU never left the host
     code, body = call(app, "POST", "/bp-train/v1/tokens", json={})
     assert code == 400 and "'text'" in body["detail"]
+    code, body = call(app, "POST", "/bp-train/v1/tokens", json={"text": "1girl", "steps": "many"})
+    assert code == 400 and "'steps'" in body["detail"] and "'many'" in body["detail"]
 
 
 def test_tokens_presets_infotext(api):
