@@ -11,7 +11,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Iterable
+from typing import Iterator, Iterable, List, Optional
 
 from bp_trainer.errors import BPError
 
@@ -73,3 +73,15 @@ def atomic_write_bytes(target: "str | os.PathLike[str]", data: bytes) -> None:
 
 def atomic_write_text(target: "str | os.PathLike[str]", text: str, encoding: str = "utf-8") -> None:
     atomic_write_bytes(target, text.encode(encoding))
+
+
+def tail_lines(path: "str | os.PathLike[str]", n: Optional[int], max_bytes: int = 16384) -> List[str]:
+    """The last `n` lines (None: all) of a (log) file's last `max_bytes`; [] when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return lines if n is None else lines[-n:]

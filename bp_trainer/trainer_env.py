@@ -84,14 +84,9 @@ def requirements_digest(requirements: "str | os.PathLike[str] | None" = None) ->
 
 
 def _tail(path: Path, n: int = 20) -> List[str]:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - 8192))
-            return fh.read().decode("utf-8", "replace").splitlines()[-n:]
-    except OSError:
-        return []
+    from bp_trainer.fsutil import tail_lines
+
+    return tail_lines(path, n, max_bytes=8192)
 
 
 def _lock_owner(env_dir: Path) -> Optional[int]:

@@ -276,17 +276,11 @@ class RunController:
 
         if self.run_dir is None:
             return []
-        path = self.run_dir / launcher.LOG_FILE
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(0, 2)
-                size = fh.tell()
-                fh.seek(max(0, size - 16384))
-                lines = fh.read().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return []
+        from bp_trainer.fsutil import tail_lines
+
+        lines = tail_lines(self.run_dir / launcher.LOG_FILE, None, max_bytes=16384)
         lines = [ln for ln in lines if not ln.startswith('{"type"')]  # the events are shown already
-        return ["--- train.log ---"] + lines[-n:]
+        return ["--- train.log ---"] + lines[-n:] if lines else []
 
     # ------------------------------------------------------------------------------------------ stop
 
