@@ -121,17 +121,19 @@ class GpuHandoff:
                 a.error = exc
                 return
             with self._mutex:
-                a.lent = True
-                a.since = time.time()
+                # release() may have given up (timeout) or reclaim() cancelled while the model was unloading:
+                # nobody would reclaim this lend, so give the model and the lock straight back.
+                abandoned = a.cancelled
+                if not abandoned:
+                    a.lent = True
+                    a.since = time.time()
+            if abandoned:
+                self._give_back()
+                return
             self.log("the WebUI's model is off the GPU; generation waits until the training run ends")
             a.ready.set()
             a.done.wait()
-            try:
-                self.reload()
-                self.log("the WebUI's model is back on the GPU")
-            except BaseException as exc:
-                self.log(f"could not move the model back to the GPU ({exc}); use Settings > Actions > "
-                         "'Load SD checkpoint to VRAM from RAM'")
+            self._give_back()
         finally:
             with self._mutex:  # end this attempt before letting go, so a new release() starts afresh
                 a.lent = False
@@ -140,6 +142,14 @@ class GpuHandoff:
                     self._attempt = None
             a.ready.set()
             self.lock.release()
+
+    def _give_back(self) -> None:
+        try:
+            self.reload()
+            self.log("the WebUI's model is back on the GPU")
+        except BaseException as exc:
+            self.log(f"could not move the model back to the GPU ({exc}); use Settings > Actions > "
+                     "'Load SD checkpoint to VRAM from RAM'")
 
 
 _shared: dict = {}

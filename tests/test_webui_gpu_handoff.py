@@ -66,6 +66,26 @@ def test_reclaim_while_waiting_for_the_lock_cancels_without_unloading():
     assert events == [] and not h.released
 
 
+def test_a_release_that_times_out_while_unloading_gives_the_model_and_the_lock_back():
+    lock = threading.Lock()
+    unloading, finish_unload = threading.Event(), threading.Event()
+    events = []
+
+    def slow_unload():  # e.g. waiting for the WebUI's start-up model load to finish
+        unloading.set()
+        finish_unload.wait(10)
+        events.append("unload")
+
+    h = GpuHandoff(lock, slow_unload, lambda: events.append("reload"), log=lambda m: None)
+    with pytest.raises(BPError, match="still busy"):
+        h.release(timeout=0.2)  # gives up while the holder is unloading; nobody will call reclaim()
+    assert unloading.is_set()
+    finish_unload.set()
+    assert lock.acquire(timeout=5)  # not held forever by an abandoned lend
+    lock.release()
+    assert events == ["unload", "reload"] and not h.released
+
+
 def test_many_release_reclaim_cycles_never_leak_the_lock():
     lock = threading.Lock()
     count = {"unload": 0, "reload": 0}
