@@ -73,7 +73,8 @@ def load_vocab_and_merges(bpe_path: str | None = None) -> tuple[dict[str, int], 
     """(token -> id, merges in priority order), as SimpleTokenizer builds them."""
     path = Path(bpe_path) if bpe_path else find_bpe_file()
     try:
-        lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise BPError(f"cannot read the CLIP BPE file: {exc}", path=path) from exc
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
