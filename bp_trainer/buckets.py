@@ -236,8 +236,3 @@ def crop_fraction(image: "tuple[int, int]", bucket: "tuple[int, int]") -> float:
     """Fraction of the resized image's area that the crop into `bucket` removes (0 = exact fit)."""
     nw, nh = cover_size(image, bucket)
     return 1.0 - (bucket[0] * bucket[1]) / (nw * nh)
-
-
-def upscale_factor(image: "tuple[int, int]", bucket: "tuple[int, int]") -> float:
-    """Linear scale applied to `image` to cover `bucket` (> 1 means the image is enlarged)."""
-    return max(bucket[0] / image[0], bucket[1] / image[1])

@@ -34,14 +34,6 @@ CLIP_SKIP_KEY = "CLIP_stop_at_last_layers"  # infotext "Clip skip"
 ENSD_KEY = "eta_noise_seed_delta"  # infotext "ENSD"
 SETTING_KEYS = (CLIP_SKIP_KEY, ENSD_KEY)
 
-LATENT_UPSCALERS = (
-    "Latent",
-    "Latent (antialiased)",
-    "Latent (bicubic)",
-    "Latent (bicubic antialiased)",
-    "Latent (nearest)",
-    "Latent (nearest-exact)",
-)
 # v1.10.1 schedule types an old-style sampler name may carry as a suffix ("DPM++ 2M Karras")
 _OLD_SAMPLER_SCHEDULE_SUFFIXES = ("Karras", "Exponential")
 

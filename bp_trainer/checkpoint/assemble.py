@@ -284,14 +284,6 @@ def _hash_entry(path: str, hashes: "dict[str, str] | None") -> dict[str, Any]:
     return entry
 
 
-def input_hashes(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """{role: {"file", "sha256", "autov2"}} for file inputs (hash cache, else hashed in parallel; folders
-    have no hash)."""
-    pool, futures = start_hashing(paths)
-    with pool:
-        return {r: _hash_entry(p, futures[r].result() if r in futures else None) for r, p in paths.items()}
-
-
 def start_hashing(paths: "dict[str, str]") -> tuple[ThreadPoolExecutor, dict[str, Any]]:
     """Start hashing the file inputs: (pool, {role: Future}); cache hits are completed futures already
     (`hashcache.start_hashing`)."""

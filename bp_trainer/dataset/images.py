@@ -251,16 +251,6 @@ def probe_image(
     return ImageInfo(width, height, fmt, orientation)
 
 
-def image_size(path: "Union[str, os.PathLike]") -> "Tuple[int, int]":
-    """(w, h) after EXIF orientation; raises BPError naming the file when it is unusable."""
-    from bp_trainer.errors import BPError
-
-    info = probe_image(path)
-    if isinstance(info, ImageProblem):
-        raise BPError(info.reason, path=path)
-    return (info.width, info.height)
-
-
 def open_rgb(path: "Union[str, os.PathLike]", *, draft_size: "Optional[Tuple[int, int]]" = None) -> "Image.Image":
     """Open an image as RGB with EXIF orientation applied; transparency is composited onto white.
 

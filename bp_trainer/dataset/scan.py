@@ -99,10 +99,6 @@ def _walk(root: str, errors: "Optional[List[Problem]]" = None) -> "Iterator[str]
         yield from _walk(d, errors)
 
 
-def list_images(root: "Union[str, os.PathLike]") -> "List[str]":
-    return [p for p in _walk(os.fspath(root)) if is_image_name(p)]
-
-
 MAX_CAPTION_BYTES = 1 << 20  # a caption file larger than this is a mistake (a log, a dump), not tags
 
 

@@ -187,10 +187,6 @@ def _nearest(name: str, options: List[str]) -> str:
     return "valid keys: " + ", ".join(sorted(options))
 
 
-def _all_keys() -> List[str]:
-    return [f"{s}.{k}" for s, fields in SCHEMA.items() for k in fields]
-
-
 def _coerce(where: str, f: Field, value: Any, errors: List[str]) -> Any:
     """Check one value's type and range; return it normalised (ints as floats for floats, pairs as lists)."""
     if value is None:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from bp_trainer.fsutil import atomic_write_text, fsync_dir
+from bp_trainer.fsutil import fsync_dir
 
 STATE_DIR = "state"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -142,7 +142,3 @@ def load_state(accelerator: Any, state_dir: Path, *, ema: Any, generator: torch.
         if ema_file.exists():
             ema.load_state_dict(load_file(str(ema_file)), trainer.get("ema_updates", 0))
     return trainer
-
-
-def write_run_note(run_dir: "str | os.PathLike[str]", name: str, data: Dict[str, Any]) -> None:
-    atomic_write_text(Path(run_dir) / name, json.dumps(data, indent=1, default=str))
