@@ -8,10 +8,11 @@ disk full, kill -9) leaves no partial output behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Iterable, List, Optional
+from typing import Any, Dict, Iterator, Iterable, List, Optional
 
 from bp_trainer.errors import BPError
 
@@ -85,3 +86,12 @@ def tail_lines(path: "str | os.PathLike[str]", n: Optional[int], max_bytes: int 
     except OSError:
         return []
     return lines if n is None else lines[-n:]
+
+
+def read_json_object(path: "str | os.PathLike[str]") -> Optional[Dict[str, Any]]:
+    """A small JSON state file (lock, stamp, table) as a dict; None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return data if isinstance(data, dict) else None

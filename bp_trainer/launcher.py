@@ -176,11 +176,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def read_lock(run_dir: "str | os.PathLike[str]") -> Optional[Dict[str, Any]]:
-    try:
-        data = json.loads((Path(run_dir) / LOCK_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    from bp_trainer.fsutil import read_json_object
+
+    return read_json_object(Path(run_dir) / LOCK_FILE)
 
 
 TRAINER_PID_FILE = "trainer.pid"

@@ -121,11 +121,9 @@ def _failed_path(env_dir: Path) -> Path:
 
 
 def read_stamp(env_dir: "str | os.PathLike[str]") -> Optional[Dict[str, object]]:
-    try:
-        data = json.loads((Path(env_dir) / STAMP_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    from bp_trainer.fsutil import read_json_object
+
+    return read_json_object(Path(env_dir) / STAMP_FILE)
 
 
 def status(env_dir: "str | os.PathLike[str] | None" = None,

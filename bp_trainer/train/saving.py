@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from bp_trainer.fsutil import atomic_write_text
+from bp_trainer.fsutil import atomic_write_text, read_json_object
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -149,10 +149,7 @@ def _save_diffusers(target: Path, *, unet: torch.nn.Module, main_unet: Dict[str,
 
 def _append_hashes(out_dir: Path, files: Dict[str, Dict[str, Any]]) -> None:
     path = out_dir / "hashes.json"
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        table = {}
+    table = read_json_object(path) or {}
     for rec in files.values():
         table[os.path.basename(rec["path"])] = {k: v for k, v in rec.items() if k != "path"}
     atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True))
