@@ -111,6 +111,13 @@ def test_bad_yaml_names_the_line(tmp_path):
         C.load_config(path)
 
 
+def test_a_config_that_is_not_utf8_is_a_config_error_naming_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes("model:\n  base: caf\u00e9.safetensors\n".encode("latin-1"))  # saved by an old editor
+    with pytest.raises(ConfigError, match=r"run.yaml: cannot read the config"):
+        C.load_config(path)
+
+
 def test_dump_and_load_round_trip(tmp_path, paths):
     cfg = C.validate({**paths, "sampling": {"prompts": ["1girl, solo"]}, "training": {"max_steps": 10}})
     path = tmp_path / "again.yaml"

@@ -41,6 +41,8 @@ def _load(args: argparse.Namespace) -> Dict[str, Any]:
     if args.preset:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the config ({exc})", path=path) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"not valid YAML: {exc}", path=path) from None
         raw = C.merge(C.preset(args.preset), raw)

@@ -351,6 +351,9 @@ def load_config(path: "str | os.PathLike[str]", *, check_paths: bool = True) -> 
         raise ConfigError("config file not found", path=path, hint="pass --config RUN.yaml")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the config ({exc})", path=path,
+                          hint="save it as UTF-8 text and check its permissions") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
