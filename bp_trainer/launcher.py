@@ -430,7 +430,10 @@ def stop_run(run_dir: "str | os.PathLike[str]", *, timeout: float = 0.0, force: 
         return _recorded_exit(Path(run_dir)) if (Path(run_dir) / EXIT_FILE).exists() else None
     if force:
         _signal_group(handle.pid, SIGKILL)
-        return handle.wait(30)
+        try:
+            return handle.wait(30)
+        except subprocess.TimeoutExpired:  # not gone yet (e.g. stuck in the kernel): report "still stopping"
+            return None
     request_stop(run_dir)
     if timeout <= 0:
         return handle.poll()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bp_trainer.errors import BPError
 from bp_trainer.train import config as C
 from bp_trainer.train.events import EventWriter, follow
 from bp_trainer.ui import render, runs, train_form
@@ -244,3 +245,12 @@ def test_tab_builds_without_torch_and_without_a_queue(host):
     assert {"bp_train_start", "bp_train_tok_chips", "bp_train_bk_plan", "bp_train_mg_go"} <= ids
     if not had_torch:
         assert "torch" not in sys.modules  # building the tab imports no torch (the WebUI loads it anyway)
+
+
+def test_a_run_config_given_to_the_app_that_cannot_be_read_is_one_clear_error(host, tmp_path):
+    # `python -m bp_trainer ui --config FILE` with a non-UTF-8 file: a BPError naming it, not a broken tab.
+    bad = tmp_path / "run.yaml"
+    bad.write_bytes(b"model:\n  base: \xff\xfe\n")
+    with pytest.raises(BPError, match="cannot read the run config") as err:
+        TrainCallbacks(host).initial(str(bad))
+    assert str(bad) in str(err.value)

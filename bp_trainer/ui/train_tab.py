@@ -60,7 +60,12 @@ class TrainCallbacks:
     def initial(self, config_path: Optional[str] = None) -> Dict[str, Any]:
         """Starting values of the form: a run YAML given to the app, else the 768 preset's defaults."""
         if config_path:
-            cfg = train_form.parse_yaml(Path(config_path).read_text(encoding="utf-8"))
+            try:
+                text = Path(config_path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise BPError(f"cannot read the run config: {exc}", path=config_path,
+                              hint="give a UTF-8 run YAML (python -m bp_trainer train --show-defaults writes one)") from exc
+            cfg = train_form.parse_yaml(text)
             cfg = _resolve_relative(cfg, Path(config_path).resolve().parent)
         else:
             cfg = train_form.initial_config()
