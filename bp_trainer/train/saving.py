@@ -137,9 +137,13 @@ def _save_diffusers(target: Path, *, unet: torch.nn.Module, main_unet: Dict[str,
              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "image_encoder": [None, None]}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    # Re-saving a step (after a resume): move the old folder aside first, so a crash never leaves neither.
+    old = target.with_name(target.name + ".old")
     if target.exists():
-        shutil.rmtree(target)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
     os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
     weights = target / "unet" / "diffusion_pytorch_model.safetensors"
     rec: Dict[str, Any] = {"path": str(target)}
     if weights.exists():
