@@ -86,16 +86,22 @@ def load_vocab_and_merges(bpe_path: str | None = None) -> tuple[dict[str, int], 
     return {tok: i for i, tok in enumerate(vocab_list)}, merges  # type: ignore[return-value]
 
 
-def write_tokenizer_files(out_dir: "str | os.PathLike[str]") -> Path:
-    """Write vocab.json, merges.txt and the config files of the CLIP ViT-L/14 tokenizer into `out_dir`.
-
-    transformers 4.30 (the WebUI's) and transformers 5 both load this folder with `CLIPTokenizer`.
-    """
+def write_vocab_files(out_dir: "str | os.PathLike[str]") -> Path:
+    """Write only vocab.json and merges.txt (what transformers 4.x's CLIPTokenizer reads) into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = load_vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return out
+
+
+def write_tokenizer_files(out_dir: "str | os.PathLike[str]") -> Path:
+    """Write vocab.json, merges.txt and the config files of the CLIP ViT-L/14 tokenizer into `out_dir`.
+
+    transformers 4.30 (the WebUI's) and transformers 5 both load this folder with `CLIPTokenizer`.
+    """
+    out = write_vocab_files(out_dir)
     special = {
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",

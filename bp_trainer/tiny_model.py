@@ -91,20 +91,9 @@ def save_diffusers_folder(components: dict[str, Any], out_dir: "str | os.PathLik
     components["text_encoder"].save_pretrained(out / "text_encoder")
     components["scheduler"].save_pretrained(out / "scheduler")
     write_tokenizer_files(out / "tokenizer")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "image_encoder": [None, None],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    from bp_trainer.checkpoint.convert import write_pipeline_index
+
+    write_pipeline_index(out)
     return out
 
 

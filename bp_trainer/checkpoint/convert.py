@@ -279,6 +279,20 @@ def _scheduler(config: Mapping[str, Any], prediction: str):
     return cls.from_config(cfg)
 
 
+def write_pipeline_index(folder: "str | os.PathLike[str]", scheduler_class: str = "PNDMScheduler") -> None:
+    """model_index.json of a StableDiffusionPipeline folder without safety checker (unet/vae/text_encoder/
+    tokenizer/scheduler sub-folders written by the caller, one component at a time)."""
+    index = {
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None],
+    }
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
 def load_diffusers_components(path: "str | os.PathLike[str]", *, prediction_type: "str | None" = None,
                               use_ema: bool = False) -> dict[str, Any]:
     """unet, vae, text_encoder, tokenizer, scheduler (+ `ema_unet` or None) from a WebUI single file
@@ -402,15 +416,7 @@ def convert_to_diffusers(src_path: "str | os.PathLike[str]", out_dir: "str | os.
                 pred = "epsilon" if view.metadata.get("global_step") == "875000" else "v_prediction"
             _scheduler(configs["scheduler"], pred).save_pretrained(str(tmp / "scheduler"))
             write_tokenizer_files(tmp / "tokenizer")
-            index = {
-                "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-                "requires_safety_checker": False, "safety_checker": [None, None],
-                "scheduler": ["diffusers", type(_scheduler(configs["scheduler"], pred)).__name__],
-                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-                "image_encoder": [None, None],
-            }
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+            write_pipeline_index(tmp, type(_scheduler(configs["scheduler"], pred)).__name__)
         elif view.kind in ("unet", "vae"):
             dicts = ldm_to_diffusers_state_dicts(view, configs, use_ema=use_ema, keep_ema=False)
             model = _build(view.kind, configs[view.kind], dicts[view.kind], os.fspath(src_path))

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from bp_trainer.errors import BPError
 from bp_trainer.fsutil import atomic_write_text, read_json_object
 
 UNET_PREFIX = "model.diffusion_model."
@@ -112,7 +113,9 @@ def _save_diffusers(target: Path, *, unet: torch.nn.Module, main_unet: Dict[str,
     import copy
 
     from diffusers import PNDMScheduler
+    from bp_trainer.checkpoint.convert import write_pipeline_index
     from bp_trainer.checkpoint.hashes import file_hashes
+    from bp_trainer.clip_vocab import write_vocab_files
 
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -123,20 +126,14 @@ def _save_diffusers(target: Path, *, unet: torch.nn.Module, main_unet: Dict[str,
     text_encoder.save_pretrained(tmp / "text_encoder")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
-        try:
-            from bp_trainer.clip_vocab import write_tokenizer_files
-
-            write_tokenizer_files(tmp / "tokenizer")  # vocab.json/merges.txt for transformers 4.x readers
-        except Exception:  # noqa: BLE001 - the tokenizer.json is enough for new readers
-            pass
+        if not (tmp / "tokenizer" / "merges.txt").exists():  # transformers 5 writes tokenizer.json only
+            try:
+                write_vocab_files(tmp / "tokenizer")  # vocab.json/merges.txt for transformers 4.x readers
+            except BPError:  # no offline BPE file in this environment: tokenizer.json serves new readers
+                pass
     PNDMScheduler.from_config({k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
                               ).save_pretrained(tmp / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-             "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "image_encoder": [None, None]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    write_pipeline_index(tmp)
     # Re-saving a step (after a resume): move the old folder aside first, so a crash never leaves neither.
     old = target.with_name(target.name + ".old")
     if target.exists():
