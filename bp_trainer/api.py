@@ -4,7 +4,7 @@
 newer versions); the WebUI glue mounts it in `on_app_started`, the standalone app in its launcher. The route
 logic is in plain functions (`status`, `start`, `stop`, `events`, `tokens`, `presets`, `infotext`) that take
 the host and a request dict, so it is testable without HTTP. Runs go through the same shared
-`RunController` as the tab (`bp_trainer.ui.runs.controller_for`), so the tab shows a run started by the API
+`RunController` as the tab (`bp_trainer.run_controller.controller_for`), so the tab shows a run started by the API
 and the other way round, and there is one run at a time.
 
     GET  /bp-train/v1/status                       trainer env, GPU hand-off, active run, recent runs
@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional
 
 from bp_trainer import __version__
 from bp_trainer.errors import BPError
+from bp_trainer.rundir import RunDir
 
 PREFIX = "/bp-train/v1"
 
@@ -35,7 +36,7 @@ class Conflict(BPError):
 
 
 def _controller(host: Any) -> Any:
-    from bp_trainer.ui.runs import controller_for
+    from bp_trainer.run_controller import controller_for
 
     return controller_for(host)
 
@@ -95,7 +96,7 @@ def _load_start_config(host: Any, request: Dict[str, Any]) -> tuple:
         cfg = C.load_config(request["config_path"])
     elif sources == ["resume_dir"]:
         resume_dir = str(request["resume_dir"])
-        cfg = C.load_config(Path(resume_dir) / "config.yaml")
+        cfg = C.load_config(RunDir(resume_dir).config)
     else:
         raw = request["config"]
         if not isinstance(raw, dict):
@@ -104,8 +105,7 @@ def _load_start_config(host: Any, request: Dict[str, Any]) -> tuple:
             raw = C.merge(C.preset(str(request["train_preset"])), raw)
         cfg = C.validate(raw, source="request config")
     # runs live in the host's runs folder, where the tab and /status look for them
-    cfg["run"]["runs_dir"] = host.runs_dir()
-    return cfg, resume_dir
+    return cfg.with_values(run={"runs_dir": host.runs_dir()}), resume_dir
 
 
 def start(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
@@ -115,14 +115,13 @@ def start(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
         raise Conflict("a training run is already running", path=ctl.run_dir, hint="stop it first (POST /stop)")
     cfg, resume_dir = _load_start_config(host, request)
     try:
-        run_dir = ctl.start(cfg, resume_dir=resume_dir)
+        run_dir = ctl.start(cfg, resume_dir=resume_dir, wait=False)
     except BPError as exc:
         if "already running" in str(exc):
             raise Conflict(str(exc)) from None
         raise
-    handle = getattr(ctl, "handle", None)
-    return {"run_dir": str(run_dir), "pid": getattr(handle, "pid", None), "name": Path(run_dir).name,
-            "gpu_note": ctl.gpu_note()}
+    # answered at once (202): the GPU hand-off may wait for a generation; follow with /status or /events
+    return {"run_dir": str(run_dir), "name": Path(run_dir).name, "status": "starting", "gpu_note": ctl.gpu_note()}
 
 
 def stop(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -162,7 +161,7 @@ def tokens(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
         steps = int(request.get("steps") or 20)
     except (TypeError, ValueError):
         raise BPError(f"'steps' must be a whole number of sampling steps, not {request.get('steps')!r}") from None
-    from bp_trainer.ui.host import prompt_settings_of
+    from bp_trainer.tokens.host_settings import prompt_settings_of
 
     return _jsonable(inspect_prompt(text, host.tokenizer(), steps=steps,
                                     negative=bool(request.get("negative")), with_ids=bool(request.get("with_ids")),
@@ -257,7 +256,7 @@ def create_router(host: Any, *, credentials: Optional[Dict[str, str]] = None) ->
     def get_status() -> Any:
         return call(status, None)
 
-    @router.post("/start")
+    @router.post("/start", status_code=202)
     async def post_start(request: Request) -> Any:
         from starlette.concurrency import run_in_threadpool
 

@@ -32,6 +32,8 @@ ARB_KEYS = ("enabled", "debug", "base_res", "max_size", "divisible", "max_ar_err
 ARB_IGNORED_KEYS = ("step_size",)
 
 RULES = ("log", "linear")
+VAE_FACTOR = 8  # pixels per latent cell: bucket sides must be multiples of it
+MAX_SIDE = 16384  # no bucket side beyond this (a typo like 10240000 is an error, not a hang)
 
 
 @dataclass(frozen=True)
@@ -54,48 +56,14 @@ class ArbConfig:
 
     @classmethod
     def from_dict(cls, block: "Mapping[str, Any] | None", *, source: "str | None" = None) -> "ArbConfig":
-        """Validate an `arb:` mapping (unknown keys and impossible values raise ConfigError naming the key)."""
-        where = f"{source}: " if source else ""
-        if block is None:
-            block = {}
-        if not isinstance(block, Mapping):
-            raise ConfigError(f"{where}arb: must be a mapping of {', '.join(ARB_KEYS)}")
-        unknown = [k for k in block if k not in ARB_KEYS and k not in ARB_IGNORED_KEYS]
-        if unknown:
-            raise ConfigError(
-                f"{where}unknown key arb.{unknown[0]}", hint=f"known keys: {', '.join(ARB_KEYS)}"
-            )
-        kw: "dict[str, Any]" = {}
-        for key in ("enabled", "debug"):
-            if key in block:
-                value = block[key]
-                if not isinstance(value, bool):
-                    raise ConfigError(f"{where}arb.{key} must be true or false, got {value!r}")
-                kw[key] = value
-        for key in ("base_res", "max_size"):
-            if key in block:
-                kw[key] = _pair(block[key], f"{where}arb.{key}")
-        for key in ("divisible", "min_dim", "dim_limit"):
-            if key in block:
-                kw[key] = _positive_int(block[key], f"{where}arb.{key}")
-        if "max_ar_error" in block:
-            value = block["max_ar_error"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{where}arb.max_ar_error must be a positive number, got {value!r}")
-            kw["max_ar_error"] = float(value)
-        kw["extra"] = {k: block[k] for k in ARB_IGNORED_KEYS if k in block}
-        cfg = cls(**kw)
-        if cfg.min_dim * cfg.min_dim > cfg.max_area:
-            raise ConfigError(
-                f"{where}arb: no bucket fits: min_dim {cfg.min_dim} squared is more than the area budget "
-                f"max_size {cfg.max_size[0]}x{cfg.max_size[1]}",
-                hint="lower arb.min_dim or raise arb.max_size",
-            )
-        if cfg.min_dim > cfg.dim_limit:
-            raise ConfigError(
-                f"{where}arb: min_dim {cfg.min_dim} is larger than dim_limit {cfg.dim_limit}",
-                hint="dim_limit is the longest side allowed; it must be at least min_dim",
-            )
+        """Validate an `arb:` mapping; raise one ConfigError naming every problem's key (see `parse_arb`)."""
+        cfg, problems = parse_arb(block)
+        if problems:
+            where = f"{source}: " if source else ""
+            head = "invalid arb block" + (f" ({len(problems)} problems)" if len(problems) > 1 else "")
+            raise ConfigError(f"{where}{head}: " + "; ".join(problems),
+                              hint="see docs/dataset.md (buckets); naifu-diffusion's arb: block")
+        assert cfg is not None
         return cfg
 
     def to_dict(self) -> "dict[str, Any]":
@@ -111,23 +79,100 @@ class ArbConfig:
         }
 
 
-def _positive_int(value: Any, name: str) -> int:
+def _int_problem(value: Any, name: str) -> "tuple[int | None, str | None]":
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ConfigError(f"{name} must be a whole number of pixels, got {value!r}")
+        return None, f"{name} must be a whole number of pixels, got {value!r}"
     if value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
-    return value
+        return None, f"{name} must be positive, got {value}"
+    if value > MAX_SIDE:
+        return None, f"{name} {value} is larger than {MAX_SIDE} pixels"
+    return value, None
 
 
-def _pair(value: Any, name: str) -> "tuple[int, int]":
+def _pair_problem(value: Any, name: str) -> "tuple[tuple[int, int] | None, list[str]]":
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value, value]
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ConfigError(f"{name} must be [width, height], got {value!r}")
-    return (_positive_int(value[0], f"{name}[0]"), _positive_int(value[1], f"{name}[1]"))
+        return None, [f"{name} must be [width, height], got {value!r}"]
+    (w, pw), (h, ph) = _int_problem(value[0], f"{name}[0]"), _int_problem(value[1], f"{name}[1]")
+    problems = [p for p in (pw, ph) if p]
+    return (None if problems else (int(w), int(h))), problems  # type: ignore[arg-type]
+
+
+def _read_fields(block: "Mapping[str, Any]", problems: "list[str]") -> "dict[str, Any]":
+    kw: "dict[str, Any]" = {}
+    for key in ("enabled", "debug"):
+        if key in block:
+            if isinstance(block[key], bool):
+                kw[key] = block[key]
+            else:
+                problems.append(f"arb.{key} must be true or false, got {block[key]!r}")
+    for key in ("base_res", "max_size"):
+        if key in block:
+            pair, found = _pair_problem(block[key], f"arb.{key}")
+            problems.extend(found)
+            if pair is not None:
+                kw[key] = pair
+    for key in ("divisible", "min_dim", "dim_limit"):
+        if key in block:
+            value, problem = _int_problem(block[key], f"arb.{key}")
+            if problem:
+                problems.append(problem)
+            else:
+                kw[key] = value
+    if "max_ar_error" in block:
+        value = block["max_ar_error"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            problems.append(f"arb.max_ar_error must be a positive number (4 keeps nearly every image), got {value!r}")
+        else:
+            kw["max_ar_error"] = float(value)
+    return kw
+
+
+def _geometry_problems(cfg: ArbConfig) -> "list[str]":
+    """What makes a well-typed block untrainable: bucket sides must be multiples of 8 (the VAE's factor) and
+    at least one bucket, base_res included, must fit the limits."""
+    problems = []
+    for key in ("divisible", "min_dim"):
+        if getattr(cfg, key) % VAE_FACTOR:
+            problems.append(f"arb.{key}: {getattr(cfg, key)} must be a multiple of {VAE_FACTOR} (the VAE's factor; "
+                            "every bucket side is min_dim + k*divisible)")
+    if any(v % VAE_FACTOR for v in cfg.base_res):
+        problems.append(f"arb.base_res: both sides must be multiples of {VAE_FACTOR}, got {list(cfg.base_res)}")
+    if cfg.min_dim * cfg.min_dim > cfg.max_area:
+        problems.append(f"arb: no bucket fits: min_dim {cfg.min_dim} squared is more than the area budget "
+                        f"max_size {cfg.max_size[0]}x{cfg.max_size[1]} (lower arb.min_dim or raise arb.max_size)")
+    if cfg.min_dim > cfg.dim_limit:
+        problems.append(f"arb: min_dim {cfg.min_dim} is larger than dim_limit {cfg.dim_limit} (dim_limit is the "
+                        "longest side allowed; it must be at least min_dim)")
+    bw, bh = cfg.base_res
+    if bw * bh > cfg.max_area:
+        problems.append(f"arb.base_res: {bw}x{bh} has more pixels than the max_size budget "
+                        f"{cfg.max_size[0]}x{cfg.max_size[1]}")
+    if max(bw, bh) > cfg.dim_limit:
+        problems.append(f"arb.base_res: {bw}x{bh} exceeds arb.dim_limit {cfg.dim_limit}")
+    return problems
+
+
+def parse_arb(block: "Mapping[str, Any] | None") -> "tuple[ArbConfig | None, list[str]]":
+    """The one `arb:` validator (trainer, Buckets tab, CLI and API): the block as an ArbConfig, and every
+    problem as a message naming its key. The config is None when there is any problem."""
+    if block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        return None, [f"arb: must be a mapping of {', '.join(ARB_KEYS)}, got {type(block).__name__}"]
+    problems: "list[str]" = []
+    for key in block:
+        if key not in ARB_KEYS and key not in ARB_IGNORED_KEYS:
+            problems.append(f"unknown key 'arb.{key}' (known keys: {', '.join(ARB_KEYS)})")
+    kw = _read_fields(block, problems)
+    if problems:
+        return None, problems
+    cfg = ArbConfig(**kw, extra={k: block[k] for k in ARB_IGNORED_KEYS if k in block})
+    problems = _geometry_problems(cfg)
+    return (None, problems) if problems else (cfg, [])
 
 
 def bucket_table(cfg: ArbConfig) -> "list[tuple[int, int, float]]":

@@ -15,7 +15,6 @@ Importable without torch/diffusers/accelerate (the WebUI process uses it).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,16 +23,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from bp_trainer.errors import BPError
+from bp_trainer.procs import SIGKILL, WINDOWS, pid_alive, signal_group
+from bp_trainer.rundir import RunDir
 
-LOCK_FILE = "run.lock"
-STOP_FILE = "STOP"
-CONFIG_FILE = "config.yaml"
-ACCELERATE_FILE = "accelerate.yaml"
-LOG_FILE = "train.log"
-EXIT_FILE = "exit.json"
+if TYPE_CHECKING:
+    from bp_trainer.train.config import RunConfig
 
 
 def new_run_dir(runs_dir: "str | os.PathLike[str]", name: str) -> Path:
@@ -63,23 +60,30 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def resolve_mixed_precision(value: str, use_cpu: bool) -> str:
-    """`auto` -> bf16 on a GPU that supports it, fp16 on older GPUs, no on a CPU; fp16 on a CPU -> no."""
-    if use_cpu:
+def choose_precision(value: str, capability: "Tuple[int, int] | None", *, arch: str = "sd1") -> str:
+    """The mixed precision a run trains in: `auto` -> bf16 on compute capability >= 8 (Ampere and newer, where
+    bf16 is native), else fp16 — except for SD 2.x, whose attention overflows in fp16 (fp32 there); no GPU
+    (`capability` None) -> no. An explicit fp16 on a CPU is no (fp16 autocast needs a GPU)."""
+    if capability is None:
         return "no" if value in ("auto", "fp16") else value
     if value != "auto":
         return value
-    try:
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    except Exception:  # noqa: BLE001 - no usable CUDA: let accelerate decide at fp32
-        return "no"
+    if capability[0] >= 8:
+        return "bf16"
+    return "no" if arch == "sd2" else "fp16"
 
 
-def accelerate_settings(cfg: Dict[str, Any], *, use_cpu: Optional[bool] = None) -> Dict[str, Any]:
+def launch_precision(value: str, use_cpu: bool) -> str:
+    """What the launcher tells accelerate, decided without touching a GPU in this process: the configured value,
+    or for `auto` none at all (`no`) — the trainer decides `auto` itself from its GPU (`choose_precision`)."""
+    if use_cpu or value == "auto":
+        return "no" if value in ("auto", "fp16") else value
+    return value
+
+
+def accelerate_settings(cfg: "RunConfig", *, use_cpu: Optional[bool] = None) -> Dict[str, Any]:
     """The accelerate launch settings of a run: process count, mixed precision, multi-process on CPU."""
-    n = int(cfg["run"]["num_processes"])
+    n = int(cfg.run.num_processes)
     if use_cpu is None:
         use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not cuda_available()
     return {
@@ -88,7 +92,7 @@ def accelerate_settings(cfg: Dict[str, Any], *, use_cpu: Optional[bool] = None) 
         "num_processes": n,
         "num_machines": 1,
         "machine_rank": 0,
-        "mixed_precision": resolve_mixed_precision(cfg["training"]["mixed_precision"], bool(use_cpu)),
+        "mixed_precision": launch_precision(cfg.training.mixed_precision, bool(use_cpu)),
         "use_cpu": bool(use_cpu and n == 1),
         "dynamo_config": {},
         "rdzv_backend": "static",
@@ -102,7 +106,13 @@ def accelerate_settings(cfg: Dict[str, Any], *, use_cpu: Optional[bool] = None) 
     }
 
 
-def build_command(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, resume: bool = False,
+def cpu_threads_per_process(num_processes: int) -> int:
+    """accelerate's `num_cpu_threads_per_process` (passed, so accelerate does not warn and guess): the CPUs
+    shared between the processes, at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_processes))
+
+
+def build_command(cfg: "RunConfig", run_dir: "str | os.PathLike[str]", *, resume: bool = False,
                   python: Optional[str] = None, use_cpu: Optional[bool] = None,
                   port: Optional[int] = None) -> Dict[str, Any]:
     """The child's argv and extra environment; writes RUN_DIR/accelerate.yaml unless the config names one.
@@ -111,177 +121,145 @@ def build_command(cfg: Dict[str, Any], run_dir: "str | os.PathLike[str]", *, res
     """
     import yaml
 
-    run_dir = Path(run_dir)
-    python = python or cfg["run"].get("python") or sys.executable
+    rd = RunDir(Path(run_dir).resolve())
+    python = python or cfg.run.python or sys.executable
     env: Dict[str, str] = {"PYTHONUNBUFFERED": "1"}
-    user_config = cfg["run"].get("accelerate_config")
-    if user_config:
-        acc_path = Path(user_config)
+    if cfg.run.accelerate_config:
+        acc_path = Path(cfg.run.accelerate_config)
         argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(acc_path)]
     else:
         settings = accelerate_settings(cfg, use_cpu=use_cpu)
         cpu_multi = settings.pop("_cpu_multi_process")
-        acc_path = run_dir / ACCELERATE_FILE
+        acc_path = rd.accelerate
         from bp_trainer.fsutil import atomic_write_text
 
         atomic_write_text(acc_path, yaml.safe_dump(settings, sort_keys=True))
         argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(acc_path),
                 "--num_processes", str(settings["num_processes"]), "--num_machines", "1",
-                "--mixed_precision", settings["mixed_precision"], "--dynamo_backend", "no"]
+                "--mixed_precision", settings["mixed_precision"], "--dynamo_backend", "no",
+                "--num_cpu_threads_per_process", str(cpu_threads_per_process(settings["num_processes"]))]
         if settings["num_processes"] > 1:
             argv += ["--multi_gpu", "--main_process_port", str(port or _free_port())]
         if cpu_multi:
             env["ACCELERATE_USE_CPU"] = "true"
         elif settings["use_cpu"]:
             argv += ["--cpu"]
-    argv += ["-m", "bp_trainer.train", str(run_dir / CONFIG_FILE), "--run-dir", str(run_dir)]
+    argv += ["-m", "bp_trainer.train", str(rd.config), "--run-dir", str(rd.path)]
     if resume:
         argv.append("--resume")
     return {"argv": argv, "env": env, "accelerate_config": str(acc_path)}
 
 
-_WINDOWS = os.name == "nt"
-SIGKILL = getattr(signal, "SIGKILL", 9)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` is running (a zombie, exited but not yet reaped, is not)."""
-    if pid <= 0:
-        return False
-    if _WINDOWS:  # os.kill(pid, 0) would terminate the process on Windows: ask the kernel instead
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        try:
-            code = ctypes.c_ulong()
-            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not running.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
-def read_lock(run_dir: "str | os.PathLike[str]") -> Optional[Dict[str, Any]]:
-    from bp_trainer.fsutil import read_json_object
-
-    return read_json_object(Path(run_dir) / LOCK_FILE)
-
-
-TRAINER_PID_FILE = "trainer.pid"
-
-
-def trainer_pid(run_dir: "str | os.PathLike[str]") -> int:
-    """The pid of the run's main training process while it runs (written by the trainer itself), else 0."""
-    try:
-        return int((Path(run_dir) / TRAINER_PID_FILE).read_text(encoding="utf-8").strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def is_active(run_dir: "str | os.PathLike[str]") -> bool:
-    """True while the run's process (run.lock) or its main training process (trainer.pid) is alive.
-
-    The trainer is checked too: after a SIGTERM the `accelerate launch` process may be gone while the
-    trainer still finishes its step and saves.
-    """
-    lock = read_lock(run_dir)
-    if lock and pid_alive(int(lock.get("pid", 0))):
-        return True
-    pid = trainer_pid(run_dir)
-    return bool(pid) and pid_alive(pid)
-
-
-def write_lock(run_dir: "str | os.PathLike[str]", pid: int, **extra: Any) -> None:
-    from bp_trainer.fsutil import atomic_write_text
-
-    data = {"pid": pid, "started": time.time(), "host": socket.gethostname(), **extra}
-    atomic_write_text(Path(run_dir) / LOCK_FILE, json.dumps(data, indent=1))
-
-
 def find_active_run(runs_dir: "str | os.PathLike[str]") -> Optional[Path]:
     """The run folder under `runs_dir` whose process is alive (the newest if several), else None."""
-    runs = list_runs(runs_dir)
-    active = [Path(r["run_dir"]) for r in runs if r["active"]]
+    active = [Path(r["run_dir"]) for r in list_runs(runs_dir) if r["active"]]
     return active[0] if active else None
 
 
-def list_runs(runs_dir: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
-    """Run folders under `runs_dir`, newest first: {run_dir, name, active, status, step}."""
+_summaries: Dict[str, Tuple[Tuple[int, int], Dict[str, Any]]] = {}
+
+
+def _summary(rd: RunDir) -> Dict[str, Any]:
+    """The folded events of a run, re-read only when events.jsonl changed (size, mtime)."""
     from bp_trainer.train.events import read_all, summarize
 
+    try:
+        st = rd.events.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = (-1, -1)
+    key = str(rd.path)
+    cached = _summaries.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    summary = summarize(read_all(rd))
+    _summaries[key] = (stamp, summary)
+    return summary
+
+
+def list_runs(runs_dir: "str | os.PathLike[str]") -> List[Dict[str, Any]]:
+    """Run folders under `runs_dir`, newest first: {run_dir, name, active, status, step, total_steps, mtime}."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
     out = []
     for d in root.iterdir():
-        if not d.is_dir() or not ((d / CONFIG_FILE).exists() or (d / "events.jsonl").exists()):
+        rd = RunDir(d)
+        if not rd.looks_like_run():
             continue
-        active = is_active(d)
-        summary = summarize(read_all(d))
+        active = rd.is_active()
+        summary = _summary(rd)
         status = summary["status"]
         if not active and status in ("running", "starting"):
             status = "interrupted"
-        mtime = max((p.stat().st_mtime for p in (d / "events.jsonl", d / CONFIG_FILE) if p.exists()), default=0)
+        mtime = max((p.stat().st_mtime for p in (rd.events, rd.config) if p.exists()), default=0)
         out.append({"run_dir": str(d), "name": d.name, "active": active, "status": status,
                     "step": summary.get("step"), "total_steps": summary.get("total_steps"), "mtime": mtime})
     out.sort(key=lambda r: r["mtime"], reverse=True)
     return out
 
 
-class RunHandle:
-    """A started run: its folder, its child process (when started here) and its pid."""
+def recorded_exit(run_dir: "str | os.PathLike[str]") -> int:
+    """The exit code recorded by the process that started the run; else from the events (a re-attached
+    run): 0 after `done`, 1 after `error`, -1 when the process vanished without either (killed)."""
+    rd = RunDir(run_dir)
+    code = rd.recorded_exit()
+    if code is not None:
+        return code
+    from bp_trainer.train.events import read_all
 
-    def __init__(self, run_dir: Path, process: Optional[subprocess.Popen] = None, pid: Optional[int] = None,
-                 log: Any = None):
-        self.run_dir = Path(run_dir)
+    final = [e["type"] for e in read_all(rd) if e.get("type") in ("start", "done", "error")]
+    if final and final[-1] == "done":
+        return 0
+    if final and final[-1] == "error":
+        return 1
+    return -1
+
+
+class RunHandle:
+    """A started run: its folder, its child process (when started here) and its pid.
+
+    The run has ended only when both the launcher child and the main trainer process are gone: after a
+    SIGTERM, accelerate's launcher may exit while the trainer still saves (the GPU is not free yet).
+    """
+
+    def __init__(self, run_dir: "str | os.PathLike[str]", process: Optional[subprocess.Popen] = None,
+                 pid: Optional[int] = None, log: Any = None):
+        self.rd = RunDir(run_dir)
+        self.run_dir = self.rd.path
         self.process = process
         self.pid = process.pid if process is not None else int(pid or 0)
         self._log = log
 
+    def _trainer_running(self) -> bool:
+        pid = self.rd.trainer_pid()
+        return bool(pid) and pid != self.pid and pid_alive(pid)
+
     def poll(self) -> Optional[int]:
-        """The exit code when the run has ended, else None (works for re-attached runs too: -1 = unknown)."""
+        """The exit code when the run has ended, else None (re-attached runs too: -1 = unknown)."""
         if self.process is not None:
             code = self.process.poll()
-            if code is not None:
-                self._finish(code)
+            if code is None or self._trainer_running():
+                return None
+            self._finish(code)
             return code
-        return None if pid_alive(self.pid) else _recorded_exit(self.run_dir)
+        if pid_alive(self.pid) or self._trainer_running():
+            return None
+        return recorded_exit(self.run_dir)
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """Wait for the run to end: its process, then a trainer that outlived it (still saving)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-
-        def wait_for(pid: int) -> None:
-            while pid and pid_alive(pid):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(str(pid), timeout or 0)
-                time.sleep(0.2)
-
         if self.process is not None:
-            code = self.process.wait(timeout)
-            wait_for(trainer_pid(self.run_dir))
-            self._finish(code)
-            return code
-        wait_for(self.pid)
-        wait_for(trainer_pid(self.run_dir))
-        lock = read_lock(self.run_dir)
-        if lock and int(lock.get("pid", 0)) == self.pid:
-            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # the run has ended: its lock is stale
-        return _recorded_exit(self.run_dir)
+            self.process.wait(timeout)
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.2)
+        if self.process is not None:
+            return int(self.process.returncode)
+        self.rd.release_lock(self.pid)  # the run has ended: its lock is stale
+        return recorded_exit(self.run_dir)
 
     def stop(self, *, timeout: float = 0.0, force: bool = False) -> Optional[int]:
         return stop_run(self.run_dir, timeout=timeout, force=force, handle=self)
@@ -290,65 +268,45 @@ class RunHandle:
         if self._log is not None:
             self._log.close()
             self._log = None
-        from bp_trainer.fsutil import atomic_write_text
-
-        exit_path = self.run_dir / EXIT_FILE
-        if not exit_path.exists():
-            atomic_write_text(exit_path, json.dumps({"exit_code": code, "time": time.time()}))
-        lock = read_lock(self.run_dir)
-        if lock and int(lock.get("pid", 0)) == self.pid:
-            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        self.rd.record_exit(code)
+        self.rd.release_lock(self.pid)
 
 
-def _recorded_exit(run_dir: Path) -> int:
-    """The exit code recorded by the process that started the run; else from the events (a re-attached
-    run): 0 after `done`, 1 after `error`, -1 when the process vanished without either (killed)."""
-    try:
-        return int(json.loads((Path(run_dir) / EXIT_FILE).read_text())["exit_code"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    from bp_trainer.train.events import read_all
-
-    final = [e["type"] for e in read_all(run_dir) if e.get("type") in ("start", "done", "error")]
-    if final and final[-1] == "done":
-        return 0
-    if final and final[-1] == "error":
-        return 1
-    return -1
-
-
-def prepare_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None" = None,
+def prepare_run(cfg: "RunConfig", *, resume_dir: "str | os.PathLike[str] | None" = None,
                 run_dir: "str | os.PathLike[str] | None" = None) -> Path:
-    """Create (or reuse, for a resume) the run folder and freeze the config into RUN_DIR/config.yaml."""
+    """Create (or reuse, for a resume) the run folder and freeze the config into RUN_DIR/config.yaml.
+
+    The folder is made absolute here: the child runs inside it, so a relative `runs/NAME` would not resolve.
+    """
     from bp_trainer.train.config import save_config
 
     if resume_dir is not None:
-        target = Path(resume_dir)
+        target = Path(resume_dir).resolve()
         if not target.is_dir():
             raise BPError("run folder not found", path=target, hint="pass the folder of the run to resume")
     else:
-        target = Path(run_dir) if run_dir else new_run_dir(cfg["run"]["runs_dir"], cfg["run"]["name"])
-    if is_active(target):
+        target = Path(run_dir).resolve() if run_dir else new_run_dir(cfg.run.runs_dir, cfg.run.name).resolve()
+    rd = RunDir(target)
+    if rd.is_active():
         # The lock may be gone while the trainer still saves (trainer.pid): name whichever pid is alive.
-        pid = (read_lock(target) or {}).get("pid") or trainer_pid(target)
-        raise BPError("this run is already running", path=target, hint=f"stop it first (pid {pid})")
+        raise BPError("this run is already running", path=target, hint=f"stop it first (pid {rd.live_pid()})")
     target.mkdir(parents=True, exist_ok=True)
-    for stale in (STOP_FILE, EXIT_FILE):
-        (target / stale).unlink(missing_ok=True)
-    save_config(cfg, target / CONFIG_FILE)
+    rd.clear_for_start()
+    save_config(cfg, rd.config)
     return target
 
 
-def start_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None" = None,
+def start_run(cfg: "RunConfig", *, resume_dir: "str | os.PathLike[str] | None" = None,
               run_dir: "str | os.PathLike[str] | None" = None, python: Optional[str] = None,
               env: Optional[Dict[str, str]] = None, log_to_file: bool = True,
               use_cpu: Optional[bool] = None) -> RunHandle:
     """Start a run in a child process (its own process group) and return its handle.
 
-    `cfg` is a validated config (`bp_trainer.train.config`). With `log_to_file` the child's output goes to
-    RUN_DIR/train.log, else it is inherited (a terminal shows the progress bar).
+    `cfg` is a validated config. With `log_to_file` the child's output goes to RUN_DIR/train.log, else it is
+    inherited (a terminal shows the progress bar).
     """
     target = prepare_run(cfg, resume_dir=resume_dir, run_dir=run_dir)
+    rd = RunDir(target)
     resume = resume_dir is not None
     cmd = build_command(cfg, target, resume=resume, python=python, use_cpu=use_cpu)
     child_env = dict(os.environ)
@@ -356,9 +314,9 @@ def start_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None
     child_env.update(env or {})
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = root + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
-    log = open(target / LOG_FILE, "ab") if log_to_file else None
+    log = open(rd.log, "ab") if log_to_file else None
     # Its own process group (a session on POSIX), so a stop reaches every process and the run outlives the UI.
-    group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS  # type: ignore[attr-defined]
+    group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if WINDOWS  # type: ignore[attr-defined]
              else {"start_new_session": True})
     try:
         proc = subprocess.Popen(cmd["argv"], env=child_env, cwd=str(target), stdin=subprocess.DEVNULL,
@@ -371,65 +329,33 @@ def start_run(cfg: Dict[str, Any], *, resume_dir: "str | os.PathLike[str] | None
             shutil.rmtree(target, ignore_errors=True)
         raise BPError(f"cannot start the trainer: {exc.strerror or exc}", path=cmd["argv"][0],
                       hint="check the trainer's Python (run.python, or Settings > BP Train > Trainer Python)") from exc
-    write_lock(target, proc.pid, command=cmd["argv"], pgid=proc.pid)
+    rd.write_lock(proc.pid, command=cmd["argv"], pgid=proc.pid)
     return RunHandle(target, proc, log=log)
 
 
 def attach(run_dir: "str | os.PathLike[str]") -> Optional[RunHandle]:
     """A handle on a running run started by another process (None when it is not running)."""
-    lock = read_lock(run_dir)
-    if lock and pid_alive(int(lock.get("pid", 0))):
-        return RunHandle(Path(run_dir), pid=int(lock["pid"]))
-    pid = trainer_pid(run_dir)  # the launcher process is gone but the trainer still runs (saving)
-    if pid and pid_alive(pid):
-        return RunHandle(Path(run_dir), pid=pid)
-    return None
+    pid = RunDir(run_dir).live_pid()
+    return RunHandle(run_dir, pid=pid) if pid else None
 
 
 def request_stop(run_dir: "str | os.PathLike[str]") -> None:
     """Ask the trainer to finish its current step, save and exit 0 (the STOP file)."""
-    (Path(run_dir) / STOP_FILE).write_text(str(time.time()), encoding="utf-8")
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    """Send `sig` to the run's whole process group (the launcher and every trainer process).
-
-    On Windows a graceful signal is CTRL_BREAK (the trainer handles SIGBREAK like SIGTERM) and SIGKILL is
-    `taskkill /T /F` (the process tree).
-    """
-    if _WINDOWS:
-        if sig == SIGKILL:
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
-        else:
-            try:
-                os.kill(pid, signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-            except OSError:
-                pass
-        return
-    try:
-        os.killpg(os.getpgid(pid), sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-signal_group = _signal_group  # public name: send a signal to a run's whole process group
+    RunDir(run_dir).request_stop()
 
 
 def stop_run(run_dir: "str | os.PathLike[str]", *, timeout: float = 0.0, force: bool = False,
              handle: Optional[RunHandle] = None) -> Optional[int]:
-    """Stop a run: STOP file; after `timeout` s without exit SIGTERM, then SIGKILL after as long again.
-
-    `force` kills at once (SIGKILL to the process group). Returns the exit code when the run ended within
-    the timeouts, else None (still stopping).
+    """Stop a run: the STOP file first (every process of a multi-GPU run stops together at a step boundary;
+    under torchrun a SIGTERM kills workers after 30 s); after `timeout` s without exit SIGTERM, then SIGKILL
+    after as long again. `force` kills at once (SIGKILL to the process group). Returns the exit code when the
+    run ended within the timeouts, else None (still stopping).
     """
     handle = handle or attach(run_dir)
     if handle is None:
-        return _recorded_exit(Path(run_dir)) if (Path(run_dir) / EXIT_FILE).exists() else None
+        return recorded_exit(run_dir) if RunDir(run_dir).exit_file.exists() else None
     if force:
-        _signal_group(handle.pid, SIGKILL)
+        signal_group(handle.pid, SIGKILL)
         try:
             return handle.wait(30)
         except subprocess.TimeoutExpired:  # not gone yet (e.g. stuck in the kernel): report "still stopping"
@@ -439,7 +365,7 @@ def stop_run(run_dir: "str | os.PathLike[str]", *, timeout: float = 0.0, force: 
         return handle.poll()
     for sig in (None, signal.SIGTERM, SIGKILL):
         if sig is not None:
-            _signal_group(handle.pid, sig)
+            signal_group(handle.pid, sig)
         try:
             return handle.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -311,7 +311,7 @@ def on_app_started(demo: Any, app: Any) -> None:
 
     def reattach() -> None:  # a run that outlived a WebUI restart keeps the GPU
         try:
-            from bp_trainer.ui.runs import controller_for
+            from bp_trainer.run_controller import controller_for
 
             controller_for(host).attach_existing()
         except Exception as exc:

@@ -55,3 +55,29 @@ def clip_tokenizer():
     from bp_trainer.clip_vocab import clip_tokenizer as make
 
     return make()
+
+
+def write_model_header(path, *, arch: str = "sd1", kind: str = "checkpoint") -> Path:
+    """A header-only `.safetensors` whose keys and shapes say `kind`/`arch` (what the run-config check reads;
+    no weights: for tests whose trainer never loads the model). Needs no torch (the WebUI-stack tests use it)."""
+    import struct
+
+    width = {"sd1": 768, "sd2": 1024, "sdxl": 2048}[arch]
+    parts = {
+        "unet": {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": [320, width]},
+        "vae": {"first_stage_model.encoder.conv_in.weight": [128, 3, 3, 3]},
+        "text_encoder": {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, width]},
+    }
+    keys = {k: v for part, entries in parts.items() if kind == "checkpoint" or part == kind for k, v in entries.items()}
+    header, offset = {}, 0
+    for key, shape in keys.items():
+        n = 2
+        for s in shape:
+            n *= s
+        header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path

@@ -89,7 +89,7 @@ def api(tmp_path, monkeypatch):
     host = FakeHost(tmp_path)
     app = FastAPI()
     app.include_router(create_router(host))
-    (tmp_path / "model.safetensors").write_bytes(b"0")
+    write_model_header(tmp_path / "model.safetensors")
     (tmp_path / "data").mkdir()
     yield app, host, tmp_path
     for proc in started:  # never leave a child behind

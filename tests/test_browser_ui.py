@@ -36,7 +36,7 @@ def app(tmp_path_factory, tiny_components):
         from tests.test_ui_tabs import write_models
 
     from bp_trainer.dataset.demo import write_demo_dataset
-    from bp_trainer.ui import runs
+    from bp_trainer import run_controller as runs
     from bp_trainer.ui.standalone import StandaloneHost, launch
 
     root = tmp_path_factory.mktemp("browser")

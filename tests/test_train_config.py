@@ -11,13 +11,14 @@ import yaml
 
 from bp_trainer.errors import ConfigError
 from bp_trainer.train import config as C
+from bp_trainer.rundir import RunDir
 from bp_trainer.train import events as E
+from conftest import write_model_header
 
 
 @pytest.fixture()
 def paths(tmp_path):
-    model = tmp_path / "model"
-    (model / "unet").mkdir(parents=True)
+    model = write_model_header(tmp_path / "model.safetensors")
     data = tmp_path / "data"
     data.mkdir()
     return {"model": {"base": str(model)}, "dataset": {"path": str(data)}}
@@ -25,11 +26,11 @@ def paths(tmp_path):
 
 def test_defaults_give_a_valid_run(paths):
     cfg = C.validate(paths)
-    assert cfg["model"]["clip_skip"] == 2
-    assert cfg["training"]["mixed_precision"] == "auto"
-    assert cfg["arb"] == {"enabled": True, "debug": False, "base_res": [512, 512], "max_size": [768, 512],
+    assert cfg.model.clip_skip == 2
+    assert cfg.training.mixed_precision == "auto"
+    assert cfg.arb.to_dict() == {"enabled": True, "debug": False, "base_res": [512, 512], "max_size": [768, 512],
                           "divisible": 64, "max_ar_error": 4.0, "min_dim": 256, "dim_limit": 1024}
-    assert cfg["saving"]["main_unet"] == "ema" and cfg["ema"]["enabled"]
+    assert cfg.saving.main_unet == "ema" and cfg.ema.enabled
 
 
 def test_unknown_key_names_the_nearest_valid_key(paths):
@@ -85,23 +86,23 @@ arb:
   dim_limit: 1536
 """)
     cfg = C.validate({**paths, **naifu})
-    assert cfg["arb"]["max_size"] == [1152, 768] and cfg["arb"]["max_ar_error"] == 4.0
+    assert cfg.arb.max_size == (1152, 768) and cfg.arb.max_ar_error == 4.0
 
 
 def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path, paths):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(paths) + "training:\n  learning_rate: 5e-6\n", encoding="utf-8")
-    assert C.load_config(path)["training"]["learning_rate"] == 5e-6
+    assert C.load_config(path).training.learning_rate == 5e-6
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
-    (tmp_path / "m" / "unet").mkdir(parents=True)
+    write_model_header(tmp_path / "m.safetensors")
     (tmp_path / "d").mkdir()
     path = tmp_path / "run.yaml"
-    path.write_text("model: {base: m}\ndataset: {path: d}\n", encoding="utf-8")
+    path.write_text("model: {base: m.safetensors}\ndataset: {path: d}\n", encoding="utf-8")
     cfg = C.load_config(path)
-    assert cfg["model"]["base"] == str(tmp_path / "m")
-    assert cfg["run"]["runs_dir"] == str(tmp_path / "runs")
+    assert cfg.model.base == str(tmp_path / "m.safetensors")
+    assert cfg.run.runs_dir == str(tmp_path / "runs")
 
 
 def test_bad_yaml_names_the_line(tmp_path):
@@ -130,11 +131,11 @@ def test_dump_and_load_round_trip(tmp_path, paths):
                                                      ("1024", [1024, 1024], [1536, 1024], 2048)])
 def test_presets_are_naifu_blocks_that_validate(paths, name, base, budget, limit):
     cfg = C.validate(C.merge(C.preset(name), paths))
-    assert cfg["arb"]["base_res"] == base and cfg["arb"]["max_size"] == budget
-    assert cfg["arb"]["dim_limit"] == limit and cfg["arb"]["divisible"] == 64
+    assert list(cfg.arb.base_res) == base and list(cfg.arb.max_size) == budget
+    assert cfg.arb.dim_limit == limit and cfg.arb.divisible == 64
     from bp_trainer.buckets import ArbConfig, generate_buckets
 
-    buckets = generate_buckets(ArbConfig.from_dict(cfg["arb"]))
+    buckets = generate_buckets(cfg.arb)
     assert tuple(base) in buckets
     assert all(w * h <= budget[0] * budget[1] for w, h in buckets)
 
@@ -158,10 +159,10 @@ def test_follow_returns_only_complete_lines_and_resumes_from_offset(tmp_path):
     w.emit("step", step=1, loss=0.5)
     events, off = E.follow(tmp_path, 0)
     assert [e["type"] for e in events] == ["start", "step"]
-    with open(tmp_path / E.EVENTS_FILE, "a", encoding="utf-8") as fh:
+    with open(tmp_path / RunDir.EVENTS, "a", encoding="utf-8") as fh:
         fh.write('{"type": "step", "step": 2')  # a line being written
     assert E.follow(tmp_path, off) == ([], off)
-    with open(tmp_path / E.EVENTS_FILE, "a", encoding="utf-8") as fh:
+    with open(tmp_path / RunDir.EVENTS, "a", encoding="utf-8") as fh:
         fh.write(', "loss": 0.4}\n')
     more, off2 = E.follow(tmp_path, off)
     assert more == [{"type": "step", "step": 2, "loss": 0.4}] and off2 > off
@@ -170,9 +171,9 @@ def test_follow_returns_only_complete_lines_and_resumes_from_offset(tmp_path):
 
 def test_follow_missing_file_and_truncated_file(tmp_path):
     assert E.follow(tmp_path, 0) == ([], 0)
-    (tmp_path / E.EVENTS_FILE).write_text(json.dumps({"type": "start"}) + "\n", encoding="utf-8")
+    (tmp_path / RunDir.EVENTS).write_text(json.dumps({"type": "start"}) + "\n", encoding="utf-8")
     events, off = E.follow(tmp_path, 10_000)  # a new run in the same folder: read from the start
-    assert [e["type"] for e in events] == ["start"] and off == (tmp_path / E.EVENTS_FILE).stat().st_size
+    assert [e["type"] for e in events] == ["start"] and off == (tmp_path / RunDir.EVENTS).stat().st_size
 
 
 def test_summarize_folds_events_incrementally():

@@ -12,17 +12,26 @@ import torch
 from bp_trainer.train.ema import EMA
 from bp_trainer.train.latents import LatentCache
 from bp_trainer.train.models import encode_tokens, tokenize_chunks
-from bp_trainer.train.run import lr_at, snr_weights
+from bp_trainer.train.loss import lr_factor, snr_weights
 from bp_trainer.train.sampling import infotext
 
 
 def test_lr_warmup_then_schedules():
-    kw = dict(base_lr=1.0, warmup=4, total=14)
-    assert [lr_at(s, schedule="constant", **kw) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert lr_at(4, schedule="cosine", **kw) == pytest.approx(1.0)
-    assert lr_at(9, schedule="cosine", **kw) == pytest.approx(0.5)
-    assert lr_at(14, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
-    assert lr_at(9, schedule="linear", **kw) == pytest.approx(0.5)
+    """diffusers' schedules, against the closed forms (linear warm-up from 0 over W steps; then constant,
+    half a cosine period, or a straight line to 0 at T)."""
+    import math
+
+    W, T = 4, 14
+    kw = dict(warmup=W, total=T)
+    for s in range(T + 1):
+        warm = s / W if s < W else None
+        progress = (s - W) / (T - W)
+        expect = {"constant": warm if warm is not None else 1.0,
+                  "cosine": warm if warm is not None else 0.5 * (1 + math.cos(math.pi * progress)),
+                  "linear": warm if warm is not None else max(0.0, 1 - progress)}
+        for schedule, value in expect.items():
+            assert lr_factor(s, schedule=schedule, **kw) == pytest.approx(value, abs=1e-12), (schedule, s)
+    assert lr_factor(0, schedule="constant", warmup=0, total=T) == 1.0
 
 
 def test_long_captions_make_webui_chunks(clip_tokenizer):
@@ -143,19 +152,20 @@ def test_base_from_a_webui_file_with_a_webui_vae_file(tiny_components, tmp_path)
     from bp_trainer.checkpoint.io import write_checkpoint
     from bp_trainer.checkpoint.ldm_keys import vae_key_map, vae_tensor_to_ldm
     from bp_trainer.tiny_model import build_vae, save_webui_file
+    from bp_trainer.train.config import ModelSection
     from bp_trainer.train.models import load_base
 
     base = save_webui_file(tiny_components, tmp_path / "base.safetensors", ema_seed=None)["out"]
     other = build_vae(77).state_dict()
     write_checkpoint({ldm: vae_tensor_to_ldm(ldm, other[k]) for k, ldm in vae_key_map(other).items()},
                      tmp_path / "other-vae.safetensors", {})
-    m = load_base({"model": {"base": base, "vae": str(tmp_path / "other-vae.safetensors"), "v_prediction": "auto"}})
+    m = load_base(ModelSection(base=base, vae=str(tmp_path / "other-vae.safetensors"), v_prediction="auto"))
     got = m["vae"].state_dict()
     assert all(torch.equal(got[k], other[k].float()) for k in other)
     assert m["prediction_type"] == "epsilon"
     unet = tiny_components["unet"].state_dict()
     assert all(torch.equal(m["unet"].state_dict()[k], unet[k]) for k in list(unet)[:10])
-    forced = load_base({"model": {"base": base, "vae": None, "v_prediction": "true"}})
+    forced = load_base(ModelSection(base=base, vae=None, v_prediction="true"))
     assert forced["prediction_type"] == "v_prediction"
     assert forced["noise_scheduler"].config.prediction_type == "v_prediction"
 
@@ -163,11 +173,10 @@ def test_base_from_a_webui_file_with_a_webui_vae_file(tiny_components, tmp_path)
 def test_clip_skip_is_ignored_for_sd2_openclip_like_the_webui():
     from types import SimpleNamespace
 
-    from bp_trainer.train.run import effective_clip_skip
+    from bp_trainer.train.family import StableDiffusion
 
-    warnings = []
-    sd2 = SimpleNamespace(config=SimpleNamespace(hidden_size=1024))
-    sd1 = SimpleNamespace(config=SimpleNamespace(hidden_size=768))
-    assert effective_clip_skip(2, sd2, warnings.append) == 1 and "ignores Clip skip" in warnings[0]
-    assert effective_clip_skip(2, sd1, warnings.append) == 2 and len(warnings) == 1
-    assert effective_clip_skip(1, sd2, warnings.append) == 1 and len(warnings) == 1
+    family, warnings = StableDiffusion(), []
+    sd2, sd1 = SimpleNamespace(arch="sd2"), SimpleNamespace(arch="sd1")
+    assert family.clip_skip(2, sd2, warnings.append) == 1 and "ignores Clip skip" in warnings[0]
+    assert family.clip_skip(2, sd1, warnings.append) == 2 and len(warnings) == 1
+    assert family.clip_skip(1, sd2, warnings.append) == 1 and len(warnings) == 1

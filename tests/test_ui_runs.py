@@ -18,7 +18,8 @@ import pytest
 
 from bp_trainer import launcher
 from bp_trainer.errors import BPError
-from bp_trainer.ui import runs
+from conftest import write_model_header
+from bp_trainer import run_controller as runs
 from bp_trainer.ui.standalone import StandaloneHost
 
 FAKE_TRAINER = textwrap.dedent(
@@ -95,13 +96,11 @@ def fake_trainer(tmp_path, monkeypatch):
     return settings
 
 
-def _cfg(host: RecordingHost) -> dict:
-    from bp_trainer.train.config import defaults
+def _cfg(host: RecordingHost, **sections):
+    """A validated config (paths unchecked: the fake trainer never reads them)."""
+    from bp_trainer.train.config import validate
 
-    cfg = defaults()
-    cfg["run"]["name"] = "t"
-    cfg["run"]["runs_dir"] = host.runs_dir()
-    return cfg
+    return validate({"run": {"name": "t", "runs_dir": host.runs_dir()}, **sections}, check_paths=False)
 
 
 def _wait_for(pred, timeout=20.0):
@@ -221,11 +220,9 @@ def test_resume_a_stopped_run(tmp_path, fake_trainer):
 
     fake_trainer["steps"] = 100000
     host = RecordingHost(tmp_path)
-    (tmp_path / "base.safetensors").write_bytes(b"x")
+    write_model_header(tmp_path / "base.safetensors")
     (tmp_path / "data").mkdir()
-    cfg = _cfg(host)
-    cfg["model"]["base"] = str(tmp_path / "base.safetensors")
-    cfg["dataset"]["path"] = str(tmp_path / "data")
+    cfg = _cfg(host, model={"base": str(tmp_path / "base.safetensors")}, dataset={"path": str(tmp_path / "data")})
     ctl = runs.controller_for(host)
     run_dir = ctl.start(cfg)
     assert _wait_for(lambda: ctl.snapshot()["step"] >= 2)

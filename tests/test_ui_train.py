@@ -11,8 +11,10 @@ import yaml
 from bp_trainer.errors import BPError
 from bp_trainer.train import config as C
 from bp_trainer.train.events import EventWriter, follow
-from bp_trainer.ui import render, runs, train_form
-from bp_trainer.ui.progress import RunView
+from bp_trainer import run_controller as runs
+from bp_trainer.ui import render, train_form
+from conftest import write_model_header
+from bp_trainer.run_view import RunView
 from bp_trainer.ui.standalone import StandaloneHost
 from bp_trainer.ui.train_tab import NO_CHANGE, TrainCallbacks
 
@@ -22,7 +24,7 @@ def host(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "_controllers", {})
     sd = tmp_path / "models" / "Stable-diffusion"
     sd.mkdir(parents=True)
-    (sd / "base.safetensors").write_bytes(b"not read by these tests")
+    write_model_header(sd / "base.safetensors")  # header only: these tests never load weights
     (tmp_path / "data").mkdir()
     return StandaloneHost(tmp_path / "models", tmp_path / "runs")
 
@@ -57,14 +59,14 @@ def test_form_wins_over_yaml_and_advanced_keys_survive(host, tmp_path):
     text["latents"]["cache"] = "memory"  # an advanced key that is only in the YAML box
     text["training"]["batch_size"] = 99  # overridden by the form
     cfg = cb.config_from_form(yaml.safe_dump(text), "base.safetensors", str(tmp_path / "data"), init["arb"], values)
-    assert cfg["training"]["batch_size"] == 7
-    assert cfg["training"]["learning_rate"] == pytest.approx(3e-5)
-    assert cfg["training"]["max_steps"] is None  # 0 in the form means "use epochs"
-    assert cfg["sampling"]["prompts"] == ["a, b", "c"]
-    assert cfg["latents"]["cache"] == "memory"
-    assert cfg["model"]["base"] == str(tmp_path / "models" / "Stable-diffusion" / "base.safetensors")
-    assert cfg["run"]["runs_dir"] == host.runs_dir()
-    assert cfg["run"]["python"] == host.trainer_python()
+    assert cfg.training.batch_size == 7
+    assert cfg.training.learning_rate == pytest.approx(3e-5)
+    assert cfg.training.max_steps is None  # 0 in the form means "use epochs"
+    assert cfg.sampling.prompts == ["a, b", "c"]
+    assert cfg.latents.cache == "memory"
+    assert cfg.model.base == str(tmp_path / "models" / "Stable-diffusion" / "base.safetensors")
+    assert cfg.run.runs_dir == host.runs_dir()
+    assert cfg.run.python == host.trainer_python()
 
 
 def test_start_with_bad_config_names_the_problem_and_starts_nothing(host, tmp_path):

@@ -16,75 +16,8 @@ import torch
 
 from bp_trainer.errors import BPError
 from bp_trainer.checkpoint import ldm_keys as lk
+from bp_trainer.checkpoint.detect import context_dim, detect_arch, detect_layout, has_prefix
 from bp_trainer.checkpoint.io import DiffusersFolderSource, TensorInfo, TensorSource
-
-SDXL_MARKERS = ("conditioner.embedders.", "model.diffusion_model.label_emb.0.0.weight")
-SD2_TEXT_PREFIX = "cond_stage_model.model."
-
-
-def _has(keys, *prefixes) -> bool:
-    return any(k.startswith(prefixes) for k in keys)
-
-
-def detect_layout(shapes: Mapping[str, tuple]) -> tuple[str, str]:
-    """(kind, layout) of a flat key -> shape mapping."""
-    keys = list(shapes)
-    if _has(keys, "conditioner.embedders."):
-        return "checkpoint", "sgm"
-    unet = _has(keys, lk.UNET_PREFIX)
-    vae = _has(keys, lk.VAE_PREFIX)
-    te = _has(keys, "cond_stage_model.")
-    ema = _has(keys, lk.EMA_PREFIX)
-    if unet and (vae or te):
-        return "checkpoint", "ldm"
-    if unet or (ema and not vae and not te):
-        return "unet", "ldm"
-    if vae and not te:
-        return "vae", "ldm"
-    if te and not vae:
-        return "text_encoder", "ldm"
-    if vae and te:
-        return "checkpoint", "ldm"
-    if "input_blocks.0.0.weight" in shapes or "diffusion_model.input_blocks.0.0.weight" in shapes:
-        return "unet", "ldm-bare"
-    if _has(keys, "encoder.down.", "decoder.up.") and _has(keys, "quant_conv.", "post_quant_conv.", "decoder."):
-        return "vae", "ldm-bare"
-    if _has(keys, "encoder.down_blocks.", "decoder.up_blocks."):
-        return "vae", "diffusers"
-    if _has(keys, "down_blocks.") and _has(keys, "time_embedding."):
-        return "unet", "diffusers"
-    if _has(keys, "text_model.embeddings.", "embeddings.token_embedding.") :
-        return "text_encoder", "transformers"
-    return "unknown", "unknown"
-
-
-def _context_dim(shapes: Mapping[str, tuple]) -> "int | None":
-    for k, s in shapes.items():
-        if k.endswith(("attn2.to_k.weight", "attn2to_kweight")) and len(s) == 2:  # EMA names lose their dots
-            return int(s[1])
-    return None
-
-
-def detect_arch(shapes: Mapping[str, tuple], layout: str) -> str:
-    """`sd1`, `sd2`, `sdxl` or `unknown`. SD-1.x-shaped models of other widths (the tiny model) are `sd1`."""
-    keys = list(shapes)
-    if layout == "sgm" or any(k in shapes for k in SDXL_MARKERS) or _has(keys, "conditioner."):
-        return "sdxl"
-    ctx = _context_dim(shapes)
-    if ctx in (2048, 1280):
-        return "sdxl"
-    if ctx == 1024 or _has(keys, SD2_TEXT_PREFIX):
-        return "sd2"
-    if ctx == 768:
-        return "sd1"
-    for k, s in shapes.items():  # text encoders alone
-        if k.endswith("token_embedding.weight") and len(s) == 2:
-            return {1024: "sd2", 1280: "sdxl"}.get(int(s[1]), "sd1")
-    if _has(keys, "model.", "first_stage_model.", "encoder.", "decoder.", "down_blocks.", "input_blocks.",
-            "cond_stage_model.", "diffusion_model.", "model_ema."):
-        return "sd1"
-    return "unknown"
-
 
 def detect_prediction(arch: str, metadata: Mapping[str, str], extra: "Mapping[str, Any] | None" = None) -> str:
     """`epsilon`, `v_prediction` or `unknown`: weights do not tell; metadata and configs may."""
@@ -227,7 +160,7 @@ def _components_view(src: TensorSource, comps: "dict[str, list[str]]", sep: str,
         st = configs.get("ema_state", {})
         consts["model_ema.decay"] = torch.tensor(float(st.get("decay", 0.9999)), dtype=torch.float32)
         consts["model_ema.num_updates"] = torch.tensor(int(st.get("num_updates", 0)), dtype=torch.int32)
-    if comps.get("text_encoder") and lk.POSITION_IDS not in mapping and _has(mapping, lk.SD1_TEXT_PREFIX):
+    if comps.get("text_encoder") and lk.POSITION_IDS not in mapping and has_prefix(mapping, lk.SD1_TEXT_PREFIX):
         emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
         consts[lk.POSITION_IDS] = lk.position_ids(int(emb[3].shape[0]) if emb else 77)
     c = _Const(consts)
@@ -281,7 +214,7 @@ def ldm_view(src: TensorSource) -> MappedSource:
                 mapping[k] = _ident(src, k)
     elif layout in ("diffusers", "transformers"):
         mapping = _map_component(src, keys, {"vae": "vae", "unet": "unet", "text_encoder": "text_encoder"}[kind])
-        if kind == "text_encoder" and lk.POSITION_IDS not in mapping and _has(mapping, lk.SD1_TEXT_PREFIX):
+        if kind == "text_encoder" and lk.POSITION_IDS not in mapping and has_prefix(mapping, lk.SD1_TEXT_PREFIX):
             emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
             c = _Const({lk.POSITION_IDS: lk.position_ids(int(emb[3].shape[0]) if emb else 77)})
             mapping[lk.POSITION_IDS] = _ident(c, lk.POSITION_IDS)
@@ -350,7 +283,7 @@ def describe(src: TensorSource) -> dict[str, Any]:
         "parameters": params,
         "parameters_by_part": groups,
         "tensors_by_part": group_counts,
-        "context_dim": _context_dim(shapes),
+        "context_dim": context_dim(shapes),
         "metadata": _decode_metadata(src.metadata),
     }
     return report

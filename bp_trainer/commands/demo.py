@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
+from bp_trainer.rundir import RunDir
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", help="demo folder (default ./demo)")
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = done[-1].get("outputs", {}) if done else {}
     result = {"run_dir": str(run_dir), "config": str(cfg_path), "exit_code": code,
               "webui_checkpoint": outputs.get("webui"), "ema_unet": outputs.get("ema_unet"),
-              "samples": str(run_dir / "samples"), "events": str(run_dir / "events.jsonl")}
+              "samples": str(RunDir(run_dir).samples), "events": str(RunDir(run_dir).events)}
     emit(result, args.json, lambda r: "\n".join([
         f"run folder: {r['run_dir']}",
         f"WebUI-loadable checkpoint: {r['webui_checkpoint']}",

@@ -27,9 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable result")
 
 
-def _load(args: argparse.Namespace) -> Dict[str, Any]:
-    import yaml
-
+def _load(args: argparse.Namespace) -> Any:
     from bp_trainer.errors import BPError, ConfigError
     from bp_trainer.train import config as C
 
@@ -38,22 +36,14 @@ def _load(args: argparse.Namespace) -> Dict[str, Any]:
         raise BPError("no config given", hint="pass --config RUN.yaml (or --resume RUN_DIR)")
     if not path.is_file():
         raise ConfigError("config file not found", path=path)
+    raw = C.read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("a run config must be a mapping of sections (model:, dataset:, training: ...)", path=path)
     if args.preset:
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read the config ({exc})", path=path) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"not valid YAML: {exc}", path=path) from None
         raw = C.merge(C.preset(args.preset), raw)
-        cfg = C.validate(raw, base_dir=path.parent, source=path)
-    else:
-        cfg = C.load_config(path)
-    if args.num_processes:
-        if args.num_processes < 1:
-            raise BPError("--num-processes must be at least 1")
-        cfg["run"]["num_processes"] = args.num_processes
-    return cfg
+    if args.num_processes is not None:
+        raw = C.merge(raw, {"run": {"num_processes": args.num_processes}})
+    return C.validate(raw, base_dir=path.parent, source=path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = _load(args)
     if args.check:
-        emit(cfg, args.json, lambda c: C.dump_config(c).rstrip())
+        emit(cfg.to_dict(), args.json, lambda c: C.dump_config(cfg).rstrip())
         return 0
     if args.foreground:
         from bp_trainer.train.run import train

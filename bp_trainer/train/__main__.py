@@ -25,11 +25,12 @@ def main(argv: "list[str] | None" = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        from bp_trainer.train import state
         from bp_trainer.train.config import load_config
 
         cfg = load_config(args.config)
-        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg["run"]["runs_dir"]) / cfg["run"]["name"]
-        if not args.resume and (run_dir / "state").is_dir() and any((run_dir / "state").glob("step-*")):
+        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.runs_dir) / cfg.run.name
+        if not args.resume and state.latest_state(run_dir) is not None:
             raise BPError("this run folder already holds a run", path=run_dir,
                           hint="pass --resume to continue it, or choose another run.name")
         from bp_trainer.train.run import train

@@ -1,183 +1,275 @@
-"""The run configuration: one YAML file, its schema, defaults and validation.
+"""The run configuration: one YAML file read into typed, frozen dataclasses (one per section).
 
-Importable without torch/diffusers/accelerate (the WebUI process uses it to show defaults and presets and
-to check a config before starting a run). `load_config(path)` returns a plain nested dict with every
-default filled in; `validate(raw)` does the same for a dict; `dump_config(cfg)` writes YAML back.
+Importable without torch/diffusers/accelerate (the WebUI process checks a config before a run starts).
 
-Validation runs before anything heavy starts and reports ONE clear message per problem: an unknown key
-(with the nearest valid key), a wrong type, an impossible value, a missing dataset or model. All problems
-are collected and raised together as one `ConfigError`.
+    cfg = load_config("run.yaml")        # or validate(raw_dict)
+    cfg.training.batch_size, cfg.arb.max_size, cfg.model.base ...
 
-The `arb:` section accepts naifu-diffusion's block verbatim (enabled, debug, base_res, max_size,
-divisible, max_ar_error, min_dim, dim_limit).
+`validate(raw)` reports ONE clear message per problem — an unknown key (with the nearest valid key), a wrong
+type, an impossible or non-finite value, a missing dataset, a base model of the wrong kind — all raised together
+as one `ConfigError`, before anything heavy starts (inside the WebUI: before its model leaves the GPU).
+
+Each section's fields carry their default, help text and limits (`spec(section, key)`); the `arb:` section is
+naifu-diffusion's block, validated only by `bp_trainer.buckets.parse_arb`. Plain dicts exist only on the way
+in and out (`defaults()`, `preset()`, `merge()` for forms and YAML; `to_dict()`/`dump_config()` for files).
+
+A `version` key names the file format; older formats are migrated on load (`MIGRATIONS`), newer ones refused.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from bp_trainer.buckets import ARB_KEYS, ArbConfig, parse_arb
 from bp_trainer.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+CURRENT_VERSION = 1
+MAX_LISTED_PROBLEMS = 12  # a config with thousands of bad keys still gets a one-line error
+MAX_SEED = 2**32 - 1
 
 
-class Field:
-    """One config value: its kind, default, allowed values and a one-line help text."""
+@dataclass(frozen=True)
+class Spec:
+    """One config value: its kind, allowed values and a one-line help text (the default is the field's)."""
 
-    def __init__(self, kind: str, default: Any, help: str, *, choices: Optional[Tuple[Any, ...]] = None,
-                 min: Optional[float] = None, max: Optional[float] = None, optional: bool = False,
-                 check: Optional[Callable[[Any], Optional[str]]] = None):
-        self.kind = kind  # int, float, bool, str, path, pair (two ints), strlist
-        self.default = default
-        self.help = help
-        self.choices = choices
-        self.min = min
-        self.max = max
-        self.optional = optional  # None allowed
-        self.check = check
+    kind: str  # int, float, bool, str, name, path, strlist
+    help: str
+    choices: Optional[Tuple[Any, ...]] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+    optional: bool = False  # None allowed
 
 
-def _even_pair(value: Any) -> Optional[str]:
-    return None if all(v % 8 == 0 for v in value) else "both sides must be multiples of 8"
+def _f(default: Any, help: str, kind: str, **limits: Any) -> Any:
+    spec = Spec(kind, help, **limits)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda d=tuple(default): d, metadata={"spec": spec})
+    return field(default=default, metadata={"spec": spec})
 
 
-SCHEMA: Dict[str, Dict[str, Field]] = {
-    "run": {
-        "name": Field("str", "bp-run", "name of the run; its folder is RUNS_DIR/NAME-TIMESTAMP"),
-        "runs_dir": Field("path", "runs", "folder holding one sub-folder per run (relative to the config file)"),
-        "num_processes": Field("int", 1, "processes (GPUs) for data-parallel training", min=1),
-        "python": Field("str", "", "Python of the trainer's environment (empty: the current one)"),
-        "accelerate_config": Field("path", None, "an accelerate config file (multi-node, DeepSpeed)", optional=True),
-    },
-    "model": {
-        "base": Field("path", None, "base model: a WebUI .safetensors/.ckpt file or a diffusers folder"),
-        "vae": Field("path", None, "optional VAE file/folder replacing the base model's VAE", optional=True),
-        "v_prediction": Field("str", "auto", "auto (from the model), true (v-prediction, SD 2.x 768) or false (eps)",
-                              choices=("auto", "true", "false")),
-        "clip_skip": Field("int", 2, "use the n-th last CLIP layer, then the final layer norm (WebUI 'Clip skip')",
-                           min=1, max=12),
-    },
-    "dataset": {
-        "path": Field("path", None, "folder of images with .txt tag captions (searched recursively)"),
-        "caption_extension": Field("str", ".txt", "caption file extension"),
-        "shuffle_tags": Field("bool", True, "shuffle comma-separated tags each time an image is used"),
-        "keep_tokens": Field("int", 0, "keep the first N tags in place when shuffling", min=0),
-        "tag_dropout": Field("float", 0.0, "probability of dropping each tag", min=0.0, max=1.0),
-        "caption_dropout": Field("float", 0.0, "probability of training an image with an empty caption (ucg)",
-                                 min=0.0, max=1.0),
-        "underscores_to_spaces": Field("bool", False, "write tags as 'long hair' instead of 'long_hair'"),
-        "escape_brackets": Field("bool", False, "escape ( ) [ ] in tags, as WebUI prompts need (e.g. 'kaguya \\(oshi no ko\\)')"),
-        "max_chunks": Field("int", 3, "75-token chunks per caption (3 = 225 tokens, like naifu)", min=1, max=8),
-        "center_crop": Field("bool", False, "centre crop into the bucket (random crop when false)"),
-        "repeats": Field("int", 1, "times each image is used per epoch", min=1),
-        "num_workers": Field("int", 0, "data-loading worker processes", min=0),
-    },
-    "arb": {
-        "enabled": Field("bool", True, "aspect-ratio buckets (false: every image at base_res)"),
-        "debug": Field("bool", False, "print the bucket plan"),
-        "base_res": Field("pair", [512, 512], "square (or base) resolution [w, h]", check=_even_pair),
-        "max_size": Field("pair", [768, 512], "area budget [w, h]: buckets have at most w*h pixels (sets VRAM)",
-                          check=_even_pair),
-        "divisible": Field("int", 64, "bucket sides are multiples of this", min=8),
-        "max_ar_error": Field("float", 4.0, "skip images whose aspect is further than this from every bucket",
-                              min=0.0),
-        "min_dim": Field("int", 256, "smallest bucket side", min=8),
-        "dim_limit": Field("int", 1024, "largest bucket side", min=8),
-    },
-    "training": {
-        "batch_size": Field("int", 1, "images per step per process", min=1),
-        "gradient_accumulation": Field("int", 1, "steps accumulated per optimizer update", min=1),
-        "learning_rate": Field("float", 5e-6, "peak learning rate of the UNet", min=0.0),
-        "text_encoder_lr": Field("float", None, "learning rate of the text encoder (default: learning_rate)",
-                                 optional=True, min=0.0),
-        "lr_scheduler": Field("str", "constant", "learning-rate schedule after warm-up",
-                              choices=("constant", "cosine", "linear")),
-        "lr_warmup_steps": Field("int", 0, "linear warm-up steps", min=0),
-        "optimizer": Field("str", "adamw", "adamw, or adamw8bit (bitsandbytes; falls back to adamw when missing)",
-                           choices=("adamw", "adamw8bit")),
-        "adam_beta1": Field("float", 0.9, "AdamW beta1", min=0.0, max=1.0),
-        "adam_beta2": Field("float", 0.999, "AdamW beta2", min=0.0, max=1.0),
-        "adam_epsilon": Field("float", 1e-8, "AdamW epsilon", min=0.0),
-        "weight_decay": Field("float", 1e-2, "AdamW weight decay", min=0.0),
-        "max_grad_norm": Field("float", 1.0, "gradient clipping norm (0: off)", min=0.0),
-        "epochs": Field("int", 10, "epochs to train (ignored when max_steps is set)", min=1),
-        "max_steps": Field("int", None, "optimizer steps to train (overrides epochs)", optional=True, min=1),
-        "mixed_precision": Field("str", "auto", "auto (bf16 where the GPU supports it, else fp16; none on a CPU), "
-                                 "no, fp16 or bf16", choices=("auto", "no", "fp16", "bf16")),
-        "gradient_checkpointing": Field("bool", False, "trade compute for memory"),
-        "attention": Field("str", "sdpa", "sdpa (PyTorch scaled_dot_product_attention) or default",
-                           choices=("sdpa", "default")),
-        "train_text_encoder": Field("bool", False, "train the text encoder too"),
-        "noise_offset": Field("float", 0.0, "offset noise strength (0.0357-0.1 typical; 0: off)", min=0.0, max=1.0),
-        "min_snr_gamma": Field("float", None, "min-SNR loss weighting gamma (5 typical; empty: off)", optional=True,
-                               min=0.0),
-        "seed": Field("int", 42, "seed of everything (noise, shuffling, buckets)", min=0),
-    },
-    "ema": {
-        "enabled": Field("bool", True, "keep an exponential moving average of the UNet"),
-        "decay": Field("float", 0.999, "EMA decay per update", min=0.0, max=1.0),
-        "device": Field("str", "cpu", "cpu (saves VRAM) or accelerator (faster)", choices=("cpu", "accelerator")),
-        "every_n_steps": Field("int", 5, "update the EMA every N optimizer steps (a CPU EMA costs a copy of the UNet)",
-                               min=1),
-    },
-    "latents": {
-        "cache": Field("str", "none", "none, memory or disk (disk: reused between runs)",
-                       choices=("none", "memory", "disk")),
-        "dir": Field("path", None, "disk cache folder (default: RUNS_DIR/latent_cache, shared by runs)",
-                     optional=True),
-    },
-    "saving": {
-        "every_n_epochs": Field("int", 1, "save every N epochs (0: off)", min=0),
-        "every_n_steps": Field("int", 0, "save every N steps (0: off)", min=0),
-        "at_end": Field("bool", True, "save when training ends"),
-        "on_stop": Field("bool", True, "save when stopped (signal or stop file)"),
-        "precision": Field("str", "fp16", "precision of the WebUI checkpoint", choices=("fp16", "bf16", "fp32")),
-        "main_unet": Field("str", "ema", "UNet of the WebUI checkpoint: ema (when EMA is on) or trained",
-                           choices=("ema", "trained")),
-        "ema_unet_fp32": Field("bool", True, "also write the EMA UNet in fp32 (for continued training)"),
-        "diffusers": Field("bool", False, "also write a diffusers folder"),
-        "keep_states": Field("int", 2, "resumable training states kept (older ones are deleted)", min=1),
-    },
-    "sampling": {
-        "prompts": Field("strlist", [], "prompts sampled during training"),
-        "negative_prompt": Field("str", "lowres, bad anatomy, bad hands, text, error, worst quality, low quality",
-                                 "negative prompt"),
-        "every_n_steps": Field("int", 0, "sample every N steps (0: only at saves)", min=0),
-        "at_saves": Field("bool", True, "sample whenever a checkpoint is saved"),
-        "steps": Field("int", 20, "sampling steps", min=1, max=150),
-        "cfg_scale": Field("float", 7.0, "CFG scale", min=0.0),
-        "seed": Field("int", 1, "sampling seed", min=0),
-        "width": Field("int", None, "sample width (default: arb.base_res)", optional=True, min=64),
-        "height": Field("int", None, "sample height (default: arb.base_res)", optional=True, min=64),
-        "sampler": Field("str", "Euler a", "sampler (Euler a)", choices=("Euler a",)),
-        "ema": Field("bool", True, "also sample with the EMA weights"),
-    },
-    "logging": {
-        "every_n_steps": Field("int", 1, "write a step event every N steps", min=1),
-        "tensorboard": Field("bool", True, "TensorBoard scalars in RUN_DIR/logs"),
-        "progress_bar": Field("str", "auto", "tqdm bar: auto (when a terminal), true, false",
-                              choices=("auto", "true", "false")),
-        "record_batches": Field("bool", False, "write each process's batches to RUN_DIR/batches-rankN.jsonl "
-                                "(checks of the data order)"),
-    },
+@dataclass(frozen=True)
+class RunSection:
+    name: str = _f("bp-run", "name of the run (letters, digits, - _ .); its folder is RUNS_DIR/NAME-TIMESTAMP",
+                   "name")
+    runs_dir: str = _f("runs", "folder holding one sub-folder per run (relative to the config file)", "path")
+    num_processes: int = _f(1, "processes (GPUs) for data-parallel training", "int", min=1, max=1024)
+    python: str = _f("", "Python of the trainer's environment (empty: the current one)", "str")
+    accelerate_config: Optional[str] = _f(None, "an accelerate config file (multi-node, DeepSpeed)", "path",
+                                          optional=True)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    base: Optional[str] = _f(None, "base model: a WebUI .safetensors/.ckpt file or a diffusers folder", "path",
+                             optional=True)
+    vae: Optional[str] = _f(None, "optional VAE file/folder replacing the base model's VAE", "path", optional=True)
+    v_prediction: str = _f("auto", "auto (from the model), true (v-prediction, SD 2.x 768) or false (eps)", "str",
+                           choices=("auto", "true", "false"))
+    clip_skip: int = _f(2, "use the n-th last CLIP layer, then the final layer norm (WebUI 'Clip skip')", "int",
+                        min=1, max=12)
+
+
+@dataclass(frozen=True)
+class DatasetSection:
+    path: Optional[str] = _f(None, "folder of images with .txt tag captions (searched recursively)", "path",
+                             optional=True)
+    caption_extension: str = _f(".txt", "caption file extension", "str")
+    shuffle_tags: bool = _f(True, "shuffle comma-separated tags each time an image is used", "bool")
+    keep_tokens: int = _f(0, "keep the first N tags in place when shuffling", "int", min=0, max=1000)
+    tag_dropout: float = _f(0.0, "probability of dropping each tag", "float", min=0.0, max=1.0)
+    caption_dropout: float = _f(0.0, "probability of training an image with an empty caption (ucg)", "float",
+                                min=0.0, max=1.0)
+    underscores_to_spaces: bool = _f(False, "write tags as 'long hair' instead of 'long_hair'", "bool")
+    escape_brackets: bool = _f(False, "escape ( ) [ ] in tags, as WebUI prompts need "
+                               "(e.g. 'kaguya \\(oshi no ko\\)')", "bool")
+    max_chunks: int = _f(3, "75-token chunks per caption (3 = 225 tokens, like naifu)", "int", min=1, max=8)
+    center_crop: bool = _f(False, "centre crop into the bucket (random crop when false)", "bool")
+    repeats: int = _f(1, "times each image is used per epoch", "int", min=1, max=10000)
+    num_workers: Optional[int] = _f(None, "data-loading worker processes (empty: auto, 0 on a CPU, up to 4 per GPU "
+                                    "so image decoding overlaps the GPU)", "int", optional=True, min=0, max=64)
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    batch_size: int = _f(1, "images per step per process", "int", min=1, max=4096)
+    gradient_accumulation: int = _f(1, "steps accumulated per optimizer update", "int", min=1, max=4096)
+    learning_rate: float = _f(5e-6, "peak learning rate of the UNet", "float", min=0.0, max=1.0)
+    text_encoder_lr: Optional[float] = _f(None, "learning rate of the text encoder (default: learning_rate)",
+                                          "float", optional=True, min=0.0, max=1.0)
+    lr_scheduler: str = _f("constant", "learning-rate schedule after warm-up", "str",
+                           choices=("constant", "cosine", "linear"))
+    lr_warmup_steps: int = _f(0, "linear warm-up steps", "int", min=0, max=10**9)
+    optimizer: str = _f("adamw", "adamw, or adamw8bit (bitsandbytes; falls back to adamw when missing)", "str",
+                        choices=("adamw", "adamw8bit"))
+    adam_beta1: float = _f(0.9, "AdamW beta1", "float", min=0.0, max=1.0)
+    adam_beta2: float = _f(0.999, "AdamW beta2", "float", min=0.0, max=1.0)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon", "float", min=0.0, max=1.0)
+    weight_decay: float = _f(1e-2, "AdamW weight decay", "float", min=0.0, max=10.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)", "float", min=0.0, max=1e6)
+    epochs: int = _f(10, "epochs to train (ignored when max_steps is set)", "int", min=1, max=10**6)
+    max_steps: Optional[int] = _f(None, "optimizer steps to train (overrides epochs)", "int", optional=True, min=1,
+                                  max=10**9)
+    mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it, else fp16; none on a CPU), no, fp16 "
+                              "or bf16", "str", choices=("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _f(False, "trade compute for memory", "bool")
+    attention: str = _f("sdpa", "sdpa (PyTorch scaled_dot_product_attention) or default", "str",
+                        choices=("sdpa", "default"))
+    train_text_encoder: bool = _f(False, "train the text encoder too", "bool")
+    noise_offset: float = _f(0.0, "offset noise strength (0.0357-0.1 typical; 0: off)", "float", min=0.0, max=1.0)
+    min_snr_gamma: Optional[float] = _f(None, "min-SNR loss weighting gamma (5 typical; empty: off)", "float",
+                                        optional=True, min=0.0, max=1e6)
+    seed: int = _f(42, "seed of everything (noise, shuffling, buckets)", "int", min=0, max=MAX_SEED)
+
+
+@dataclass(frozen=True)
+class EmaSection:
+    enabled: bool = _f(True, "keep an exponential moving average of the UNet", "bool")
+    decay: float = _f(0.999, "EMA decay per update", "float", min=0.0, max=1.0)
+    device: str = _f("cpu", "cpu (saves VRAM) or accelerator (faster)", "str", choices=("cpu", "accelerator"))
+    every_n_steps: int = _f(5, "update the EMA every N optimizer steps (a CPU EMA costs a copy of the UNet)", "int",
+                            min=1, max=10**9)
+
+
+@dataclass(frozen=True)
+class LatentsSection:
+    cache: str = _f("none", "none, memory or disk (disk: reused between runs)", "str",
+                    choices=("none", "memory", "disk"))
+    dir: Optional[str] = _f(None, "disk cache folder (default: RUNS_DIR/latent_cache, shared by runs)", "path",
+                            optional=True)
+
+
+@dataclass(frozen=True)
+class SavingSection:
+    every_n_epochs: int = _f(1, "save every N epochs (0: off)", "int", min=0, max=10**6)
+    every_n_steps: int = _f(0, "save every N steps (0: off)", "int", min=0, max=10**9)
+    at_end: bool = _f(True, "save when training ends", "bool")
+    on_stop: bool = _f(True, "save when stopped (signal or stop file)", "bool")
+    precision: str = _f("fp16", "precision of the WebUI checkpoint", "str", choices=("fp16", "bf16", "fp32"))
+    main_unet: str = _f("ema", "UNet of the WebUI checkpoint: ema (when EMA is on) or trained", "str",
+                        choices=("ema", "trained"))
+    ema_unet_fp32: bool = _f(True, "also write the EMA UNet in fp32 (for continued training)", "bool")
+    diffusers: bool = _f(False, "also write a diffusers folder", "bool")
+    keep_states: int = _f(2, "resumable training states kept (older ones are deleted)", "int", min=1, max=1000)
+
+
+@dataclass(frozen=True)
+class SamplingSection:
+    prompts: Tuple[str, ...] = _f((), "prompts sampled during training", "strlist")
+    negative_prompt: str = _f("lowres, bad anatomy, bad hands, text, error, worst quality, low quality",
+                              "negative prompt", "str")
+    every_n_steps: int = _f(0, "sample every N steps (0: only at saves)", "int", min=0, max=10**9)
+    at_saves: bool = _f(True, "sample whenever a checkpoint is saved", "bool")
+    steps: int = _f(20, "sampling steps", "int", min=1, max=150)
+    cfg_scale: float = _f(7.0, "CFG scale", "float", min=0.0, max=100.0)
+    seed: int = _f(1, "sampling seed", "int", min=0, max=MAX_SEED)
+    width: Optional[int] = _f(None, "sample width (default: arb.base_res)", "int", optional=True, min=64, max=8192)
+    height: Optional[int] = _f(None, "sample height (default: arb.base_res)", "int", optional=True, min=64,
+                               max=8192)
+    sampler: str = _f("Euler a", "sampler (Euler a)", "str", choices=("Euler a",))
+    ema: bool = _f(True, "also sample with the EMA weights", "bool")
+
+    def size(self, arb: ArbConfig) -> Tuple[int, int]:
+        """(width, height) of the samples: the configured size, else the bucket base resolution."""
+        return int(self.width or arb.base_res[0]), int(self.height or arb.base_res[1])
+
+    def due(self, step: int, saved: bool) -> bool:
+        """Whether to sample at `step` (`saved`: a checkpoint was just written)."""
+        if not self.prompts:
+            return False
+        if saved and self.at_saves:
+            return True
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    every_n_steps: int = _f(1, "write a step event every N steps", "int", min=1, max=10**9)
+    tensorboard: bool = _f(True, "TensorBoard scalars in RUN_DIR/logs", "bool")
+    progress_bar: str = _f("auto", "tqdm bar: auto (when a terminal), true, false", "str",
+                           choices=("auto", "true", "false"))
+    record_batches: bool = _f(False, "write each process's batches to RUN_DIR/batches-rankN.jsonl "
+                              "(checks of the data order)", "bool")
+
+
+SECTIONS: Dict[str, type] = {
+    "run": RunSection, "model": ModelSection, "dataset": DatasetSection, "arb": ArbConfig,
+    "training": TrainingSection, "ema": EmaSection, "latents": LatentsSection, "saving": SavingSection,
+    "sampling": SamplingSection, "logging": LoggingSection,
 }
 
-# Keys of other tools' configs accepted for compatibility (ignored, with a note).
-IGNORED_ALIASES: Dict[Tuple[str, str], str] = {}
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A complete, validated run config. Change it with `with_values` (it is frozen)."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    arb: ArbConfig = field(default_factory=ArbConfig)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    latents: LatentsSection = field(default_factory=LatentsSection)
+    saving: SavingSection = field(default_factory=SavingSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    version: int = CURRENT_VERSION
+
+    def with_values(self, **sections: Mapping[str, Any]) -> "RunConfig":
+        """A copy with some keys changed, e.g. `cfg.with_values(run={"runs_dir": d})` (not re-validated)."""
+        changes = {sec: dataclasses.replace(getattr(self, sec), **dict(body)) for sec, body in sections.items()}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (lists, not tuples), sections in schema order, `version` first."""
+        out: Dict[str, Any] = {"version": self.version}
+        for sec in SECTIONS:
+            body = getattr(self, sec)
+            out[sec] = body.to_dict() if isinstance(body, ArbConfig) else {
+                f.name: _plain(getattr(body, f.name)) for f in dataclasses.fields(body)}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+
+def spec(section: str, key: str) -> Spec:
+    """The Spec of `section.key` (KeyError when there is none; `arb` keys have none: see buckets.parse_arb)."""
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.name == key and "spec" in f.metadata:
+            return f.metadata["spec"]
+    raise KeyError(f"{section}.{key}")
+
+
+def section_keys(section: str) -> List[str]:
+    if section == "arb":
+        return list(ARB_KEYS)
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
 
 
 def defaults() -> Dict[str, Any]:
-    """A complete config with every default (model.base and dataset.path empty)."""
-    return {sec: {k: copy.deepcopy(f.default) for k, f in fields.items()} for sec, fields in SCHEMA.items()}
+    """A complete config with every default, as a plain dict (model.base and dataset.path empty)."""
+    out = RunConfig().to_dict()
+    out.pop("version")
+    return out
 
 
-def field_help() -> Dict[str, str]:
-    """`section.key` -> one-line help (for UIs and docs)."""
-    return {f"{sec}.{k}": f.help for sec, fields in SCHEMA.items() for k, f in fields.items()}
+def field_defaults(section: str) -> Dict[str, Any]:
+    return defaults()[section]
+
+
+# ------------------------------------------------------------------------------------------------ values
 
 
 def _nearest(name: str, options: List[str]) -> str:
@@ -187,192 +279,266 @@ def _nearest(name: str, options: List[str]) -> str:
     return "valid keys: " + ", ".join(sorted(options))
 
 
-def _coerce(where: str, f: Field, value: Any, errors: List[str]) -> Any:
-    """Check one value's type and range; return it normalised (ints as floats for floats, pairs as lists)."""
-    if value is None:
-        if f.optional or f.default is None:
-            return None
-        errors.append(f"{where}: must not be empty ({f.help})")
-        return f.default
-    kind = f.kind
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "yes", "on")
-        errors.append(f"{where}: expected true or false, got {value!r}")
-        return f.default
+def _number(value: Any, kind: str) -> Tuple[Any, Optional[str]]:
+    if isinstance(value, str) and kind == "float":
+        try:
+            value = float(value)  # YAML 1.1 reads 5e-6 as a string
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"expected a {'whole number' if kind == 'int' else 'number'}, got {value!r}"
+    if not math.isfinite(value):
+        return None, f"expected a finite number, got {value!r}"
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            errors.append(f"{where}: expected a whole number, got {value!r}")
-            return f.default
-        value = int(value)
-    elif kind == "float":
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML 1.1 reads 5e-6 as a string
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{where}: expected a number, got {value!r}")
-            return f.default
-        value = float(value)
-    elif kind in ("str", "path"):
-        if isinstance(value, bool) and f.choices and str(value).lower() in f.choices:
-            value = str(value).lower()
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and kind == "str":
-            value = str(value)
-        if not isinstance(value, (str, os.PathLike)):
-            errors.append(f"{where}: expected text, got {value!r}")
-            return f.default
-        value = os.fspath(value)
-    elif kind == "pair":
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value, value]
-        if (not isinstance(value, (list, tuple)) or len(value) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-            errors.append(f"{where}: expected [width, height] of two positive whole numbers, got {value!r}")
-            return f.default
-        value = [int(v) for v in value]
-    elif kind == "strlist":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            errors.append(f"{where}: expected a list of texts, got {value!r}")
-            return f.default
-        value = list(value)
-    if f.choices is not None and value not in f.choices:
-        errors.append(f"{where}: {value!r} is not one of {', '.join(map(str, f.choices))}")
-        return f.default
-    if f.min is not None and isinstance(value, (int, float)) and value < f.min:
-        errors.append(f"{where}: {value} is below the minimum {f.min:g}")
-    if f.max is not None and isinstance(value, (int, float)) and value > f.max:
-        errors.append(f"{where}: {value} is above the maximum {f.max:g}")
-    if f.check is not None:
-        problem = f.check(value)
+        if int(value) != value:
+            return None, f"expected a whole number, got {value!r}"
+        return int(value), None
+    return float(value), None
+
+
+def _text(value: Any, s: Spec) -> Tuple[Any, Optional[str]]:
+    if isinstance(value, bool) and s.choices and str(value).lower() in s.choices:
+        return str(value).lower(), None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and s.kind in ("str", "name"):
+        value = str(value)
+    if not isinstance(value, (str, os.PathLike)):
+        return None, f"expected text, got {value!r}"
+    value = os.fspath(value)
+    if s.kind == "name":
+        return value, _name_problem(value)
+    return value, None
+
+
+def _name_problem(value: str) -> Optional[str]:
+    """A run name is a file-name part, never a path (`/tmp/x`, `../up` are refused)."""
+    ok = value and len(value) <= 100 and all(c.isalnum() or c in "-_." for c in value) and value.strip(".")
+    return None if ok else (f"{value!r} is not a run name: use 1-100 letters, digits, '-', '_' or '.' "
+                            "(a name, not a path)")
+
+
+def _coerce(s: Spec, default: Any, value: Any) -> Tuple[Any, Optional[str]]:
+    """One value checked against its Spec: (normalised value, problem or None)."""
+    if value is None:
+        return (None, None) if (s.optional or default is None) else (default, f"must not be empty ({s.help})")
+    if s.kind == "bool":
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on"), None
+        return default, f"expected true or false, got {value!r}"
+    if s.kind in ("int", "float"):
+        value, problem = _number(value, s.kind)
+    elif s.kind == "strlist":
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value, problem = (tuple(value), None) if ok else (None, f"expected a list of texts, got {value!r}")
+    else:
+        value, problem = _text(value, s)
+    if problem:
+        return default, problem
+    return value, _limit_problem(s, value)
+
+
+def _limit_problem(s: Spec, value: Any) -> Optional[str]:
+    if s.choices is not None and value not in s.choices:
+        return f"{value!r} is not one of {', '.join(map(str, s.choices))}"
+    if s.min is not None and isinstance(value, (int, float)) and value < s.min:
+        return f"{value} is below the minimum {s.min:g}"
+    if s.max is not None and isinstance(value, (int, float)) and value > s.max:
+        return f"{value} is above the maximum {s.max:g}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {}
+"""version N -> a function turning a raw version-N config into version N+1 (none yet: version 1 is the first
+versioned format, and files without `version` are version 1)."""
+
+
+def migrate(raw: Dict[str, Any], problems: List[str]) -> Dict[str, Any]:
+    """Bring a raw config to CURRENT_VERSION (files written before `version` existed are version 1)."""
+    raw = dict(raw)
+    version = raw.pop("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        problems.append(f"version: expected a whole number >= 1, got {version!r}")
+        return raw
+    if version > CURRENT_VERSION:
+        problems.append(f"version: {version} was written by a newer BP Train (this one reads up to "
+                        f"{CURRENT_VERSION}); update BP Train")
+        return raw
+    while version < CURRENT_VERSION:
+        raw = MIGRATIONS[version](raw)
+        version += 1
+    return raw
+
+
+def _section(name: str, body: Any, problems: List[str]) -> Any:
+    """One section's raw mapping as its dataclass (defaults for bad values; every problem appended)."""
+    if body is None:
+        body = {}
+    if not isinstance(body, Mapping):
+        problems.append(f"{name}: expected a mapping of keys, got {body!r}")
+        body = {}
+    if name == "arb":
+        arb, found = parse_arb(body)
+        problems.extend(found)
+        return arb or ArbConfig()
+    cls = SECTIONS[name]
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: Dict[str, Any] = {}
+    for key, value in body.items():
+        if key not in known:
+            other = [s for s in SECTIONS if s != name and str(key) in section_keys(s)]
+            hint = f"it belongs in '{other[0]}.{key}'" if other else _nearest(str(key), list(known))
+            problems.append(f"unknown key '{name}.{key}': {hint}")
+            continue
+        f = known[key]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        values[key], problem = _coerce(f.metadata["spec"], default, value)
         if problem:
-            errors.append(f"{where}: {problem}")
-    return value
+            problems.append(f"{name}.{key}: {problem}")
+    return cls(**values)
 
 
-def _cross_checks(cfg: Dict[str, Any], errors: List[str]) -> None:
-    arb = cfg["arb"]
-    bw, bh = arb["base_res"]
-    mw, mh = arb["max_size"]
-    if bw * bh > mw * mh:
-        errors.append(f"arb.base_res: {bw}x{bh} has more pixels than the max_size budget {mw}x{mh}")
-    if arb["min_dim"] > arb["dim_limit"]:
-        errors.append(f"arb.min_dim: {arb['min_dim']} is larger than arb.dim_limit {arb['dim_limit']}")
-    if arb["min_dim"] * arb["min_dim"] > mw * mh:
-        errors.append(f"arb.min_dim: a {arb['min_dim']}px square does not fit the max_size budget {mw}x{mh}")
-    if max(bw, bh) > arb["dim_limit"]:
-        errors.append(f"arb.base_res: {bw}x{bh} exceeds arb.dim_limit {arb['dim_limit']}")
-    if arb["divisible"] % 8:
-        errors.append(f"arb.divisible: {arb['divisible']} must be a multiple of 8 (the VAE factor)")
-    if cfg["ema"]["enabled"] is False and cfg["saving"]["main_unet"] == "ema":
-        cfg["saving"]["main_unet"] = "trained"  # the default follows the EMA switch
-    s = cfg["sampling"]
+def _cross_checks(cfg: RunConfig, problems: List[str]) -> RunConfig:
+    if not cfg.ema.enabled and cfg.saving.main_unet == "ema":
+        cfg = cfg.with_values(saving={"main_unet": "trained"})  # the default follows the EMA switch
     for key in ("width", "height"):
-        if s[key] is not None and s[key] % 8:
-            errors.append(f"sampling.{key}: {s[key]} must be a multiple of 8")
-    if cfg["saving"]["every_n_epochs"] == 0 and cfg["saving"]["every_n_steps"] == 0 and not cfg["saving"]["at_end"]:
-        errors.append("saving: every_n_epochs, every_n_steps and at_end are all off; the run would save nothing")
-
-
-def validate(raw: Any, *, base_dir: "str | os.PathLike[str] | None" = None, check_paths: bool = True,
-             source: "str | os.PathLike[str] | None" = None) -> Dict[str, Any]:
-    """Fill defaults into `raw` and check it; raise one ConfigError listing every problem.
-
-    Relative paths are resolved against `base_dir` (the config file's folder). With `check_paths`, the model
-    and the dataset must exist.
-    """
-    errors: List[str] = []
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError("a run config must be a mapping of sections (model:, dataset:, training: ...)",
-                          path=source)
-    cfg = defaults()
-    for sec, body in raw.items():
-        if sec not in SCHEMA:
-            flat = [s for s in SCHEMA]
-            errors.append(f"unknown section '{sec}': {_nearest(str(sec), flat)}")
-            continue
-        if body is None:
-            continue
-        if not isinstance(body, dict):
-            errors.append(f"{sec}: expected a mapping of keys, got {body!r}")
-            continue
-        fields = SCHEMA[sec]
-        for key, value in body.items():
-            if key not in fields:
-                # A key from another section is a common slip: name the section it belongs to.
-                other = [s for s, fl in SCHEMA.items() if key in fl]
-                hint = f"it belongs in '{other[0]}.{key}'" if other else _nearest(str(key), list(fields))
-                errors.append(f"unknown key '{sec}.{key}': {hint}")
-                continue
-            cfg[sec][key] = _coerce(f"{sec}.{key}", fields[key], value, errors)
-    if not errors:
-        _cross_checks(cfg, errors)
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    for sec, key in (("model", "base"), ("model", "vae"), ("dataset", "path"), ("run", "runs_dir"),
-                     ("latents", "dir"), ("run", "accelerate_config")):
-        v = cfg[sec][key]
-        if isinstance(v, str) and v:
-            p = Path(os.path.expanduser(v))
-            cfg[sec][key] = str(p if p.is_absolute() else (base / p).resolve())
-    if check_paths:
-        if not cfg["model"]["base"]:
-            errors.append("model.base: missing (a WebUI .safetensors/.ckpt file or a diffusers folder)")
-        elif not os.path.exists(cfg["model"]["base"]):
-            errors.append(f"model.base: {cfg['model']['base']} does not exist")
-        if cfg["model"]["vae"] and not os.path.exists(cfg["model"]["vae"]):
-            errors.append(f"model.vae: {cfg['model']['vae']} does not exist")
-        if not cfg["dataset"]["path"]:
-            errors.append("dataset.path: missing (a folder of images with .txt captions)")
-        elif not os.path.isdir(cfg["dataset"]["path"]):
-            errors.append(f"dataset.path: {cfg['dataset']['path']} is not a folder")
-        if cfg["run"]["accelerate_config"] and not os.path.isfile(cfg["run"]["accelerate_config"]):
-            errors.append(f"run.accelerate_config: {cfg['run']['accelerate_config']} does not exist")
-    if errors:
-        n = len(errors)
-        head = "invalid run config" + (f" ({n} problems)" if n > 1 else "")
-        raise ConfigError(f"{head}: " + "; ".join(errors), path=source,
-                          hint="see docs/training.md or `python -m bp_trainer train --show-defaults`")
+        value = getattr(cfg.sampling, key)
+        if value is not None and value % 8:
+            problems.append(f"sampling.{key}: {value} must be a multiple of 8")
+    s = cfg.saving
+    if s.every_n_epochs == 0 and s.every_n_steps == 0 and not s.at_end:
+        problems.append("saving: every_n_epochs, every_n_steps and at_end are all off; the run would save nothing")
     return cfg
 
 
-def load_config(path: "str | os.PathLike[str]", *, check_paths: bool = True) -> Dict[str, Any]:
+_PATH_KEYS = (("model", "base"), ("model", "vae"), ("dataset", "path"), ("run", "runs_dir"), ("latents", "dir"),
+              ("run", "accelerate_config"))
+
+
+def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    changes: Dict[str, Dict[str, Any]] = {}
+    for sec, key in _PATH_KEYS:
+        value = getattr(getattr(cfg, sec), key)
+        if isinstance(value, str) and value:
+            p = Path(os.path.expanduser(value))
+            changes.setdefault(sec, {})[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+    return cfg.with_values(**changes)
+
+
+def _path_problems(cfg: RunConfig) -> List[str]:
+    from bp_trainer.train.base_check import base_model_problem
+
+    problems = []
+    base = cfg.model.base
+    if not base:
+        problems.append("model.base: missing (a WebUI .safetensors/.ckpt file or a diffusers folder)")
+    elif not os.path.exists(base):
+        problems.append(f"model.base: {base} does not exist")
+    else:
+        problem = base_model_problem(base)
+        if problem:
+            problems.append(f"model.base: {problem}")
+    if cfg.model.vae and not os.path.exists(cfg.model.vae):
+        problems.append(f"model.vae: {cfg.model.vae} does not exist")
+    if not cfg.dataset.path:
+        problems.append("dataset.path: missing (a folder of images with .txt captions)")
+    elif not os.path.isdir(cfg.dataset.path):
+        problems.append(f"dataset.path: {cfg.dataset.path} is not a folder")
+    if cfg.run.accelerate_config and not os.path.isfile(cfg.run.accelerate_config):
+        problems.append(f"run.accelerate_config: {cfg.run.accelerate_config} does not exist")
+    return problems
+
+
+def _raise(problems: List[str], source: Any) -> None:
+    n = len(problems)
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    if n > len(shown):
+        shown.append(f"... and {n - len(shown)} more")
+    head = "invalid run config" + (f" ({n} problems)" if n > 1 else "")
+    raise ConfigError(f"{head}: " + "; ".join(shown), path=source,
+                      hint="see docs/training.md or `bp-train train --show-defaults`")
+
+
+def validate(raw: Any, *, base_dir: "str | os.PathLike[str] | None" = None, check_paths: bool = True,
+             source: "str | os.PathLike[str] | None" = None) -> RunConfig:
+    """`raw` (a YAML mapping) checked and filled with defaults; one ConfigError lists every problem.
+
+    Relative paths are resolved against `base_dir` (the config file's folder). With `check_paths`, the model
+    and the dataset must exist, and the base model must be a full SD 1.x/2.x model (read from its header).
+    """
+    if raw is None:
+        raw = {}
+    if isinstance(raw, RunConfig):
+        raw = raw.to_dict()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("a run config must be a mapping of sections (model:, dataset:, training: ...)",
+                          path=source)
+    problems: List[str] = []
+    raw = migrate(dict(raw), problems)
+    sections: Dict[str, Any] = {}
+    for sec, body in raw.items():
+        if sec not in SECTIONS:
+            problems.append(f"unknown section '{sec}': {_nearest(str(sec), list(SECTIONS))}")
+        else:
+            sections[sec] = _section(sec, body, problems)
+    cfg = RunConfig(**sections)
+    if not problems:
+        cfg = _cross_checks(cfg, problems)
+    cfg = _resolve_paths(cfg, Path(base_dir) if base_dir is not None else Path.cwd())
+    if check_paths and not problems:
+        problems.extend(_path_problems(cfg))
+    if problems:
+        _raise(problems, source)
+    return cfg
+
+
+def load_config(path: "str | os.PathLike[str]", *, check_paths: bool = True) -> RunConfig:
     """Read and validate a run YAML (relative paths are relative to the file)."""
+    path = Path(path)
+    return validate(read_yaml(path), base_dir=path.parent, check_paths=check_paths, source=path)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a missing, unreadable or invalid file is a ConfigError naming it — without ever
+    quoting the file's content (it may not be a config at all)."""
     import yaml
 
-    path = Path(path)
     if not path.is_file():
         raise ConfigError("config file not found", path=path, hint="pass --config RUN.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the config ({exc})", path=path,
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"cannot read the config ({reason})", path=path,
                           hint="save it as UTF-8 text and check its permissions") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", path=path) from None
-    return validate(raw, base_dir=path.parent, check_paths=check_paths, source=path)
+        raise ConfigError(f"not valid YAML{where}", path=path) from None
 
 
-def dump_config(cfg: Dict[str, Any]) -> str:
-    """YAML text of a config (sections in schema order)."""
+def dump_config(cfg: "RunConfig | Mapping[str, Any]") -> str:
+    """YAML text of a config (sections in schema order; a plain dict is dumped as given, ordered)."""
     import yaml
 
-    ordered = {sec: {k: cfg.get(sec, {}).get(k) for k in SCHEMA[sec]} for sec in SCHEMA}
-    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, default_flow_style=None)
+    if isinstance(cfg, RunConfig):
+        data = cfg.to_dict()
+    else:
+        data = {sec: {k: _plain((cfg.get(sec) or {}).get(k)) for k in section_keys(sec)} for sec in SECTIONS}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None)
 
 
-def save_config(cfg: Dict[str, Any], path: "str | os.PathLike[str]") -> None:
+def save_config(cfg: RunConfig, path: "str | os.PathLike[str]") -> None:
     from bp_trainer.fsutil import atomic_write_text
 
     atomic_write_text(path, dump_config(cfg))
+
+
+# ------------------------------------------------------------------------------------------------ presets
 
 
 def list_presets() -> List[str]:
@@ -380,21 +546,21 @@ def list_presets() -> List[str]:
 
 
 def preset(name: str) -> Dict[str, Any]:
-    """A preset's raw sections (e.g. 'arb-768'): merge them into a config with `merge`."""
+    """A preset's raw sections (e.g. '768'): lay them under a config with `merge`."""
     import yaml
 
     path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in list_presets():
         raise ConfigError(f"unknown preset '{name}'", hint=_nearest(name, list_presets()))
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
-def merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
-    """A copy of `base` with `override`'s sections/keys laid over it (one level deep)."""
-    out = copy.deepcopy(base)
+def merge(base: Mapping[str, Any], override: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """A copy of raw config `base` with `override`'s sections/keys laid over it (one level deep)."""
+    out = copy.deepcopy(dict(base))
     for sec, body in (override or {}).items():
-        if isinstance(body, dict) and isinstance(out.get(sec), dict):
-            out[sec].update(copy.deepcopy(body))
+        if isinstance(body, Mapping) and isinstance(out.get(sec), dict):
+            out[sec].update(copy.deepcopy(dict(body)))
         else:
             out[sec] = copy.deepcopy(body)
     return out

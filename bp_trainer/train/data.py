@@ -63,47 +63,58 @@ def collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
-def build_data(cfg: Dict[str, Any], *, rank: int, world_size: int, cache: Any = None,
-               warn: Any = None) -> Dict[str, Any]:
-    """Scan the dataset and build the per-process sampler, dataset and DataLoader."""
-    from bp_trainer.buckets import ArbConfig
+def auto_workers(requested: Optional[int], *, on_gpu: bool, world_size: int) -> int:
+    """DataLoader workers: as configured, else 0 on a CPU (no GPU to overlap with) and on a GPU up to 4 per
+    process, leaving one CPU per process for the training loop."""
+    if requested is not None:
+        return int(requested)
+    if not on_gpu or os.name == "nt":  # Windows spawns workers (slow start, pickled dataset): keep it simple there
+        return 0
+    per_process = (os.cpu_count() or 1) // max(1, world_size) - 1
+    return max(0, min(4, per_process))
+
+
+def build_data(cfg: Any, *, rank: int, world_size: int, cache: Any = None, warn: Any = None,
+               pin_memory: bool = False) -> Dict[str, Any]:
+    """Scan the dataset and build the per-process sampler, dataset and DataLoader (`cfg`: a RunConfig)."""
     from bp_trainer.dataset import BucketBatchSampler, CaptionProcessor, scan_dataset
 
-    d, t, a = cfg["dataset"], cfg["training"], cfg["arb"]
-    scan = scan_dataset(d["path"], caption_ext=d["caption_extension"], missing_caption="empty")
+    d, t, arb = cfg.dataset, cfg.training, cfg.arb
+    scan = scan_dataset(d.path, caption_ext=d.caption_extension, missing_caption="empty")
     if warn is not None and scan.problems:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(scan.problem_counts().items()))
         warn(f"{len(scan.problems)} dataset file(s) skipped ({kinds}); first: {scan.problems[0].path}: "
              f"{scan.problems[0].reason}")
     if not scan.items:
-        raise BPError("no usable images in the dataset", path=d["path"],
+        raise BPError("no usable images in the dataset", path=d.path,
                       hint="images (png/jpg/webp) with .txt captions next to them")
-    items = list(scan.items) * int(d["repeats"])
-    arb = ArbConfig.from_dict({k: v for k, v in a.items()})
-    base_res = (int(a["base_res"][0]), int(a["base_res"][1]))
-    common = dict(seed=int(t["seed"]), rank=rank, world_size=world_size, leftover="pool", base_res=base_res)
-    if a["enabled"]:
-        sampler = BucketBatchSampler.from_sizes([it.size for it in items], arb, int(t["batch_size"]), **common)
+    items = list(scan.items) * int(d.repeats)
+    base_res = (int(arb.base_res[0]), int(arb.base_res[1]))
+    common = dict(seed=int(t.seed), rank=rank, world_size=world_size, leftover="pool", base_res=base_res)
+    if arb.enabled:
+        sampler = BucketBatchSampler.from_sizes([it.size for it in items], arb, int(t.batch_size), **common)
     else:
-        sampler = BucketBatchSampler([0] * len(items), [base_res], int(t["batch_size"]), **common)
+        sampler = BucketBatchSampler([0] * len(items), [base_res], int(t.batch_size), **common)
     if len(sampler) == 0:
         raise BPError(f"{len(items)} image(s) do not make one batch per process "
-                      f"(batch size {t['batch_size']} x {world_size} process(es))", path=d["path"],
+                      f"(batch size {t.batch_size} x {world_size} process(es))", path=d.path,
                       hint="lower training.batch_size or add images")
-    if a.get("debug") and warn is not None:  # naifu's arb.debug: show the bucket plan before training
+    if arb.debug and warn is not None:  # naifu's arb.debug: show the bucket plan before training
         from bp_trainer.dataset.plan import format_plan, plan_buckets
 
-        plan = plan_buckets(items, arb, problems=scan.problems, batch_size=int(t["batch_size"]),
+        plan = plan_buckets(items, arb, problems=scan.problems, batch_size=int(t.batch_size),
                             world_size=world_size)
         warn("bucket plan (arb.debug):\n" + format_plan(plan.to_dict()))
-    captions = CaptionProcessor(shuffle=bool(d["shuffle_tags"]), keep_first=int(d["keep_tokens"]),
-                                tag_dropout=float(d["tag_dropout"]), caption_dropout=float(d["caption_dropout"]),
-                                underscores_to_spaces=bool(d["underscores_to_spaces"]),
-                                escape_brackets=bool(d["escape_brackets"]))
-    dataset = BucketDataset(items, seed=int(t["seed"]), captions=captions, center_crop=bool(d["center_crop"]),
+    captions = CaptionProcessor(shuffle=bool(d.shuffle_tags), keep_first=int(d.keep_tokens),
+                                tag_dropout=float(d.tag_dropout), caption_dropout=float(d.caption_dropout),
+                                underscores_to_spaces=bool(d.underscores_to_spaces),
+                                escape_brackets=bool(d.escape_brackets))
+    dataset = BucketDataset(items, seed=int(t.seed), captions=captions, center_crop=bool(d.center_crop),
                             cache=cache)
+    workers = auto_workers(d.num_workers, on_gpu=pin_memory, world_size=world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.keyed(), collate_fn=collate,
-                                         num_workers=int(d["num_workers"]), pin_memory=False)
+                                         num_workers=workers, pin_memory=pin_memory,
+                                         persistent_workers=False)
     return {"scan": scan, "items": items, "sampler": sampler, "dataset": dataset, "loader": loader,
             "buckets": sampler.buckets, "images": len(scan.items)}
 

@@ -21,10 +21,10 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-EVENTS_FILE = "events.jsonl"
+from bp_trainer.rundir import RunDir
+
 TYPES = ("start", "step", "sample", "checkpoint", "warning", "error", "done")
 
 
@@ -36,7 +36,7 @@ class EventWriter:
     """
 
     def __init__(self, run_dir: "str | os.PathLike[str]", *, enabled: bool = True, echo: str = "json"):
-        self.path = Path(run_dir) / EVENTS_FILE
+        self.path = RunDir(run_dir).events
         self.enabled = enabled
         self.echo = echo
         self._fh = None
@@ -98,7 +98,7 @@ def follow(run_dir: "str | os.PathLike[str]", offset: int = 0) -> Tuple[List[Dic
     Returns only complete lines; a missing file gives ([], offset); a file shorter than `offset` (a new
     run in the same folder) is read from the start. Undecodable lines are skipped.
     """
-    path = Path(run_dir) / EVENTS_FILE
+    path = RunDir(run_dir).events
     try:
         size = path.stat().st_size
     except FileNotFoundError:

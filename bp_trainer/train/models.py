@@ -70,8 +70,9 @@ def pad_to_same_length(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor) ->
     return a, b
 
 
-def load_base(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """unet, vae, text_encoder, tokenizer, noise_scheduler (DDPM), prediction_type of `model.base`.
+def load_base(model: Any) -> Dict[str, Any]:
+    """unet, vae, text_encoder, tokenizer, noise_scheduler (DDPM), prediction_type of `model.base` (`model`:
+    the config's model section).
 
     A diffusers folder or a WebUI single file (SD 1.x/2.x), through `bp_trainer.checkpoint`. Weights are
     loaded in fp32 (the trainer keeps fp32 master weights; mixed precision is autocast).
@@ -80,10 +81,10 @@ def load_base(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     from bp_trainer.checkpoint.convert import load_diffusers_components
 
-    base = Path(cfg["model"]["base"])
+    base = Path(model.base)
     if not base.exists():
         raise BPError("base model not found", path=base, hint="a WebUI .safetensors/.ckpt file or a diffusers folder")
-    setting = cfg["model"]["v_prediction"]
+    setting = model.v_prediction
     forced = None if setting == "auto" else ("v_prediction" if setting == "true" else "epsilon")
     parts = load_diffusers_components(base, prediction_type=forced)
     unet, vae, text_encoder = parts["unet"].float(), parts["vae"].float(), parts["text_encoder"].float()
@@ -91,7 +92,7 @@ def load_base(cfg: Dict[str, Any]) -> Dict[str, Any]:
     sched = parts.get("scheduler")
     scheduler_config = {k: v for k, v in dict(sched.config).items()} if sched is not None else {}
     scheduler_config["_class_name"] = type(sched).__name__ if sched is not None else "PNDMScheduler"
-    vae_path = cfg["model"].get("vae")
+    vae_path = model.vae
     if vae_path:
         vae = _load_vae(Path(vae_path), vae)
     prediction_type = forced or scheduler_config.get("prediction_type") or "epsilon"

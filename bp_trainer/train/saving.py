@@ -30,15 +30,15 @@ def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
 
 
-def metadata_for(cfg: Dict[str, Any], step: int, epoch: int, unet_kind: str) -> Dict[str, str]:
+def metadata_for(cfg: Any, step: int, epoch: int, unet_kind: str) -> Dict[str, str]:
     from bp_trainer.train.config import dump_config
 
     return {
         "bp_train_step": str(step),
         "bp_train_epoch": str(epoch),
         "bp_train_unet": unet_kind,
-        "bp_train_base": os.path.basename(str(cfg["model"]["base"])),
-        "bp_train_clip_skip": str(cfg["model"]["clip_skip"]),
+        "bp_train_base": os.path.basename(str(cfg.model.base)),
+        "bp_train_clip_skip": str(cfg.model.clip_skip),
         "bp_train_config": dump_config(cfg),
     }
 
@@ -63,44 +63,61 @@ def model_configs_metadata(unet: Any, vae: Any, text_encoder: Any, scheduler_con
     return out
 
 
-def save_outputs(*, cfg: Dict[str, Any], run_dir: Path, name: str, step: int, epoch: int, unet: torch.nn.Module,
-                 vae: torch.nn.Module, text_encoder: torch.nn.Module, ema: Any = None, tokenizer: Any = None,
-                 scheduler_config: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
-    """Write (a), (b), (c) for the current weights; returns {kind: {path, sha256, autov2, old}}."""
-    from bp_trainer.checkpoint.io import write_checkpoint
-    from bp_trainer.checkpoint.ldm_keys import diffusers_to_ldm
+def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, unet: torch.nn.Module,
+                 models: Any, text_encoder: torch.nn.Module, ema: Any = None,
+                 frozen: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Write (a), (b), (c) for the current weights; returns {kind: {path, sha256, autov2, old}}.
 
-    s = cfg["saving"]
-    out_dir = Path(run_dir) / "checkpoints"
+    Frozen parts (the VAE; the text encoder unless trained) are written from `frozen`, their weights as loaded:
+    the copies on the device may be cast to bf16/fp16 for training, and a save must never round them.
+    """
+    from bp_trainer.checkpoint.io import write_checkpoint
+    from bp_trainer.rundir import RunDir
+
+    s, frozen = cfg.saving, frozen or {}
+    out_dir = RunDir(run_dir).checkpoints
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-s{step:06d}"
+    stem = f"{cfg.run.name}-s{step:06d}"
     trained = _cpu_state(unet)
     ema_sd = ema.full_state_dict(unet) if ema is not None else None
-    use_ema = s["main_unet"] == "ema" and ema_sd is not None
+    use_ema = s.main_unet == "ema" and ema_sd is not None
     main_unet = {k: v.to("cpu") for k, v in ema_sd.items()} if use_ema else trained
+    vae_sd = frozen.get("vae") or _cpu_state(models.vae)
+    te_sd = frozen.get("text_encoder") or _cpu_state(text_encoder)
     files: Dict[str, Dict[str, Any]] = {}
 
-    tensors = diffusers_to_ldm(unet=main_unet, vae=_cpu_state(vae), text_encoder=_cpu_state(text_encoder),
-                               scheduler_config=scheduler_config)
+    tensors = family.export_webui(unet=main_unet, vae=vae_sd, text_encoder=te_sd,
+                                  scheduler_config=models.scheduler_config)
     meta = metadata_for(cfg, step, epoch, "ema" if use_ema else "trained")
-    meta.update(model_configs_metadata(unet, vae, text_encoder, scheduler_config))
-    res = write_checkpoint(tensors, out_dir / f"{stem}.safetensors", meta, "safetensors", s["precision"])
+    meta.update(model_configs_metadata(unet, models.vae, text_encoder, models.scheduler_config))
+    res = write_checkpoint(tensors, out_dir / f"{stem}.safetensors", meta, "safetensors", s.precision)
     files["webui"] = _record(res)
     del tensors
 
-    if ema_sd is not None and s["ema_unet_fp32"]:
+    if ema_sd is not None and s.ema_unet_fp32:
         ema_cpu = {k: v.to("cpu") for k, v in ema_sd.items()}
-        ldm = {k: v for k, v in diffusers_to_ldm(unet=ema_cpu).items() if k.startswith(UNET_PREFIX)}
+        ldm = {k: v for k, v in family.export_webui(unet=ema_cpu).items() if k.startswith(UNET_PREFIX)}
         res = write_checkpoint(ldm, out_dir / f"{stem}-ema-unet.safetensors", metadata_for(cfg, step, epoch, "ema"),
                                "safetensors", "fp32")
         files["ema_unet"] = _record(res)
 
-    if s["diffusers"]:
-        files["diffusers"] = _save_diffusers(out_dir / f"{stem}-diffusers", unet=unet, main_unet=main_unet, vae=vae,
-                                             text_encoder=text_encoder, tokenizer=tokenizer,
-                                             scheduler_config=scheduler_config)
+    if s.diffusers:
+        parts = {"unet": (unet, main_unet), "vae": (models.vae, vae_sd), "text_encoder": (text_encoder, te_sd)}
+        files["diffusers"] = _save_diffusers(out_dir / f"{stem}-diffusers", parts=parts, tokenizer=models.tokenizer,
+                                             scheduler_config=models.scheduler_config)
     _append_hashes(out_dir, files)
     return files
+
+
+def cpu_copy(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A new fp32 module on the CPU with `module`'s config and `state`'s weights (the device copy is never
+    duplicated on the device)."""
+    if hasattr(module, "from_config"):
+        copy = type(module).from_config(module.config)
+    else:  # transformers
+        copy = type(module)(module.config)
+    copy.load_state_dict({k: v.to("cpu", torch.float32) for k, v in state.items()})
+    return copy.to(torch.float32)
 
 
 def _record(res: Dict[str, Any]) -> Dict[str, Any]:
@@ -108,10 +125,8 @@ def _record(res: Dict[str, Any]) -> Dict[str, Any]:
             "bytes": res.get("bytes")}
 
 
-def _save_diffusers(target: Path, *, unet: torch.nn.Module, main_unet: Dict[str, torch.Tensor], vae: Any,
-                    text_encoder: Any, tokenizer: Any, scheduler_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    import copy
-
+def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
+                    scheduler_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     from diffusers import PNDMScheduler
     from bp_trainer.checkpoint.convert import write_pipeline_index
     from bp_trainer.checkpoint.hashes import file_hashes
@@ -119,11 +134,8 @@ def _save_diffusers(target: Path, *, unet: torch.nn.Module, main_unet: Dict[str,
 
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    out_unet = copy.deepcopy(unet).to("cpu", torch.float32)
-    out_unet.load_state_dict(main_unet)
-    out_unet.save_pretrained(tmp / "unet")
-    vae.save_pretrained(tmp / "vae")
-    text_encoder.save_pretrained(tmp / "text_encoder")
+    for name, (module, state) in parts.items():
+        cpu_copy(module, state).save_pretrained(tmp / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
         if not (tmp / "tokenizer" / "merges.txt").exists():  # transformers 5 writes tokenizer.json only

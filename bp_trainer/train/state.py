@@ -25,8 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from bp_trainer.fsutil import fsync_dir
-
-STATE_DIR = "state"
+from bp_trainer.rundir import RunDir
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -34,7 +33,7 @@ class StopFlag:
     """Set by SIGINT/SIGTERM or by RUN_DIR/STOP; `requested(accelerator)` is the same on every process."""
 
     def __init__(self, run_dir: "str | os.PathLike[str]", install_signals: bool = True):
-        self.stop_file = Path(run_dir) / "STOP"
+        self.stop_file = RunDir(run_dir).stop_file
         self.signal_received: Optional[int] = None
         self._previous: Dict[int, Any] = {}
         if install_signals:
@@ -77,7 +76,7 @@ class StopFlag:
 
 def list_states(run_dir: "str | os.PathLike[str]") -> List[Path]:
     """Complete states, oldest first."""
-    root = Path(run_dir) / STATE_DIR
+    root = RunDir(run_dir).state_dir
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
@@ -92,7 +91,7 @@ def latest_state(run_dir: "str | os.PathLike[str]") -> Optional[Path]:
 def save_state(accelerator: Any, run_dir: "str | os.PathLike[str]", *, step: int, trainer: Dict[str, Any],
                ema: Any, generator: torch.Generator, keep: int) -> Path:
     """Write a complete resumable state (every process must call this)."""
-    root = Path(run_dir) / STATE_DIR
+    root = RunDir(run_dir).state_dir
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:

@@ -59,19 +59,3 @@ class Host(Protocol):
 
     def generation_may_run_during_training(self) -> bool:
         """The user's setting: let generation run while a training run holds the GPU."""
-
-
-PROMPT_SETTINGS = ("emphasis", "backtrack", "use_old_scheduling", "embeddings")
-
-
-def prompt_settings_of(host: Any) -> dict:
-    """`host.prompt_settings()` filtered to `inspect_prompt`'s keywords; {} when the host has none or it fails
-    (the counter then uses the WebUI's defaults)."""
-    fn = getattr(host, "prompt_settings", None)
-    if not callable(fn):
-        return {}
-    try:
-        settings = fn() or {}
-    except Exception:
-        return {}
-    return {k: v for k, v in dict(settings).items() if k in PROMPT_SETTINGS}

@@ -29,7 +29,7 @@ class TokensCallbacks:
 
     def prompt_settings(self) -> dict:
         """The host's prompt settings (WebUI: emphasis mode, comma back-off, loaded embeddings), or none."""
-        from bp_trainer.ui.host import prompt_settings_of
+        from bp_trainer.tokens.host_settings import prompt_settings_of
 
         return prompt_settings_of(self.host)
 

@@ -53,7 +53,7 @@ def _cfgmod():
 
 def field(key: str):
     sec, name = key.split(".", 1)
-    return _cfgmod().SCHEMA[sec][name]
+    return _cfgmod().spec(sec, name)
 
 
 def get(cfg: Mapping[str, Any], key: str) -> Any:
@@ -167,7 +167,8 @@ def form_values(cfg: Mapping[str, Any]) -> List[Any]:
     return [form_value(key, get(full, key)) for key, _label in FORM_FIELDS]
 
 
-def validate(cfg: Mapping[str, Any], *, check_paths: bool = True) -> Dict[str, Any]:
+def validate(cfg: Mapping[str, Any], *, check_paths: bool = True) -> Any:
+    """The raw form config as a validated `RunConfig`."""
     return _cfgmod().validate(copy.deepcopy(dict(cfg)), check_paths=check_paths)
 
 

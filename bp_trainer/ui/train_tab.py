@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bp_trainer.errors import BPError
 from bp_trainer.ui import render, train_form
-from bp_trainer.ui.runs import RunController, controller_for
+from bp_trainer.run_controller import RunController, controller_for
 
 NO_CHANGE = object()  # a poll output that needs no redraw (turned into gr.update())
 
@@ -81,7 +81,7 @@ class TrainCallbacks:
         }
 
     def config_from_form(self, yaml_text: str, base: str, dataset: str, arb_text: str, values: Sequence[Any],
-                         *, check_paths: bool = True) -> Dict[str, Any]:
+                         *, check_paths: bool = True) -> Any:
         """The validated config the form describes, with the host's runs folder and trainer Python."""
         raw = train_form.merge_form(yaml_text, base=self.base_path(base) if base else None, dataset=dataset,
                                     arb_text=arb_text, values=values)
@@ -140,7 +140,7 @@ class TrainCallbacks:
             cfg = self.config_from_form(yaml_text, base, dataset, arb_text, values, check_paths=False)
         except BPError as exc:
             return None, render.error_html(exc)
-        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in cfg["run"]["name"]) or "run"
+        name = cfg.run.name
         out = Path(tempfile.mkdtemp(prefix="bp-train-")) / f"{name}.yaml"
         out.write_text(train_form.dump_yaml(cfg), encoding="utf-8")
         return str(out), render.message_html(f"exported {out.name}", "ok")
@@ -158,16 +158,18 @@ class TrainCallbacks:
     def resumable_runs(self) -> List[str]:
         """Runs of the runs folder that ended before finishing and saved a state to resume from (newest first)."""
         from bp_trainer import launcher
+        from bp_trainer.rundir import RunDir
 
         out = []
         for r in launcher.list_runs(self.host.runs_dir()):
-            state = Path(r["run_dir"]) / "state"
+            state = RunDir(r["run_dir"]).state_dir
             if not r["active"] and r["status"] != "finished" and state.is_dir() and any(state.iterdir()):
                 out.append(r["name"])
         return out
 
     def resume(self, name: str) -> str:
         """Continue a stopped or interrupted run from its last saved state (same folder, same config)."""
+        from bp_trainer.rundir import RunDir
         from bp_trainer.train.config import load_config
 
         if not name:
@@ -176,8 +178,7 @@ class TrainCallbacks:
         try:
             if os.path.dirname(name) or not run_dir.is_dir():
                 raise BPError("run folder not found", path=run_dir, hint="press \u21bb to list the runs")
-            cfg = load_config(run_dir / "config.yaml")
-            cfg["run"]["python"] = self.host.trainer_python()
+            cfg = load_config(RunDir(run_dir).config).with_values(run={"python": self.host.trainer_python()})
             self.controller.start(cfg, resume_dir=str(run_dir))
         except BPError as exc:
             return render.error_html(exc)

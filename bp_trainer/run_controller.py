@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from bp_trainer.errors import BPError
-from bp_trainer.ui.progress import RunView
+from bp_trainer.rundir import RunDir
+from bp_trainer.run_view import RunView
 
 POLL_SECONDS = 0.5
 PUBLISH_SUBDIR = "bp-train"
@@ -73,18 +74,16 @@ def find_live_run(runs_dir: "str | os.PathLike[str]") -> Optional[Path]:
     Same answer as `launcher.find_active_run`, but it reads only `run.lock` files (the page polls this while
     no run is active; a folder of long runs has large event files that need not be read for it).
     """
-    from bp_trainer import launcher
-
     root = Path(runs_dir)
     live = []
     try:
-        candidates = [d for d in root.iterdir() if (d / launcher.LOCK_FILE).is_file()]
+        candidates = [RunDir(d) for d in root.iterdir() if RunDir(d).lock_file.is_file()]
     except OSError:
         return None
-    for d in candidates:
-        if launcher.is_active(d):
+    for rd in candidates:
+        if rd.is_active():
             try:
-                live.append(((d / launcher.LOCK_FILE).stat().st_mtime, d))
+                live.append((rd.lock_file.stat().st_mtime, rd.path))
             except OSError:
                 continue
     return max(live)[1] if live else None
@@ -102,7 +101,7 @@ class RunController:
         self.offset = 0
         self.exit_code: Optional[int] = None
         self.published: list[str] = []
-        self.messages: list[str] = []
+        self.start_error: Optional[str] = None
         self._thread: Optional[threading.Thread] = None
         self._gpu_released = False
         self._starting = False
@@ -124,11 +123,13 @@ class RunController:
 
     # ------------------------------------------------------------------------------------------ start
 
-    def start(self, cfg: Dict[str, Any], *, resume_dir: Optional[str] = None) -> Path:
+    def start(self, cfg: Any, *, resume_dir: Optional[str] = None, wait: bool = True) -> Path:
         """Start a validated config as the one run; raises BPError when a run is already active.
 
-        The host's GPU release may wait (inside the WebUI: for a generation in progress); it happens outside
-        the controller's lock, so pages keep polling meanwhile, and a second Start is refused.
+        The run folder is made (and the config frozen into it) at once. The host's GPU release may wait (inside
+        the WebUI: for a generation in progress); it happens outside the controller's lock, so pages keep
+        polling meanwhile and a second Start is refused. With `wait=False` the release and the launch happen
+        in the background (the API answers at once; a failure shows in `snapshot()` as the run's error).
         """
         from bp_trainer import launcher
 
@@ -139,20 +140,51 @@ class RunController:
                               hint="stop it first; BP Train runs one training at a time")
             self._starting = True
         try:
-            python = self.host.trainer_python()  # a trainer that cannot start is refused before the GPU moves
-            if not (os.path.isfile(python) and os.access(python, os.X_OK)) and not shutil.which(python):
-                raise BPError("the trainer's Python does not exist or is not executable", path=python,
-                              hint="check Settings > BP Train > Trainer Python (empty: BP Train's own environment)")
+            python = self._trainer_python()  # a trainer that cannot start is refused before the GPU moves
+            run_dir = launcher.prepare_run(cfg, resume_dir=resume_dir)
+            self.start_error = None
+            with self.lock:
+                self.run_dir, self.view = run_dir, RunView(str(run_dir))
+        except BaseException:
+            self._starting = False
+            raise
+        if wait:
+            self._launch(cfg, run_dir, resume_dir, python, foreground=True)
+            return run_dir
+        threading.Thread(target=self._launch, args=(cfg, run_dir, resume_dir, python, False), daemon=True,
+                         name=f"bp-train-start-{run_dir.name}").start()
+        return run_dir
+
+    def _trainer_python(self) -> str:
+        python = self.host.trainer_python()
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)) and not shutil.which(python):
+            raise BPError("the trainer's Python does not exist or is not executable", path=python,
+                          hint="check Settings > BP Train > Trainer Python (empty: BP Train's own environment)")
+        return python
+
+    def _launch(self, cfg: Any, run_dir: Path, resume_dir: Optional[str], python: str,
+                foreground: bool) -> None:
+        """Release the host's GPU, start the child in `run_dir` and follow it (re-raises in the foreground;
+        in the background a failure is kept as `start_error`)."""
+        from bp_trainer import launcher
+
+        try:
             self.host.release_gpu()
             self._gpu_released = True
             try:
-                handle = launcher.start_run(cfg, resume_dir=resume_dir, python=python)
+                handle = launcher.start_run(cfg, resume_dir=run_dir if resume_dir else None,
+                                            run_dir=None if resume_dir else run_dir, python=python)
             except BaseException:
                 self._reclaim()
                 raise
             with self.lock:
                 self._follow(handle)
-            return handle.run_dir
+        except BPError as exc:
+            with self.lock:
+                self.start_error = str(exc)
+                self.view.status, self.view.error = "error", str(exc)
+            if foreground:
+                raise
         finally:
             self._starting = False
 
@@ -272,13 +304,11 @@ class RunController:
                 self.view.log.append(f"warning: could not give the GPU back to the host: {exc}")
 
     def _log_tail(self, n: int) -> list[str]:
-        from bp_trainer import launcher
-
         if self.run_dir is None:
             return []
         from bp_trainer.fsutil import tail_lines
 
-        lines = tail_lines(self.run_dir / launcher.LOG_FILE, None, max_bytes=16384)
+        lines = tail_lines(RunDir(self.run_dir).log, None, max_bytes=16384)
         lines = [ln for ln in lines if not ln.startswith('{"type"')]  # the events are shown already
         return ["--- train.log ---"] + lines[-n:] if lines else []
 

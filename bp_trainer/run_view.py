@@ -1,0 +1,196 @@
+"""Fold a run's `events.jsonl` events into what a UI shows (pure; no gradio, no files).
+
+The trainer appends JSON lines (`start`, `step`, `sample`, `checkpoint`, `warning`, `error`, `done`,
+see `bp_trainer.train.events`); `RunView.apply(events)` accumulates them so a UI that re-attaches can
+rebuild the whole picture by replaying the file from offset 0, then keep following from the new offset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Iterable, Mapping
+
+LOG_LINES = 200
+MAX_LOSS_POINTS = 20000
+MAX_SAMPLES = 8
+
+
+def _first(ev: Mapping[str, Any], *names: str) -> Any:
+    for n in names:
+        if n in ev and ev[n] is not None:
+            return ev[n]
+    return None
+
+
+def _event_type(ev: Mapping[str, Any]) -> str:
+    return str(_first(ev, "event", "type", "kind") or "")
+
+
+class RunView:
+    """Accumulated state of one run, built from its events."""
+
+    def __init__(self, run_dir: str | None = None):
+        self.run_dir = run_dir
+        self.status = "starting" if run_dir else "idle"
+        self.step = 0
+        self.total_steps: int | None = None
+        self.epoch: int | None = None
+        self.total_epochs: int | None = None
+        self.loss: float | None = None
+        self.lr: float | None = None
+        self.ips: float | None = None
+        self.eta: float | None = None
+        self.eta_at: float | None = None  # wall time the ETA was reported (to count it down between events)
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.losses: list[tuple[float, float]] = []
+        self.samples: deque[dict[str, Any]] = deque(maxlen=MAX_SAMPLES)
+        self.checkpoints: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+        self.error: str | None = None
+        self.log: deque[str] = deque(maxlen=LOG_LINES)
+        self.version = 0  # bumps on every applied event (lets a UI skip unchanged redraws)
+
+    # ----------------------------------------------------------------------------------------- events
+
+    def apply(self, events: Iterable[Mapping[str, Any]]) -> None:
+        for ev in events:
+            self._apply_one(ev)
+            self.version += 1
+
+    def _apply_one(self, ev: Mapping[str, Any]) -> None:
+        kind = _event_type(ev)
+        self.log.append(_human(ev))
+        t = _first(ev, "time", "ts", "t")
+        try:
+            t = float(t) if t is not None else None
+        except (TypeError, ValueError):
+            t = None
+        if kind == "start":
+            self.status = "running"
+            self.started_at = t if t is not None else self.started_at
+            self.total_steps = _int(_first(ev, "total_steps", "max_steps", "steps")) or self.total_steps
+            self.total_epochs = _int(_first(ev, "total_epochs", "epochs")) or self.total_epochs
+            self.step = _int(_first(ev, "step", "global_step")) or self.step
+            self.error = None
+        elif kind == "step":
+            if self.status in ("starting", "idle"):
+                self.status = "running"
+            step = _int(_first(ev, "step", "global_step"))
+            if step is not None:
+                self.step = step
+            self.total_steps = _int(_first(ev, "total_steps", "max_steps")) or self.total_steps
+            ep = _int(_first(ev, "epoch"))
+            if ep is not None:
+                self.epoch = ep
+            self.total_epochs = _int(_first(ev, "total_epochs", "epochs")) or self.total_epochs
+            loss = _float(_first(ev, "loss"))
+            if loss is not None:
+                self.loss = loss
+                if len(self.losses) < MAX_LOSS_POINTS:
+                    self.losses.append((float(self.step), loss))
+            self.lr = _float(_first(ev, "lr", "learning_rate")) if _first(ev, "lr", "learning_rate") is not None else self.lr
+            ips = _float(_first(ev, "ips", "images_per_second", "images_per_sec", "img_per_s"))
+            if ips is not None:
+                self.ips = ips
+            eta = _float(_first(ev, "eta", "eta_s", "eta_seconds"))
+            if eta is not None:
+                self.eta = eta
+                self.eta_at = t
+        elif kind == "sample":
+            paths = _first(ev, "paths", "images", "files")
+            if paths is None:
+                one = _first(ev, "path", "image", "file")
+                paths = [one] if one else []
+            for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+                self.samples.append({"path": str(p), "step": _int(_first(ev, "step")), "prompt": _first(ev, "prompt")})
+        elif kind == "checkpoint":
+            self.checkpoints.append(dict(ev))
+        elif kind == "warning":
+            msg = str(_first(ev, "message", "msg", "text") or "")
+            self.warnings.append(msg)
+        elif kind == "error":
+            self.error = str(_first(ev, "message", "msg", "text", "error") or "error")
+            self.status = "error"
+            self.ended_at = t
+        elif kind == "done":
+            reason = str(_first(ev, "reason", "status") or "")
+            self.status = "stopped" if reason in ("stopped", "stop", "interrupted", "signal") else "done"
+            self.ended_at = t
+            self.eta = 0.0
+
+    # ----------------------------------------------------------------------------------------- output
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "stopped", "error", "exited")
+
+    def summary(self, now: float | None = None) -> dict[str, Any]:
+        """Plain dict for `render.progress_html`."""
+        now = time.time() if now is None else now
+        eta = self.eta
+        if eta is not None and self.eta_at is not None and self.status == "running":
+            eta = max(0.0, eta - max(0.0, now - self.eta_at))
+        end = self.ended_at if self.ended_at is not None else now
+        elapsed = end - self.started_at if self.started_at is not None else None
+        return {
+            "run_name": _basename(self.run_dir),
+            "run_dir": self.run_dir,
+            "status": self.status,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "total_epochs": self.total_epochs,
+            "loss": self.loss,
+            "lr": self.lr,
+            "ips": self.ips,
+            "eta": eta,
+            "elapsed": elapsed,
+            "error": self.error,
+            "checkpoints": len(self.checkpoints),
+        }
+
+    def sample_gallery(self) -> list[tuple[str, str]]:
+        out = []
+        for s in reversed(self.samples):
+            cap = f"step {s['step']}" if s.get("step") is not None else ""
+            if s.get("prompt"):
+                cap = f"{cap}: {s['prompt']}" if cap else str(s["prompt"])
+            out.append((s["path"], cap))
+        return out
+
+    def log_text(self) -> str:
+        return "\n".join(self.log)
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return float(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _basename(path: str | None) -> str | None:
+    if not path:
+        return None
+    import os
+
+    return os.path.basename(os.path.normpath(path))
+
+
+def _human(ev: Mapping[str, Any]) -> str:
+    """The trainer's own one-line rendering of an event (`bp_trainer.train.events.human_line`)."""
+    from bp_trainer.train.events import human_line
+
+    try:
+        return human_line(dict(ev))
+    except Exception:  # a malformed event must not break the view
+        return str(dict(ev))

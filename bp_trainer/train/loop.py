@@ -1,0 +1,473 @@
+"""The training loop of one process (naifu's trainer shape, read top to bottom like diffusers'
+`train_text_to_image.py`):
+
+    loop = TrainLoop(cfg, run_dir, accelerator, events, stop)
+    loop.setup(resume=...)     models -> data (buckets) -> optimizer / EMA -> prepare -> resume
+    loop.run()                 for each epoch, for each bucketed batch: train_step(batch); after each optimizer
+                               update: log, stop check, save(), sample(); at the end: save("end")
+
+Run state lives in attributes: `step` (optimizer updates done), `epoch`, `batch_in_epoch` (batches of this
+epoch this process has consumed). `train_step(batch)` is the forward + backward of one batch, callable on its
+own (benchmarks and the memory estimate run it); `update()` is the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from bp_trainer.errors import BPError
+from bp_trainer.rundir import RunDir
+from bp_trainer.train import data as data_mod
+from bp_trainer.train import state as state_mod
+from bp_trainer.train.config import RunConfig
+from bp_trainer.train.family import TrainModels, family_for
+from bp_trainer.train.loss import diffusion_loss, lr_factor
+
+
+class NonFiniteLoss(BPError):
+    """The loss became NaN or infinite: the run stops before anything is saved from it."""
+
+
+class TrainLoop:
+    def __init__(self, cfg: RunConfig, run_dir: "RunDir | str", accelerator: Any, events: Any, stop: Any, *,
+                 progress: Any = None):
+        self.cfg, self.rd, self.acc, self.events, self.stop = cfg, RunDir(run_dir), accelerator, events, stop
+        self.progress = progress
+        self.family = family_for(cfg.model)
+        self.main = accelerator.is_main_process
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.resumed_from: Optional[int] = None
+        self.saved_at = -1
+        self.last_files: Optional[Dict[str, Any]] = None
+        self.loss = float("nan")
+        self.skipped_updates = 0
+        self._group_losses: List[torch.Tensor] = []
+        self._sampled = (-1, False)  # (step, with checkpoint files)
+        self._record: Any = None
+        self._window = (time.perf_counter(), 0, 0)  # (start, images, updates) since the last step event
+        self._step_times: List[float] = []
+
+    def warn(self, message: str) -> None:
+        self.events.emit("warning", message=message)
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self, resume: bool = False) -> None:
+        torch.manual_seed(self.cfg.training.seed)
+        self._setup_models()
+        self._setup_data()
+        self._setup_optimizer()
+        self.generator = torch.Generator("cpu").manual_seed(int(self.cfg.training.seed) * 7919 + self.rank)
+        if resume:
+            self._resume()
+
+    def _setup_models(self) -> None:
+        t = self.cfg.training
+        m: TrainModels = self.family.load(self.cfg.model)
+        self.models = m
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.acc.mixed_precision,
+                                                                                torch.float32)
+        self.clip_skip = self.family.clip_skip(int(self.cfg.model.clip_skip), m, self.warn)
+        self.train_te = bool(t.train_text_encoder)
+        # the frozen parts' full-precision weights, as loaded: saves read these, never the cast training copies
+        self.frozen_originals = {"vae": {k: v.detach() for k, v in m.vae.state_dict().items()}}
+        if not self.train_te:
+            self.frozen_originals["text_encoder"] = {k: v.detach() for k, v in m.text_encoder.state_dict().items()}
+        m.vae.requires_grad_(False)
+        m.text_encoder.requires_grad_(self.train_te)
+        m.unet.requires_grad_(True)
+        m.unet.train()
+        if t.attention == "default":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            m.unet.set_attn_processor(AttnProcessor())
+        if t.gradient_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+            if self.train_te:
+                m.text_encoder.gradient_checkpointing_enable()
+        m.vae.to(self.device, dtype=self.weight_dtype if self.weight_dtype != torch.float16 else torch.float32)
+        if self.train_te:
+            self._freeze_skipped_layers(m.text_encoder)
+            m.text_encoder.train()
+        else:
+            m.text_encoder.to(self.device, dtype=self.weight_dtype)
+            m.text_encoder.eval()
+
+    def _freeze_skipped_layers(self, text_encoder: Any) -> None:
+        """With clip skip N the last N-1 CLIP layers never reach the loss: freeze them, so DDP does not wait for
+        gradients that never come (several GPUs crashed at step 2) and the optimizer holds no state for them."""
+        layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers  # transformers 5 flattened it
+        for layer in list(layers)[len(layers) - (self.clip_skip - 1):] if self.clip_skip > 1 else []:
+            layer.requires_grad_(False)
+
+    def _setup_data(self) -> None:
+        from bp_trainer.train.latents import LatentCache, vae_fingerprint
+
+        cfg = self.cfg
+        self.cache = None
+        if cfg.latents.cache != "none":
+            # default: shared by the runs in runs_dir (keys cover image, bucket, crop and VAE, so sharing is safe)
+            cache_dir = cfg.latents.dir or str(RunDir(cfg.run.runs_dir).path / "latent_cache")
+            self.cache = LatentCache(cfg.latents.cache, cache_dir, vae_fingerprint(self.models.vae))
+        self.data = data_mod.build_data(cfg, rank=self.rank, world_size=self.world, cache=self.cache,
+                                        warn=self.warn if self.main else None,
+                                        pin_memory=self.device.type == "cuda")
+        self.sampler, self.loader, self.dataset = self.data["sampler"], self.data["loader"], self.data["dataset"]
+        self.accum = int(cfg.training.gradient_accumulation)
+        self.batches_per_epoch = len(self.sampler)
+        updates_per_epoch = math.ceil(self.batches_per_epoch / self.accum)
+        if cfg.training.max_steps:
+            self.total_steps = int(cfg.training.max_steps)
+            self.num_epochs = math.ceil(self.total_steps / updates_per_epoch)
+        else:
+            self.num_epochs = int(cfg.training.epochs)
+            self.total_steps = self.num_epochs * updates_per_epoch
+
+    def _setup_optimizer(self) -> None:
+        from bp_trainer.train.ema import EMA
+
+        t, m = self.cfg.training, self.models
+        groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": t.learning_rate,
+                   "base_lr": t.learning_rate}]
+        if self.train_te:
+            te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
+            groups.append({"params": [p for p in m.text_encoder.parameters() if p.requires_grad], "lr": te_lr,
+                           "base_lr": te_lr})
+        self.optimizer = _make_optimizer(groups, t, self.warn)
+        _configure_deepspeed(self.acc, int(t.batch_size), self.accum)
+        self.ema = None
+        if self.cfg.ema.enabled and self.main:  # only the main process saves and samples it: no copy elsewhere
+            self.ema = EMA(m.unet, decay=self.cfg.ema.decay,
+                           device="cpu" if self.cfg.ema.device == "cpu" else self.device)
+        if self.train_te:
+            self.unet, self.text_encoder, self.optimizer = self.acc.prepare(m.unet, m.text_encoder, self.optimizer)
+        else:
+            self.unet, self.optimizer = self.acc.prepare(m.unet, self.optimizer)
+            self.text_encoder = m.text_encoder
+        self.raw_unet = self.acc.unwrap_model(self.unet)
+
+    def _resume(self) -> None:
+        latest = state_mod.latest_state(self.rd)
+        if latest is None:
+            self.warn("no saved state to resume from; starting from step 0")
+            return
+        trainer_state = state_mod.load_state(self.acc, latest, ema=self.ema, generator=self.generator)
+        self.step = int(trainer_state["step"])
+        samplers = trainer_state.get("samplers") or [trainer_state["sampler"]]
+        self.sampler.load_state_dict(samplers[self.rank] if self.rank < len(samplers) else samplers[0])
+        self.epoch, self.batch_in_epoch = self.sampler.epoch, self.sampler.state_dict()["position"]
+        self.skipped_updates = int(trainer_state.get("skipped_updates", 0))
+        self.resumed_from = self.saved_at = self.step  # a resumed state was saved at its step
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def latents_for(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """The batch's latents: from the cache, or encoded by the VAE (and cached)."""
+        from bp_trainer.train.latents import LatentCache, encode
+
+        cache, keys, pixels = self.cache, batch["cache_key"], batch["pixels"]
+        out: List[Optional[torch.Tensor]] = [None] * len(keys)
+        todo = []
+        for i, key in enumerate(keys):
+            if cache is not None and key is not None and pixels[i] is None:
+                out[i] = cache.get(key)
+            if out[i] is None:
+                todo.append(i)
+        if todo:
+            if any(pixels[i] is None for i in todo):  # cache entry vanished between load and use
+                raise BPError("a cached latent disappeared during training", path=str(cache.dir if cache else ""),
+                              hint="do not delete the latent cache while a run uses it")
+            px = torch.stack([pixels[i] for i in todo])
+            gens = [LatentCache.generator_for(keys[i]) if cache is not None else self.generator for i in todo]
+            with torch.no_grad():
+                lat = encode(self.models.vae, px, gens, float(self.models.vae.config.scaling_factor))
+            for j, i in enumerate(todo):
+                out[i] = lat[j]
+                if cache is not None and keys[i] is not None:
+                    cache.put(keys[i], lat[j])
+        return torch.stack([o.to(self.device, non_blocking=True) for o in out]).float()  # type: ignore[union-attr]
+
+    def condition(self, captions: List[str]) -> torch.Tensor:
+        ctx = contextlib.nullcontext() if self.train_te else torch.no_grad()
+        with ctx:
+            return self.family.encode_text(self.models, captions, clip_skip=self.clip_skip,
+                                           max_chunks=int(self.cfg.dataset.max_chunks),
+                                           text_encoder=self.text_encoder)
+
+    def train_step(self, batch: Dict[str, Any], *, loss_scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of one batch (gradients accumulate); returns the loss as a device tensor."""
+        t = self.cfg.training
+        latents = self.latents_for(batch)
+        with self.acc.autocast():
+            cond = self.condition(batch["caption"])
+            loss = diffusion_loss(self.unet, self.models.noise_scheduler, latents, cond, self.generator,
+                                  noise_offset=float(t.noise_offset), min_snr_gamma=t.min_snr_gamma,
+                                  v_prediction=self.models.v_prediction)
+        self.acc.backward(loss * loss_scale)
+        return loss.detach()
+
+    def update(self) -> bool:
+        """One optimizer update with the accumulated gradients; False when the fp16 grad scaler skipped it (an
+        overflow): then neither the step counter, the LR schedule nor the EMA advance."""
+        t = self.cfg.training
+        factor = lr_factor(self.step, schedule=t.lr_scheduler, warmup=int(t.lr_warmup_steps), total=self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        if t.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.acc.clip_grad_norm_(params, t.max_grad_norm)
+        if self.ema is not None:
+            self.ema.before_optimizer_step()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self.optimizer, "step_was_skipped", False):
+            self.skipped_updates += 1
+            return False
+        self.step += 1
+        if self.ema is not None and self.step % int(self.cfg.ema.every_n_steps) == 0:
+            self.ema.update(self.raw_unet)
+        return True
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps or self.epoch >= self.num_epochs
+
+    def run(self) -> Dict[str, Any]:
+        self._emit_start()
+        reason = "finished"
+        try:
+            if self.cfg.logging.record_batches:
+                self._record = open(self.rd.batches(self.rank), "a", encoding="utf-8")
+            while not self.finished:
+                if self._run_epoch():
+                    reason = "stopped"
+                    break
+                if not self.finished:
+                    self.epoch += 1
+            if reason == "finished" and self.saved_at != self.step:
+                self.save("end", outputs=bool(self.cfg.saving.at_end))
+                if self.cfg.sampling.due(self.step, bool(self.cfg.saving.at_end)):
+                    self.sample()
+            self._write_final_record()
+        finally:
+            if self._record is not None:
+                self._record.close()
+            if self.progress is not None:
+                self.progress.close()
+        return self._emit_done(reason)
+
+    def _run_epoch(self) -> bool:
+        """Train the rest of the current epoch; True when a stop was requested (saved already)."""
+        self.sampler.set_epoch(self.epoch)
+        self.dataset.epoch = self.epoch
+        self.batch_in_epoch = self.sampler.state_dict()["position"]
+        for batch in self.loader:
+            index = self.batch_in_epoch
+            last_in_epoch = index + 1 >= self.batches_per_epoch
+            group_size = min(self.accum, self.batches_per_epoch - (index - index % self.accum))
+            sync = (index + 1) % self.accum == 0 or last_in_epoch
+            self._record_batch(batch, index)
+            no_sync = not sync and self.world > 1
+            with self._no_sync() if no_sync else contextlib.nullcontext():
+                self._group_losses.append(self.train_step(batch, loss_scale=1.0 / group_size))
+            self.batch_in_epoch = index + 1
+            start, images, updates = self._window
+            self._window = (start, images + len(batch["index"]) * self.world, updates)
+            if not sync:
+                continue
+            if not self.update():
+                self._group_losses = []
+                self.warn(f"fp16 overflow: update skipped (the grad scaler lowered its scale; "
+                          f"{self.skipped_updates} skipped so far)")
+                continue
+            if self._after_update():
+                return True
+            if self.step >= self.total_steps:
+                return False
+        every = int(self.cfg.saving.every_n_epochs)
+        if every and (self.epoch + 1) % every == 0 and self.step < self.total_steps and self.saved_at != self.step:
+            self.batch_in_epoch = self.batches_per_epoch
+            self.save("every_n_epochs", outputs=True)
+            if self.cfg.sampling.due(self.step, True):
+                self.sample()
+        return False
+
+    def _no_sync(self) -> Any:
+        models = [self.unet] + ([self.text_encoder] if self.train_te else [])
+        return self.acc.no_sync(*models) if len(models) > 1 else self.acc.no_sync(self.unet)
+
+    def _after_update(self) -> bool:
+        """Loss bookkeeping, events, stop check, periodic save and samples; True when stopping (saved)."""
+        self._check_loss()
+        self._log_step()
+        if self.stop.requested(self.acc):
+            self.save(f"stop ({self.stop.reason()})", outputs=bool(self.cfg.saving.on_stop))
+            return True
+        s = self.cfg.saving
+        saved = False
+        if s.every_n_steps and self.step % int(s.every_n_steps) == 0 and self.step < self.total_steps:
+            self.save("every_n_steps", outputs=True)
+            saved = True
+        if self.cfg.sampling.due(self.step, saved) and self.step < self.total_steps:
+            self.sample()
+        return False
+
+    def _check_loss(self) -> None:
+        """The mean loss of the update (all processes); a NaN/inf loss stops the run before any save."""
+        loss = torch.stack(self._group_losses).float().mean()
+        self._group_losses = []
+        if self.world > 1:
+            loss = self.acc.reduce(loss.reshape(1), "mean")[0]
+        self.loss = float(loss.item())
+        if not math.isfinite(self.loss):
+            raise NonFiniteLoss(f"the loss became {self.loss} at step {self.step}; nothing was saved from it, the "
+                                f"last saved state (step {max(self.saved_at, 0)}) stays resumable",
+                                hint="lower training.learning_rate (or use bf16/fp32 instead of fp16) and resume")
+
+    def _log_step(self) -> None:
+        now = time.perf_counter()
+        start, images, updates = self._window
+        updates += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.progress is not None:
+            self.progress.update(self.loss, lr)
+        if self.step % int(self.cfg.logging.every_n_steps) == 0 or self.step == self.total_steps:
+            elapsed = now - start
+            ips = images / elapsed if elapsed > 0 else 0.0
+            self._step_times.append(elapsed / max(updates, 1))
+            per_step = sum(self._step_times[-20:]) / len(self._step_times[-20:])
+            self.events.emit("step", step=self.step, epoch=self.epoch, loss=self.loss, lr=lr,
+                             images_per_second=ips, eta_seconds=round(per_step * (self.total_steps - self.step), 1),
+                             total_steps=self.total_steps, skipped_updates=self.skipped_updates)
+            self.acc.log({"loss": self.loss, "lr": lr, "images_per_second": ips}, step=self.step)
+            self._window = (now, 0, 0)
+        else:
+            self._window = (start, images, updates)
+
+    # ------------------------------------------------------------------------------------------ save / sample
+
+    def save(self, reason: str, *, outputs: bool) -> Optional[Dict[str, Any]]:
+        """The resumable state (always) and, with `outputs`, the checkpoints; every process calls it."""
+        from bp_trainer.train.saving import save_outputs
+
+        files = None
+        self.acc.wait_for_everyone()
+        if outputs and self.main:
+            files = save_outputs(cfg=self.cfg, family=self.family, run_dir=self.rd, step=self.step,
+                                 epoch=self.epoch, unet=self.raw_unet, models=self.models,
+                                 text_encoder=self.acc.unwrap_model(self.text_encoder), ema=self.ema,
+                                 frozen=self.frozen_originals)
+        mine = self.sampler.state_dict()
+        mine["epoch"], mine["position"] = self.epoch, self.batch_in_epoch
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            mine["epoch"], mine["position"] = self.epoch + 1, 0
+        gathered = _gather_objects(self.acc, mine)
+        trainer_state = {"step": self.step, "epoch": mine["epoch"], "sampler": gathered[0], "samplers": gathered,
+                         "world_size": self.world, "reason": reason, "skipped_updates": self.skipped_updates}
+        path = state_mod.save_state(self.acc, self.rd, step=self.step, trainer=trainer_state, ema=self.ema,
+                                    generator=self.generator, keep=int(self.cfg.saving.keep_states))
+        self.events.emit("checkpoint", step=self.step, epoch=self.epoch, reason=reason, files=files or {},
+                         state=str(path))
+        self.saved_at = self.step
+        if files:
+            self.last_files = files
+        self._sample_model_hash = files
+        return files
+
+    def sample(self) -> None:
+        """Sample the prompts with the trained (and EMA) weights; once per step (again only to add the Model hash
+        of a checkpoint saved at the same step)."""
+        from bp_trainer.train import sampling
+
+        files = getattr(self, "_sample_model_hash", None) if self.saved_at == self.step else None
+        if self._sampled[0] == self.step and (self._sampled[1] or not files):
+            return
+        self._sampled = (self.step, bool(files))
+        self.acc.wait_for_everyone()
+        if self.main:
+            sampling.sample_run(self, files)
+        self.acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def _emit_start(self) -> None:
+        self.acc.init_trackers("bp_train")
+        self.events.emit("start", run_dir=str(self.rd.path), world_size=self.world, total_steps=self.total_steps,
+                         epochs=self.num_epochs, images=self.data["images"],
+                         buckets=[list(b) for b in self.data["buckets"]], batches_per_epoch=self.batches_per_epoch,
+                         resumed_from_step=self.resumed_from, prediction_type=self.models.prediction_type,
+                         model=str(self.cfg.model.base), mixed_precision=self.acc.mixed_precision,
+                         device=str(self.device))
+
+    def _emit_done(self, reason: str) -> Dict[str, Any]:
+        outputs = {k: v.get("path") for k, v in (self.last_files or {}).items()}
+        cache = self.cache
+        self.events.emit("done", step=self.step, epoch=self.epoch, reason=reason, outputs=outputs, loss=self.loss,
+                         skipped_updates=self.skipped_updates,
+                         latent_cache={"hits": cache.hits, "misses": cache.misses} if cache is not None else None)
+        return {"reason": reason, "step": self.step, "outputs": outputs, "files": self.last_files or {}}
+
+    def _record_batch(self, batch: Dict[str, Any], index: int) -> None:
+        if self._record is not None:
+            items = data_mod.describe_batches(self.data, batch["index"], self.cfg.dataset.path)
+            self._record.write(json.dumps({"step": self.step, "epoch": self.epoch, "batch": index, "items": items,
+                                           "size": list(batch["size"])}) + "\n")
+
+    def _write_final_record(self) -> None:
+        if self._record is not None:
+            self._record.write(json.dumps({"final": True, "step": self.step,
+                                           "weights": weights_digest(self.raw_unet)}) + "\n")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters (to compare processes' weights bit for bit)."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _make_optimizer(params: List[Dict[str, Any]], t: Any, warn: Any) -> Any:
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - missing or broken bitsandbytes: plain AdamW
+            warn(f"8-bit AdamW unavailable ({type(exc).__name__}: {exc}); using torch AdamW")
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _configure_deepspeed(accelerator: Any, batch_size: int, accum: int) -> None:
+    """Under DeepSpeed (ZeRO-2 from the user's accelerate config) tell it the per-GPU batch size; our batches
+    come from the bucket sampler, not a prepared DataLoader it could read it from."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    if accum != 1:
+        raise BPError("with DeepSpeed, set gradient_accumulation_steps in the DeepSpeed config",
+                      hint="and keep training.gradient_accumulation at 1")
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+
+
+def _gather_objects(accelerator: Any, obj: Any) -> List[Any]:
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([obj]))
