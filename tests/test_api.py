@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from bp_trainer.rundir import RunDir
+from conftest import write_model_header
+
 FAKE_TRAINER = r"""
 import json, os, sys, time
 run_dir = sys.argv[1]
@@ -81,7 +84,7 @@ def api(tmp_path, monkeypatch):
     def fake_start_run(cfg, *, resume_dir=None, run_dir=None, python=None, **kw):
         target = launcher.prepare_run(cfg, resume_dir=resume_dir, run_dir=run_dir)
         proc = subprocess.Popen([python, str(script), str(target)], start_new_session=True)
-        launcher.write_lock(target, proc.pid)
+        RunDir(target).write_lock(proc.pid)
         started.append(proc)
         return launcher.RunHandle(target, proc)
 
@@ -122,10 +125,10 @@ def test_start_status_events_stop(api):
     app, host, root = api
     config = {"model": {"base": str(root / "model.safetensors")}, "dataset": {"path": str(root / "data")}}
     code, body = call(app, "POST", "/bp-train/v1/start", json={"config": config})
-    assert code == 200, body
+    assert code == 202 and body["status"] == "starting", body  # answered at once; the hand-off runs behind it
     run_dir = Path(body["run_dir"])
     assert run_dir.parent == root / "runs" and (run_dir / "config.yaml").is_file()
-    assert host.calls == ["release"]
+    assert _wait(lambda: host.calls == ["release"])
     # one run at a time
     code, body2 = call(app, "POST", "/bp-train/v1/start", json={"config": config})
     assert code == 409 and "already running" in body2["detail"]

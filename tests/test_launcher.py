@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from bp_trainer import launcher
+from bp_trainer.rundir import RunDir
 from bp_trainer.train import config as C
 from bp_trainer.train.events import read_all
 
@@ -53,38 +54,54 @@ def _env(tmp_path: Path) -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
+def _parsed(argv):
+    """argv as accelerate's own `launch` parser reads it (the independent truth of what the command means)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"]
+    return launch_command_parser().parse_args(argv[3:])
+
+
 def test_command_for_one_and_several_processes(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
     cfg = C.validate({"run": {"num_processes": 2}, "training": {"mixed_precision": "bf16"}}, check_paths=False)
     cmd = launcher.build_command(cfg, tmp_path, use_cpu=True, python="/opt/py/bin/python")
-    argv = cmd["argv"]
-    assert argv[:3] == ["/opt/py/bin/python", "-m", "accelerate.commands.launch"]
-    assert argv[argv.index("--num_processes") + 1] == "2" and "--multi_gpu" in argv and "--cpu" not in argv
-    assert argv[argv.index("--mixed_precision") + 1] == "bf16"
-    assert argv[-5:] == ["-m", "bp_trainer.train", str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path)]
+    args = _parsed(cmd["argv"])
+    assert cmd["argv"][0] == "/opt/py/bin/python"
+    assert (args.num_processes, args.multi_gpu, args.cpu, args.mixed_precision) == (2, True, False, "bf16")
+    assert args.module and args.training_script == "bp_trainer.train"
+    assert args.training_script_args == [str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path)]
+    assert args.num_cpu_threads_per_process >= 1  # passed, so accelerate does not warn and guess
     # several CPU processes need MULTI_GPU + ACCELERATE_USE_CPU (gloo); --cpu would run one process
     assert cmd["env"]["ACCELERATE_USE_CPU"] == "true"
-    acc = yaml.safe_load(Path(cmd["accelerate_config"]).read_text())
-    assert acc["distributed_type"] == "MULTI_GPU" and acc["num_processes"] == 2 and acc["use_cpu"] is False
+    acc = load_config_from_file(cmd["accelerate_config"])
+    assert str(acc.distributed_type).endswith("MULTI_GPU") and acc.num_processes == 2 and not acc.use_cpu
 
-    one = C.validate({}, check_paths=False)
-    cmd1 = launcher.build_command(one, tmp_path, use_cpu=True, resume=True)
-    assert "--cpu" in cmd1["argv"] and "--multi_gpu" not in cmd1["argv"] and cmd1["argv"][-1] == "--resume"
-    assert cmd1["argv"][0] == sys.executable and "ACCELERATE_USE_CPU" not in cmd1["env"]
+    one = launcher.build_command(C.validate({}, check_paths=False), tmp_path, use_cpu=True, resume=True)
+    args1 = _parsed(one["argv"])
+    assert args1.cpu and not args1.multi_gpu and args1.training_script_args[-1] == "--resume"
+    assert one["argv"][0] == sys.executable and "ACCELERATE_USE_CPU" not in one["env"]
 
     own = tmp_path / "my_accelerate.yaml"
     own.write_text("distributed_type: DEEPSPEED\n")
     mine = C.validate({"run": {"accelerate_config": str(own), "python": "/venv/bin/python"}}, check_paths=False)
-    cmd2 = launcher.build_command(mine, tmp_path)
-    assert cmd2["argv"][:5] == ["/venv/bin/python", "-m", "accelerate.commands.launch", "--config_file", str(own)]
-    assert "--num_processes" not in cmd2["argv"]
+    args2 = _parsed(launcher.build_command(mine, tmp_path)["argv"])
+    assert args2.config_file == str(own) and args2.num_processes is None  # the user's file decides
 
 
-def test_mixed_precision_auto(tmp_path):
-    assert [launcher.resolve_mixed_precision(v, use_cpu=True) for v in ("auto", "fp16", "bf16", "no")] == \
-        ["no", "no", "bf16", "no"]
-    assert launcher.resolve_mixed_precision("fp16", use_cpu=False) == "fp16"
-    argv = launcher.build_command(C.validate({}, check_paths=False), tmp_path, use_cpu=True)["argv"]
-    assert argv[argv.index("--mixed_precision") + 1] == "no"  # the default `auto` on a CPU
+def test_mixed_precision_is_chosen_by_compute_capability():
+    pick = launcher.choose_precision
+    assert [pick("auto", cap) for cap in ((9, 0), (8, 6), (8, 0), (7, 5), (7, 0), (6, 1))] == \
+        ["bf16", "bf16", "bf16", "fp16", "fp16", "fp16"]  # T4/V100/RTX 20xx (7.x) have no native bf16
+    assert pick("auto", (7, 5), arch="sd2") == "no"  # SD 2.x overflows in fp16
+    assert [pick(v, None) for v in ("auto", "fp16", "bf16", "no")] == ["no", "no", "bf16", "no"]
+    assert pick("fp16", (8, 0)) == "fp16" and pick("bf16", (7, 5)) == "bf16"  # an explicit choice stands
+    # the launcher decides `auto` without touching a GPU: the trainer picks it from its own device
+    assert launcher.launch_precision("auto", use_cpu=False) == "no"
+    assert launcher.launch_precision("fp16", use_cpu=False) == "fp16"
+    for preset in ("768", "1024"):
+        assert C.preset(preset).get("training", {}).get("mixed_precision", "auto") == "auto"
 
 
 def test_a_trainer_python_that_does_not_exist_is_a_clear_error_and_leaves_no_run_folder(tiny_model_dir, dataset,
@@ -107,10 +124,10 @@ def test_find_active_run_ignores_stale_locks(tmp_path):
         (d / "config.yaml").write_text("{}")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        launcher.write_lock(live, proc.pid)
+        RunDir(live).write_lock(proc.pid)
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
-        launcher.write_lock(dead, gone.pid)
+        RunDir(dead).write_lock(gone.pid)
         (dead / "events.jsonl").write_text(json.dumps({"type": "start", "total_steps": 9}) + "\n")
         assert launcher.find_active_run(tmp_path) == live
         runs = {Path(r["run_dir"]).name: r for r in launcher.list_runs(tmp_path)}
@@ -131,7 +148,7 @@ def test_resuming_a_run_whose_trainer_still_saves_after_its_lock_is_gone_is_a_bp
     run = tmp_path / "saving"
     run.mkdir()
     (run / "config.yaml").write_text("{}")
-    (run / launcher.TRAINER_PID_FILE).write_text(str(os.getpid()))  # alive; no run.lock
+    RunDir(run).write_trainer_pid(os.getpid())  # alive; no run.lock
     with pytest.raises(launcher.BPError, match=f"already running.*pid {os.getpid()}"):
         launcher.prepare_run(C.validate({}, check_paths=False), resume_dir=run)
 
@@ -165,7 +182,7 @@ def test_two_cpu_processes_train_data_parallel(tiny_model_dir, dataset, tmp_path
 
     scan = scan_dataset(dataset)
     rel = [os.path.relpath(it.path, dataset) for it in scan.items]
-    ref = BucketBatchSampler.from_sizes([it.size for it in scan.items], ArbConfig.from_dict(cfg["arb"]), 1,
+    ref = BucketBatchSampler.from_sizes([it.size for it in scan.items], cfg.arb, 1,
                                         seed=11, rank=0, world_size=2, base_res=(64, 64))
     for epoch in (0, 1):
         used = [item.split("#")[0] for r in (0, 1) for b in records[r] if b.get("epoch") == epoch
@@ -303,10 +320,10 @@ def test_sigterm_to_the_process_group_saves_and_the_handle_waits_for_the_trainer
         assert handle.poll() is None, (handle.run_dir / "train.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert launcher.trainer_pid(handle.run_dir) not in (0, handle.pid)
+    assert RunDir(handle.run_dir).trainer_pid() not in (0, handle.pid)
     launcher.signal_group(handle.pid, signal.SIGTERM)
     handle.wait(timeout=120)
     evs = read_all(handle.run_dir)
     assert evs[-1]["type"] == "done" and evs[-1]["reason"] == "stopped"
     assert [e for e in evs if e["type"] == "checkpoint"][-1]["reason"] == "stop (SIGTERM)"
-    assert not launcher.is_active(handle.run_dir) and launcher.find_active_run(tmp_path / "runs") is None
+    assert not RunDir(handle.run_dir).is_active() and launcher.find_active_run(tmp_path / "runs") is None

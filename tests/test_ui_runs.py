@@ -18,6 +18,7 @@ import pytest
 
 from bp_trainer import launcher
 from bp_trainer.errors import BPError
+from bp_trainer.rundir import RunDir
 from conftest import write_model_header
 from bp_trainer import run_controller as runs
 from bp_trainer.ui.standalone import StandaloneHost
@@ -147,7 +148,7 @@ def test_one_run_at_a_time_and_graceful_stop(tmp_path, fake_trainer):
     assert host.calls.count("release") == 1  # the refused start did not touch the GPU
     assert "generation" in ctl.snapshot()["gpu_note"]  # the host makes generation wait: the UI says so
     ctl.stop()
-    assert (Path(run_dir) / launcher.STOP_FILE).exists()
+    assert RunDir(run_dir).stop_file.exists()
     assert ctl.wait(30)
     snap = ctl.snapshot()
     assert snap["status"] == "stopped" and ctl.exit_code == 0 and not snap["active"]
@@ -279,7 +280,7 @@ def test_stop_pressed_twice_sends_sigterm(tmp_path, fake_trainer):
     assert _wait_for(lambda: ctl.snapshot()["step"] >= 1)
     # make the stand-in ignore the STOP file: rename it away as soon as it appears
     assert "Stopping" in ctl.stop()
-    (Path(run_dir) / launcher.STOP_FILE).unlink()
+    RunDir(run_dir).stop_file.unlink()
     assert "SIGTERM" in ctl.stop()
     assert ctl.wait(30)
     assert ctl.exit_code not in (0, None)  # killed by the signal (the stand-in has no handler)

@@ -46,7 +46,7 @@ def test_initial_form_is_the_768_preset(host):
     assert arb == C.preset("768")["arb"]
     full = yaml.safe_load(init["yaml"])
     # Every schema section and key is in the YAML box; the form shows the same values.
-    assert set(full) == set(C.SCHEMA) and all(set(full[s]) == set(C.SCHEMA[s]) for s in C.SCHEMA)
+    assert set(full) == set(C.SECTIONS) and all(set(full[s]) == set(C.section_keys(s)) for s in C.SECTIONS)
     for (key, _), value in zip(train_form.FORM_FIELDS, init["values"]):
         assert train_form.config_value(key, value) == train_form.get(full, key), key
 
@@ -62,7 +62,7 @@ def test_form_wins_over_yaml_and_advanced_keys_survive(host, tmp_path):
     assert cfg.training.batch_size == 7
     assert cfg.training.learning_rate == pytest.approx(3e-5)
     assert cfg.training.max_steps is None  # 0 in the form means "use epochs"
-    assert cfg.sampling.prompts == ["a, b", "c"]
+    assert cfg.sampling.prompts == ("a, b", "c")
     assert cfg.latents.cache == "memory"
     assert cfg.model.base == str(tmp_path / "models" / "Stable-diffusion" / "base.safetensors")
     assert cfg.run.runs_dir == host.runs_dir()
@@ -99,7 +99,7 @@ def test_yaml_round_trip_through_the_form(host, tmp_path):
     assert (base, dataset, preset) == ("base.safetensors", str(tmp_path / "data"), "1024")
     cfg = cb.config_from_form(yaml_text, base, dataset, arb, values)
     for sec in ("arb", "training", "sampling", "ema", "saving"):
-        assert cfg[sec] == C.validate(raw, check_paths=False)[sec], sec
+        assert getattr(cfg, sec) == getattr(C.validate(raw, check_paths=False), sec), sec
 
 
 def test_preset_applies_buckets_and_batch(host):
@@ -115,12 +115,15 @@ def test_preset_applies_buckets_and_batch(host):
 
 def test_export_writes_a_loadable_run_yaml(host, tmp_path):
     cb = TrainCallbacks(host)
-    init, values = _form(cb, run__name="my run/1")
+    init, values = _form(cb, run__name="my run/1")  # a run name is a name, never a path
     path, msg = cb.export_yaml(init["yaml"], "base.safetensors", str(tmp_path / "data"), init["arb"], *values)
-    assert Path(path).name == "my-run-1.yaml"
+    assert path is None and "run.name" in msg and "not a path" in msg
+    init, values = _form(cb, run__name="my-run_1")
+    path, msg = cb.export_yaml(init["yaml"], "base.safetensors", str(tmp_path / "data"), init["arb"], *values)
+    assert Path(path).name == "my-run_1.yaml"
     loaded = C.load_config(path)
-    assert loaded["model"]["base"].endswith("base.safetensors")
-    assert loaded["arb"] == C.validate(C.preset("768"), check_paths=False)["arb"]
+    assert loaded.model.base.endswith("base.safetensors")
+    assert loaded.arb == C.validate(C.preset("768"), check_paths=False).arb
 
 
 def test_poll_redraws_only_on_change(host, tmp_path):

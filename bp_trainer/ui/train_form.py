@@ -116,8 +116,9 @@ def parse_yaml(text: str) -> Dict[str, Any]:
     return raw
 
 
-def dump_yaml(cfg: Mapping[str, Any]) -> str:
-    return _cfgmod().dump_config(dict(cfg))
+def dump_yaml(cfg: Any) -> str:
+    """YAML of a raw form config (a dict) or a validated RunConfig."""
+    return _cfgmod().dump_config(cfg if not isinstance(cfg, Mapping) else dict(cfg))
 
 
 def initial_config(preset: str = DEFAULT_PRESET) -> Dict[str, Any]:
