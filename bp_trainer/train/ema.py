@@ -54,7 +54,7 @@ class EMA:
     done when the next update starts or when the EMA is read)."""
 
     def __init__(self, model: torch.nn.Module, *, decay: float = 0.9999, device: "str | torch.device" = "cpu",
-                 warmup: bool = True, copier_factory: Any = None):
+                 warmup: bool = True, copier_factory: Any = None, async_copy: "bool | None" = None):
         self.decay = float(decay)
         self.warmup = warmup
         self.device = torch.device(device)
@@ -63,6 +63,7 @@ class EMA:
                                            for _, p in model.named_parameters()]
         self.num_updates = 0
         self._copier_factory = copier_factory or HostCopier
+        self._async_copy = async_copy  # None: when the model is on a GPU and the EMA on the CPU
         self._copier: Any = None
         self._pending_weight: "float | None" = None
 
@@ -78,7 +79,10 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         weight = 1.0 - self.current_decay()
         self.num_updates += 1
-        if params[0].device.type == "cuda" and self.device.type == "cpu":
+        use_copier = self._async_copy
+        if use_copier is None:
+            use_copier = params[0].device.type == "cuda" and self.device.type == "cpu"
+        if use_copier:
             self.flush()
             if self._copier is None:
                 self._copier = self._copier_factory(params)
