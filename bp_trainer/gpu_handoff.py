@@ -61,11 +61,6 @@ class GpuHandoff:
         a = self._attempt
         return a is not None and not a.lent and not a.finished and not a.cancelled
 
-    @property
-    def released_at(self) -> Optional[float]:
-        a = self._attempt
-        return a.since if a is not None and a.lent else None
-
     def release(self, timeout: Optional[float] = 600.0) -> None:
         """Take the generation lock and move the model off the GPU; returns when done.
 

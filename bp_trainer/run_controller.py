@@ -172,8 +172,10 @@ class RunController:
             self.host.release_gpu()
             self._gpu_released = True
             try:
+                host_env = getattr(self.host, "trainer_env", None)
                 handle = launcher.start_run(cfg, resume_dir=run_dir if resume_dir else None,
-                                            run_dir=None if resume_dir else run_dir, python=python)
+                                            run_dir=None if resume_dir else run_dir, python=python,
+                                            env=host_env() if callable(host_env) else None)
             except BaseException:
                 self._reclaim()
                 raise

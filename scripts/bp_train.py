@@ -7,6 +7,7 @@ so `bp_trainer` is imported at module level. The "BP presets" Script is in `scri
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -61,10 +62,35 @@ def _unload_model() -> None:
         model = sd_models.model_data.sd_model  # peek: shared.sd_model would load a model if none was ever loaded
         if model is not None:
             sd_models.unload_model_weights(model)
+        # "Maximum number of checkpoints loaded at the same time" > 1 keeps others: they leave the GPU too
+        for other in list(getattr(sd_models.model_data, "loaded_sd_models", []) or []):
+            if other is not None and other is not model:
+                sd_models.unload_model_weights(other)
     finally:
         if got:
             lock.release()
+    gc.collect()  # drop Python references first, so the cache below can really be emptied
     devices.torch_gc()
+
+
+def child_cuda_devices(device_id: Any, parent_visible: "str | None") -> "str | None":
+    """CUDA_VISIBLE_DEVICES for the trainer so its cuda:0 is the WebUI's `--device-id` GPU (an index into the
+    WebUI's own visible devices); None when the WebUI uses the default device."""
+    if device_id is None or str(device_id).strip() == "":
+        return None
+    visible = [d.strip() for d in parent_visible.split(",")] if parent_visible else None
+    index = int(device_id)
+    return visible[index] if visible and 0 <= index < len(visible) else str(index)
+
+
+def gpu_memory_in_use() -> float:
+    """GiB the WebUI process still holds on its GPU (0 without CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    except Exception:  # noqa: BLE001 - a status must never fail
+        return 0.0
 
 
 REFRESH_LOCK_WAIT_S = 120.0  # a long generation: re-scan without the lock rather than hang the tab
@@ -244,8 +270,15 @@ class WebUIHost:
             pass
         return settings
 
+    def trainer_env(self) -> Dict[str, str]:
+        """Environment for the trainer child: the WebUI's --device-id GPU becomes the trainer's cuda:0."""
+        devices = child_cuda_devices(getattr(shared.cmd_opts, "device_id", None),
+                                     os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {}
+
     def gpu_status(self) -> Dict[str, Any]:
         return {"released": self.handoff.released, "waiting_for_generation": self.handoff.pending,
+                "still_in_use_gib": round(gpu_memory_in_use(), 2) if self.handoff.released else None,
                 "shared_without_lock": self._lent_without_lock,
                 "generation_may_run_during_training": self.generation_may_run_during_training()}
 

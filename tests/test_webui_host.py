@@ -288,3 +288,27 @@ def test_refresh_waits_for_a_running_generation_unless_a_run_holds_the_lock(webu
     assert finished.wait(10)
     host.reclaim_gpu()
     assert not lock.locked()
+
+
+def test_trainer_uses_the_webuis_device_id_gpu(webui, monkeypatch):
+    host = webui.glue["get_host"]()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(webui.shared.cmd_opts, "device_id", None, raising=False)
+    assert host.trainer_env() == {}  # the default device: the trainer's default too
+    monkeypatch.setattr(webui.shared.cmd_opts, "device_id", "1", raising=False)
+    assert host.trainer_env() == {"CUDA_VISIBLE_DEVICES": "1"}
+    # --device-id indexes the WebUI's own visible devices: with CUDA_VISIBLE_DEVICES=2,3 device 1 is GPU 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert host.trainer_env() == {"CUDA_VISIBLE_DEVICES": "3"}
+
+
+def test_release_unloads_every_loaded_checkpoint(webui):
+    current, other = webui.sd_models.FakeSdModel(), webui.sd_models.FakeSdModel()
+    webui.sd_models.model_data.set_sd_model(current, already_loaded=True)
+    webui.sd_models.model_data.loaded_sd_models = [current, other]  # "checkpoints loaded at the same time: 2"
+    host = webui.glue["get_host"]()
+    host.release_gpu()
+    try:
+        assert current.device == "cpu" and other.device == "cpu"
+    finally:
+        host.reclaim_gpu()
