@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from bp_trainer import __version__
+from bp_trainer import __version__, access
 from bp_trainer.errors import BPError
 from bp_trainer.rundir import RunDir
 
@@ -91,21 +91,28 @@ def _load_start_config(host: Any, request: Dict[str, Any]) -> tuple:
     if len(sources) != 1:
         raise BPError("give exactly one of 'config' (a run config mapping), 'config_path' (a run YAML on the "
                       "server) or 'resume_dir' (a run folder to resume)", hint=f"got {sources or 'none'}")
+    roots = access.roots_of(host)
     resume_dir = None
     if sources == ["config_path"]:
-        cfg = C.load_config(request["config_path"])
+        cfg = C.load_config(roots.run_file("config_path", request["config_path"]))
     elif sources == ["resume_dir"]:
-        resume_dir = str(request["resume_dir"])
+        resume_dir = roots.run_file("resume_dir", request["resume_dir"])
+        if not RunDir(resume_dir).config.is_file():
+            raise BPError("'resume_dir' is not a run folder (no config.yaml)", hint="pass a folder listed by /status")
         cfg = C.load_config(RunDir(resume_dir).config)
     else:
         raw = request["config"]
         if not isinstance(raw, dict):
             raise BPError("'config' must be a mapping of sections (model, dataset, training, ...)")
-        if request.get("train_preset"):
-            raw = C.merge(C.preset(str(request["train_preset"])), raw)
+        preset = request.get("train_preset")
+        if preset not in (None, ""):
+            if not isinstance(preset, str):
+                raise BPError("'train_preset' must be a preset name such as \"768\"")
+            raw = C.merge(C.preset(preset), raw)
         cfg = C.validate(raw, source="request config")
-    # runs live in the host's runs folder, where the tab and /status look for them
-    return cfg.with_values(run={"runs_dir": host.runs_dir()}), resume_dir
+    access.check_config_paths(cfg, roots)
+    # runs live in the host's runs folder, where the tab and /status look for them; the trainer is the host's
+    return cfg.with_values(run={"runs_dir": host.runs_dir(), "python": ""}), resume_dir
 
 
 def start(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
@@ -147,7 +154,12 @@ def events(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any
     run_dir = request.get("run_dir") or ctl.run_dir
     if not run_dir:
         raise Conflict("no run to follow", hint="start one, or pass run_dir")
-    evs, offset = follow(run_dir, int(request.get("offset") or 0))
+    if request.get("run_dir"):
+        run_dir = access.roots_of(host).run_file("run_dir", run_dir)
+    offset = request.get("offset") or 0
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise BPError(f"'offset' must be a byte offset (a whole number >= 0), got {offset!r}")
+    evs, offset = follow(run_dir, offset)
     return _jsonable({"run_dir": str(run_dir), "events": evs, "offset": offset, "active": ctl.active})
 
 
@@ -235,6 +247,8 @@ def create_router(host: Any, *, credentials: Optional[Dict[str, str]] = None) ->
             return fn(host, body or {})
         except Conflict as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
+        except access.Forbidden as exc:
+            raise HTTPException(status_code=403, detail=str(exc)) from None
         except BPError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
 

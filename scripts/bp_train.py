@@ -203,6 +203,16 @@ class WebUIHost:
 
         return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
 
+    def allowed_roots(self) -> Dict[str, List[str]]:
+        """Folders the HTTP API may name besides the runs folder (bp_trainer.access): the WebUI's model folders
+        and the ones the user listed in Settings > BP Train."""
+        from modules import sd_models, sd_vae
+
+        models = [sd_models.model_path, getattr(shared.cmd_opts, "ckpt_dir", None), sd_vae.vae_path,
+                  getattr(shared.cmd_opts, "vae_dir", None)]
+        extra = str(_opt("bp_train_api_roots", "")).replace(",", "\n").splitlines()
+        return {"models": [m for m in models if m], "any": [e.strip() for e in extra if e.strip()]}
+
     # tokenizer
     def tokenizer(self) -> Any:
         from modules import sd_models
@@ -315,6 +325,11 @@ def on_ui_settings() -> None:
     opts.add_option("bp_train_presets_file", shared.OptionInfo(
         "", "Presets file of the \"BP presets\" Script (empty: default)", gr.Textbox, section=SECTION,
     ).info(default_presets_file()))
+    opts.add_option("bp_train_api_roots", shared.OptionInfo(
+        "", "Extra folders the HTTP API may read models and datasets from (one per line or comma-separated)",
+        gr.Textbox, section=SECTION,
+    ).info("the API also allows the WebUI's checkpoint and VAE folders, the runs folder and datasets trained "
+           "from in the tab; see README > Safety"))
     opts.add_option("bp_train_allow_generation", shared.OptionInfo(
         False, "Let image generation run during training", section=SECTION,
     ).info("off: while a run trains, the model leaves the GPU and generation waits; on: both share the GPU memory"))

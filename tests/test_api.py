@@ -5,6 +5,7 @@ the host's GPU released while the run lives and reclaimed when it ends."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -57,6 +58,9 @@ class FakeHost:
 
     def checkpoint_dir(self):
         return str(self.root)
+
+    def allowed_roots(self):
+        return {"datasets": [str(self.root / "data")]}  # as if the user had trained from it in the tab
 
     def generation_may_run_during_training(self):
         return False
@@ -153,7 +157,7 @@ def test_bad_requests_name_the_problem(api):
     app, host, root = api
     code, body = call(app, "POST", "/bp-train/v1/start", json={"config": {"model": {"base": str(root / "nope")}}})
     assert code == 400 and "model.base" in body["detail"] and "dataset.path: missing" in body["detail"]
-    code, body = call(app, "POST", "/bp-train/v1/start", json={"config_path": str(root / "missing.yaml")})
+    code, body = call(app, "POST", "/bp-train/v1/start", json={"config_path": str(root / "runs" / "missing.yaml")})
     assert code == 400 and "missing.yaml" in body["detail"]
     code, body = call(app, "POST", "/bp-train/v1/start", content=b"not json")
     assert code == 400 and "JSON" in body["detail"]
@@ -189,3 +193,89 @@ def test_status_reports_a_broken_trainer_env_instead_of_failing(api, monkeypatch
     (root / "venv" / "bp-train-env.json").write_text('{"requirements_sha256": "x"}')
     code, body = call(app, "GET", "/bp-train/v1/status")
     assert code == 200 and body["trainer_env"]["state"] == "error" and "gone.txt" in body["trainer_env"]["message"]
+
+
+# ------------------------------------------------------------------------------------------- the path rule
+
+
+@pytest.fixture
+def outside(tmp_path_factory):
+    """Files a remote client must not reach: a model, a dataset, a run YAML and a run folder outside the roots."""
+    out = tmp_path_factory.mktemp("outside")
+    write_model_header(out / "model.safetensors")
+    (out / "data").mkdir()
+    (out / "run").mkdir()
+    (out / "run" / "config.yaml").write_text("{}")
+    (out / "run" / "events.jsonl").write_text('{"type": "start", "secret": "do not leak"}\n')
+    (out / "run.yaml").write_text("model: {base: model.safetensors}\ndataset: {path: data}\n")
+    (out / "accelerate.yaml").write_text("distributed_type: NO\n")
+    return out
+
+
+def _variants(root: Path, target: Path) -> dict:
+    """The same outside file as an absolute path, through `..` from inside the runs folder, and through a
+    symbolic link inside the runs folder."""
+    runs = root / "runs"
+    runs.mkdir(exist_ok=True)
+    link = runs / f"link-{target.name}"
+    if not link.exists():
+        link.symlink_to(target)
+    dotdot = runs / ".." / ".." / target.parent.name / target.name
+    return {"absolute": str(target), "dotdot": str(dotdot), "symlink": str(link)}
+
+
+CONFIG_FIELDS = [("model", "base", "model.safetensors"), ("model", "vae", "model.safetensors"),
+                 ("dataset", "path", "data"), ("latents", "dir", "data"), ("run", "accelerate_config", "accelerate.yaml")]
+
+
+@pytest.mark.parametrize("section, key, name", CONFIG_FIELDS)
+def test_config_paths_outside_the_allowed_folders_are_refused(api, outside, section, key, name):
+    app, host, root = api
+    for how, path in _variants(root, outside / name).items():
+        config = {"model": {"base": str(root / "model.safetensors")}, "dataset": {"path": str(root / "data")}}
+        config.setdefault(section, {})[key] = path
+        code, body = call(app, "POST", "/bp-train/v1/start", json={"config": config})
+        assert code == 403 and f"{section}.{key}" in body["detail"], (how, body)
+    assert host.calls == [] and not any(p.is_dir() and not p.is_symlink() for p in (root / "runs").iterdir())
+
+
+@pytest.mark.parametrize("field, name", [("config_path", "run.yaml"), ("resume_dir", "run")])
+def test_config_path_and_resume_dir_must_lie_in_the_runs_folder(api, outside, field, name):
+    app, host, root = api
+    for how, path in _variants(root, outside / name).items():
+        code, body = call(app, "POST", "/bp-train/v1/start", json={field: path})
+        assert code == 403 and field in body["detail"] and "secret" not in body["detail"], (how, body)
+    code, body = call(app, "POST", "/bp-train/v1/start", json={"config_path": "/etc/passwd"})
+    assert code == 403 and "root:" not in body["detail"]  # never read, never quoted
+    code, body = call(app, "POST", "/bp-train/v1/start", json={field: 12})
+    assert code == 400 and field in body["detail"]  # not a path: a 4xx naming the field, not a 500
+    assert host.calls == []
+
+
+def test_events_of_a_folder_outside_the_runs_folder_are_refused(api, outside):
+    app, host, root = api
+    for how, path in _variants(root, outside / "run").items():
+        code, body = call(app, "GET", "/bp-train/v1/events", params={"run_dir": path})
+        assert code == 403 and "secret" not in json.dumps(body), (how, body)
+    for bad in ("-1", "abc"):
+        code, body = call(app, "GET", "/bp-train/v1/events", params={"run_dir": str(root / "runs"), "offset": bad})
+        assert code in (400, 422) and "offset" in json.dumps(body)
+
+
+def test_run_name_is_a_name_not_a_path(api):
+    app, host, root = api
+    for name in ("/tmp/x", "../../escaped", "a/b", ".."):
+        config = {"run": {"name": name}, "model": {"base": str(root / "model.safetensors")},
+                  "dataset": {"path": str(root / "data")}}
+        code, body = call(app, "POST", "/bp-train/v1/start", json={"config": config})
+        assert code == 400 and "run.name" in body["detail"], (name, body)
+    assert host.calls == [] and not Path("/tmp/x-s000001.safetensors").exists()
+
+
+def test_a_dataset_trained_from_in_the_tab_is_allowed_over_http(tmp_path):
+    from bp_trainer import access
+
+    runs = tmp_path / "runs"
+    assert access.remembered_datasets(runs) == []
+    access.remember_dataset(runs, str(tmp_path / "data" / ".." / "data"))
+    assert access.remembered_datasets(runs) == [str((tmp_path / "data").resolve())]
