@@ -124,6 +124,15 @@ def build_command(cfg: "RunConfig", run_dir: "str | os.PathLike[str]", *, resume
     rd = RunDir(Path(run_dir).resolve())
     python = python or cfg.run.python or sys.executable
     env: Dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+    trainer = ["-m", "bp_trainer.train", str(rd.config), "--run-dir", str(rd.path)] + (["--resume"] if resume else [])
+    if cfg.run.num_processes == 1 and not cfg.run.accelerate_config:
+        # one process needs no launcher: the trainer's own one-line errors and exit codes reach the user as they
+        # are (accelerate's launcher would wrap them in a CalledProcessError traceback)
+        settings = accelerate_settings(cfg, use_cpu=use_cpu)
+        env["ACCELERATE_MIXED_PRECISION"] = settings["mixed_precision"]
+        if settings["use_cpu"]:
+            env["ACCELERATE_USE_CPU"] = "true"
+        return {"argv": [python, *trainer], "env": env, "accelerate_config": None}
     if cfg.run.accelerate_config:
         acc_path = Path(cfg.run.accelerate_config)
         argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(acc_path)]
@@ -144,10 +153,7 @@ def build_command(cfg: "RunConfig", run_dir: "str | os.PathLike[str]", *, resume
             env["ACCELERATE_USE_CPU"] = "true"
         elif settings["use_cpu"]:
             argv += ["--cpu"]
-    argv += ["-m", "bp_trainer.train", str(rd.config), "--run-dir", str(rd.path)]
-    if resume:
-        argv.append("--resume")
-    return {"argv": argv, "env": env, "accelerate_config": str(acc_path)}
+    return {"argv": argv + trainer, "env": env, "accelerate_config": str(acc_path)}
 
 
 def find_active_run(runs_dir: "str | os.PathLike[str]") -> Optional[Path]:

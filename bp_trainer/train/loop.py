@@ -288,6 +288,7 @@ class TrainLoop:
             self._window = (start, images + len(batch["index"]) * self.world, updates)
             if not sync:
                 continue
+            self._check_loss()  # before the update: a NaN/inf loss never reaches the weights
             if not self.update():
                 self._group_losses = []
                 self.warn(f"fp16 overflow: update skipped (the grad scaler lowered its scale; "
@@ -310,8 +311,7 @@ class TrainLoop:
         return self.acc.no_sync(*models) if len(models) > 1 else self.acc.no_sync(self.unet)
 
     def _after_update(self) -> bool:
-        """Loss bookkeeping, events, stop check, periodic save and samples; True when stopping (saved)."""
-        self._check_loss()
+        """Events, stop check, periodic save and samples; True when stopping (saved)."""
         self._log_step()
         if self.stop.requested(self.acc):
             self.save(f"stop ({self.stop.reason()})", outputs=bool(self.cfg.saving.on_stop))
@@ -326,15 +326,17 @@ class TrainLoop:
         return False
 
     def _check_loss(self) -> None:
-        """The mean loss of the update (all processes); a NaN/inf loss stops the run before any save."""
+        """The mean loss of the coming update (all processes); a NaN/inf loss stops the run before the update and
+        before any save. One host sync per optimizer update (none per micro-batch)."""
         loss = torch.stack(self._group_losses).float().mean()
         self._group_losses = []
         if self.world > 1:
             loss = self.acc.reduce(loss.reshape(1), "mean")[0]
         self.loss = float(loss.item())
         if not math.isfinite(self.loss):
-            raise NonFiniteLoss(f"the loss became {self.loss} at step {self.step}; nothing was saved from it, the "
-                                f"last saved state (step {max(self.saved_at, 0)}) stays resumable",
+            raise NonFiniteLoss(f"the loss became {self.loss} at step {self.step + 1}; that update was not applied and "
+                                f"nothing was saved from it: the last saved state (step {max(self.saved_at, 0)}) "
+                                "stays resumable",
                                 hint="lower training.learning_rate (or use bf16/fp32 instead of fp16) and resume")
 
     def _log_step(self) -> None:

@@ -1,0 +1,127 @@
+"""Training faults: a diverging run stops at once without publishing non-finite weights, `--check` refuses
+non-finite and out-of-range numbers, relative run folders work, and an error inside the trainer reaches the
+user as one line with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bp_trainer.errors import BPError
+from bp_trainer.train import config as C
+from bp_trainer.train.events import read_all
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    from bp_trainer.dataset.demo import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("faults") / "ds"
+    write_demo_dataset(out, count=6, seed=9)
+    return out
+
+
+def _raw(model_dir, data, runs, **sections):
+    raw = {"run": {"name": "f", "runs_dir": str(runs)}, "model": {"base": str(model_dir)},
+           "dataset": {"path": str(data)},
+           "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128},
+           "training": {"batch_size": 2, "learning_rate": 1e-3, "seed": 3, "max_steps": 6},
+           "ema": {"every_n_steps": 1}, "saving": {"every_n_epochs": 0, "every_n_steps": 2},
+           "logging": {"tensorboard": False, "progress_bar": "false"}}
+    for sec, body in sections.items():
+        raw.setdefault(sec, {}).update(body)
+    return raw
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_and_publishes_nothing_non_finite(tiny_model_dir, small_dataset, tmp_path,
+                                                                   monkeypatch):
+    from bp_trainer.train import loop as loop_mod
+    from bp_trainer.train.run import train
+    from bp_trainer.train.state import latest_state
+
+    real, calls = loop_mod.diffusion_loss, []
+
+    def diverging(*args, **kw):  # the 4th update's loss is NaN, as when a learning rate far too high diverges
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * float("nan") if len(calls) >= 4 else loss
+
+    monkeypatch.setattr(loop_mod, "diffusion_loss", diverging)
+    cfg = C.validate(_raw(tiny_model_dir, small_dataset, tmp_path))
+    run_dir = tmp_path / "run"
+    with pytest.raises(BPError, match="loss became nan at step 4"):
+        train(cfg, run_dir, install_signals=False)
+    events = read_all(run_dir)
+    error = [e for e in events if e["type"] == "error"]
+    assert error and "step 4" in error[-1]["message"] and "learning_rate" in error[-1]["message"]
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2]  # nothing saved after the NaN
+    assert latest_state(run_dir).name == "step-00000002"  # the last good state stays resumable
+    monkeypatch.setattr(loop_mod, "diffusion_loss", real)
+    result = train(cfg, run_dir, resume=True, install_signals=False)
+    assert result["step"] == 6
+
+
+@pytest.mark.parametrize("training, fragment", [({"learning_rate": ".nan"}, "training.learning_rate"),
+                                                ({"learning_rate": 1.0e8}, "training.learning_rate"),
+                                                ({"seed": 12345678901234567890}, "training.seed"),
+                                                ({"noise_offset": float("inf")}, "training.noise_offset")])
+def test_check_refuses_non_finite_and_out_of_range_numbers(tmp_path, capsys, training, fragment):
+    from bp_trainer import cli
+    from conftest import write_model_header
+
+    (tmp_path / "d").mkdir()
+    raw = {"model": {"base": str(write_model_header(tmp_path / "m.safetensors"))}, "dataset": {"path": str(tmp_path / "d")}}
+    text = yaml.safe_dump({**raw, "training": training})
+    path = tmp_path / "run.yaml"
+    path.write_text(text.replace("'.nan'", ".nan"), encoding="utf-8")
+    assert cli.main(["train", "--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_relative_run_folders_resolve_before_the_child_starts_in_them(tmp_path, monkeypatch):
+    """The child runs inside its run folder: `--run-dir runs/NAME` (or `--resume runs/NAME`) must not be
+    resolved from there (it was: FileNotFoundError ... accelerate.yaml)."""
+    from bp_trainer import launcher
+
+    monkeypatch.chdir(tmp_path)
+    cfg = C.validate({"run": {"num_processes": 2}}, check_paths=False)
+    target = launcher.prepare_run(cfg, run_dir="runs/rel")
+    assert target == tmp_path / "runs" / "rel" and target.is_absolute()
+    for resume in (False, True):
+        cmd = launcher.build_command(cfg, "runs/rel", resume=resume, use_cpu=True)
+        os.chdir(target)  # where the child runs
+        try:
+            assert Path(cmd["accelerate_config"]).is_file()
+            i = cmd["argv"].index("bp_trainer.train")
+            assert Path(cmd["argv"][i + 1]).is_file() and Path(cmd["argv"][i + 3]).is_dir()
+        finally:
+            os.chdir(tmp_path)
+    assert launcher.prepare_run(cfg, resume_dir="runs/rel") == target
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_trainer_is_one_line_with_exit_code_2(tiny_model_dir, tmp_path):
+    """A dataset with no usable image is found by the trainer child (the config check only sees a folder)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("no images here")
+    raw = _raw(tiny_model_dir, data, tmp_path / "runs")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
+               HF_HOME=str(tmp_path / "hf"), ACCELERATE_USE_CPU="true")
+    proc = subprocess.run([sys.executable, "-m", "bp_trainer", "train", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "no usable images" in errors[0] and str(data) in errors[0]
+    assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
