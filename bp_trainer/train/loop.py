@@ -93,9 +93,9 @@ class TrainLoop:
 
             m.unet.set_attn_processor(AttnProcessor())
         if t.gradient_checkpointing:
-            m.unet.enable_gradient_checkpointing()
-            if self.train_te:
-                m.text_encoder.gradient_checkpointing_enable()
+            m.unet.enable_gradient_checkpointing()  # diffusers passes use_reentrant=False itself
+            if self.train_te:  # explicit: transformers 4.x defaults to the reentrant variant, 5.x does not
+                m.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.vae.to(self.device, dtype=self.weight_dtype if self.weight_dtype != torch.float16 else torch.float32)
         if self.train_te:
             self._freeze_skipped_layers(m.text_encoder)
