@@ -61,12 +61,23 @@ def test_a_finished_but_unreaped_setup_process_does_not_hold_the_lock(tmp_path):
 
 
 def test_requirements_pin_the_trainer_stack_for_python_310_torch_21():
-    lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements-trainer.txt").read_text().splitlines()]
-    pins = dict(ln.split("==") for ln in lines if ln)
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(ln) for ln in (ln.split("#")[0].strip()
+                                       for ln in (ROOT / "requirements-trainer.txt").read_text().splitlines()) if ln]
+    pins = {r.name: str(r.specifier) for r in reqs}
     assert set(pins) == {"diffusers", "transformers", "tokenizers", "huggingface_hub", "accelerate", "safetensors",
-                         "tensorboard"}
+                         "tensorboard", "bitsandbytes"}
+    assert all(spec.startswith("==") for spec in pins.values()), pins
     # nothing that would replace the WebUI's torch
     assert not any(name.lower().startswith(("torch", "xformers", "gradio", "fastapi")) for name in pins)
+    # bitsandbytes 0.45.5 (the newest that accepts torch 2.1) has wheels for Linux x86-64 and Windows only (checked on
+    # the registry): elsewhere a set-up must not try to build it
+    bnb = next(r for r in reqs if r.name == "bitsandbytes").marker
+    on = {"linux-x86_64": ("linux", "x86_64"), "windows": ("win32", "AMD64"), "mac-arm": ("darwin", "arm64"),
+          "mac-intel": ("darwin", "x86_64"), "linux-arm": ("linux", "aarch64")}
+    assert {k for k, (plat, machine) in on.items()
+            if bnb.evaluate({"sys_platform": plat, "platform_machine": machine})} == {"linux-x86_64", "windows"}
 
 
 def test_setup_layers_on_the_base_python_offline(tmp_path):
