@@ -1,4 +1,5 @@
-"""`python -m bp_trainer COMMAND …`: one thin entry point; each command lives in `bp_trainer/commands/`.
+"""`bp-train COMMAND …` (or `python -m bp_trainer COMMAND …`): one thin entry point; each command lives in
+`bp_trainer/commands/`.
 
 A command module defines `configure(parser)` (adds its arguments) and `run(args) -> int`. Modules are
 imported only when their command runs, so `--help` and light commands start fast and a heavy dependency
@@ -41,7 +42,7 @@ def _load(module: str) -> Any:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bp_trainer", description="BP Train: SD 1.x fine-tuning tools")
+    parser = argparse.ArgumentParser(prog="bp-train", description="BP Train: SD 1.x fine-tuning tools")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

@@ -91,11 +91,8 @@ def _tail(path: Path, n: int = 20) -> List[str]:
 
 def _lock_owner(env_dir: Path) -> Optional[int]:
     """pid of a live set-up process holding the lock, else None (a stale lock is ignored)."""
-    try:
-        pid = int(_lock_path(env_dir).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
+    pid = _lock_pid(_lock_path(env_dir))
+    if pid is None:
         return None
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows: trust a recent lock
         try:
@@ -106,6 +103,79 @@ def _lock_owner(env_dir: Path) -> Optional[int]:
     from bp_trainer.launcher import pid_alive
 
     return pid if pid_alive(pid) else None  # a set-up that exited but is not reaped yet (zombie) holds nothing
+
+
+def _lock_pid(lock: Path) -> Optional[int]:
+    try:
+        pid = int(lock.read_text(encoding="utf-8").strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists; False when it does. Atomic, and never seen empty: the text
+    goes into a private file (O_EXCL) that is then hard-linked to `path` (link fails when `path` exists)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w", encoding="utf-8") as fh:
+        fh.write(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this file system (FAT, some network drives): O_EXCL on the name itself
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def take_setup_lock(env_dir: "str | os.PathLike[str]", pid: int) -> Optional[int]:
+    """Take the set-up lock of `env_dir` for process `pid` (atomically: of set-ups started at once, one wins).
+
+    Returns None when `pid` holds it now (or already did), else the pid of the live set-up that holds it. A lock
+    left by a process that is gone is taken over: it is removed only under a second exclusive file (the breaker)
+    and only after re-reading that it still names a dead process, so two takers never remove each other's lock.
+    """
+    env = Path(env_dir)
+    lock = _lock_path(env)
+    breaker = lock.with_name(lock.name + ".break")
+    deadline = time.monotonic() + 30
+    while True:
+        if _create_exclusive(lock, str(pid)):
+            return None
+        owner = _lock_owner(env)
+        if owner == pid:
+            return None
+        if owner is not None:
+            return owner
+        if time.monotonic() > deadline:
+            raise BPError("cannot take the trainer environment's set-up lock", path=lock,
+                          hint="delete it if no set-up is running")
+        if _create_exclusive(breaker, str(os.getpid())):
+            try:
+                if _lock_owner(env) is None:  # still stale (re-read while no one else can remove it)
+                    lock.unlink(missing_ok=True)
+            finally:
+                breaker.unlink(missing_ok=True)
+            continue
+        _clear_stale_breaker(breaker)
+        time.sleep(0.01)
+
+
+def _clear_stale_breaker(breaker: Path) -> None:
+    """A breaker held for seconds belongs to a process that died while removing a stale lock."""
+    try:
+        if time.time() - breaker.stat().st_mtime > 10:
+            breaker.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _lock_path(env_dir: Path) -> Path:
@@ -226,11 +296,10 @@ def setup_lines(env_dir: "str | os.PathLike[str] | None" = None,
     env = Path(env_dir) if env_dir else default_env_dir()
     env.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_path(env)
-    owner = _lock_owner(env)
-    if owner is not None and owner != os.getpid():
+    owner = take_setup_lock(env, os.getpid())
+    if owner is not None:
         raise BPError(f"the trainer environment is already being set up (process {owner})", path=env,
                       hint=f"follow {_log_path(env)}")
-    lock.write_text(str(os.getpid()), encoding="utf-8")
     failed = _failed_path(env)
     ok = False
     try:
@@ -315,8 +384,8 @@ def start_background_setup(env_dir: "str | os.PathLike[str] | None" = None,
         env={**os.environ, "PYTHONPATH": pythonpath}, cwd=str(EXT_ROOT), stdin=subprocess.DEVNULL,
         # no inherited pipes: the WebUI reads install.py's output until EOF and must not wait for the set-up
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **_detached())
-    # the child writes the lock itself; write it now too so a status() right after sees "setting-up"
-    _lock_path(env).write_text(str(proc.pid), encoding="utf-8")
+    # the child takes the lock itself; take it for the child now too so a status() right after sees "setting-up"
+    take_setup_lock(env, proc.pid)
     return proc.pid
 
 

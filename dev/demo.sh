@@ -1,35 +1,39 @@
 #!/usr/bin/env bash
 # The README's first command: set up ./.venv, generate the tiny model and the sample dataset under ./demo, write a
-# ready-to-train run config, and open the BP Train app (standalone, no WebUI) on http://127.0.0.1:7860/.
+# ready-to-train run config, and open the BP Train app (standalone, no WebUI); it prints its address when it listens
+# (http://127.0.0.1:7860/ unless --port or BP_TRAIN_PORT says otherwise).
 #
 #   bash dev/demo.sh                 # the app, ready to train: press "Start training"
-#   bash dev/demo.sh --port 7861     # extra arguments go to `python -m bp_trainer ui`
-#   BP_DEMO=headless bash dev/demo.sh   # the headless demo instead (`python -m bp_trainer demo`: trains, prints outputs)
+#   bash dev/demo.sh --port 7861     # extra arguments go to `bp-train ui`
+#   BP_DEMO=headless bash dev/demo.sh   # the headless demo instead (`bp-train demo`: trains, prints outputs)
+#   BP_DEMO_DIR=/tmp/d bash dev/demo.sh # another folder than ./demo for the models, dataset, config and runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash dev/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-PY=.venv/bin/python
+BP=.venv/bin/bp-train  # installed by dev/setup.sh (this checkout, editable)
+demo=${BP_DEMO_DIR:-demo}
 
 if [ "${BP_DEMO:-ui}" = headless ]; then
-  exec "$PY" -m bp_trainer demo --out demo "$@"
+  exec "$BP" demo --out "$demo" "$@"
 fi
 
-models=demo/models
+models=$demo/models
 # The WebUI's layout: checkpoints in Stable-diffusion/, VAEs in VAE/ (the app lists them like the WebUI does).
 if [ ! -f "$models/Stable-diffusion/tiny-sd.safetensors" ] || [ ! -f "$models/VAE/tiny-vae.safetensors" ]; then
   echo "generating the tiny model into $models …"
-  "$PY" -m bp_trainer demo-model --out "$models/Stable-diffusion"
+  "$BP" demo-model --out "$models/Stable-diffusion"
   mkdir -p "$models/VAE"
   mv -f "$models/Stable-diffusion/tiny-vae.safetensors" "$models/VAE/tiny-vae.safetensors"
 fi
-if [ ! -d demo/dataset ] || [ -z "$(find demo/dataset -name '*.txt' -print -quit)" ]; then
-  echo "drawing the sample dataset into demo/dataset …"
-  "$PY" -m bp_trainer demo-dataset --out demo/dataset
+if [ ! -d "$demo/dataset" ] || [ -z "$(find "$demo/dataset" -name '*.txt' -print -quit)" ]; then
+  echo "drawing the sample dataset into $demo/dataset …"
+  "$BP" demo-dataset --out "$demo/dataset"
 fi
 
 # A ready-to-train run config: the headless demo's settings (tiny buckets, CPU-sized), pointing at the files above.
-"$PY" - <<'PYEOF'
+BP_DEMO_OUT=$demo .venv/bin/python - <<'PYEOF'
+import os
 from pathlib import Path
 
 import yaml
@@ -37,7 +41,7 @@ import yaml
 from bp_trainer.commands.demo import demo_config
 from bp_trainer.train.config import validate
 
-out = Path("demo").resolve()
+out = Path(os.environ["BP_DEMO_OUT"]).resolve()
 raw = demo_config(out, epochs=4, max_steps=None, num_processes=1)
 raw["run"]["name"] = "demo-ui"
 raw["run"]["runs_dir"] = str(out / "runs")
@@ -49,5 +53,6 @@ text = "# BP Train demo run for the app (written by dev/demo.sh); edit it or cha
 print(f"run config: {out / 'ui-run.yaml'}")
 PYEOF
 
-echo "starting the app: open http://127.0.0.1:${BP_TRAIN_PORT:-7860}/ and press 'Start training' (Ctrl+C quits)"
-exec "$PY" -m bp_trainer ui --models "$models" --runs demo/runs --config demo/ui-run.yaml "$@"
+# The app prints its own address (the port it really listens on) once it is up.
+echo "starting the app: open the address it prints below and press 'Start training' (Ctrl+C quits)"
+exec "$BP" ui --models "$models" --runs "$demo/runs" --config "$demo/ui-run.yaml" "$@"

@@ -61,12 +61,23 @@ def test_a_finished_but_unreaped_setup_process_does_not_hold_the_lock(tmp_path):
 
 
 def test_requirements_pin_the_trainer_stack_for_python_310_torch_21():
-    lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements-trainer.txt").read_text().splitlines()]
-    pins = dict(ln.split("==") for ln in lines if ln)
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(ln) for ln in (ln.split("#")[0].strip()
+                                       for ln in (ROOT / "requirements-trainer.txt").read_text().splitlines()) if ln]
+    pins = {r.name: str(r.specifier) for r in reqs}
     assert set(pins) == {"diffusers", "transformers", "tokenizers", "huggingface_hub", "accelerate", "safetensors",
-                         "tensorboard"}
+                         "tensorboard", "bitsandbytes"}
+    assert all(spec.startswith("==") for spec in pins.values()), pins
     # nothing that would replace the WebUI's torch
     assert not any(name.lower().startswith(("torch", "xformers", "gradio", "fastapi")) for name in pins)
+    # bitsandbytes 0.45.5 (the newest that accepts torch 2.1) has wheels for Linux x86-64 and Windows only (checked on
+    # the registry): elsewhere a set-up must not try to build it
+    bnb = next(r for r in reqs if r.name == "bitsandbytes").marker
+    on = {"linux-x86_64": ("linux", "x86_64"), "windows": ("win32", "AMD64"), "mac-arm": ("darwin", "arm64"),
+          "mac-intel": ("darwin", "x86_64"), "linux-arm": ("linux", "aarch64")}
+    assert {k for k, (plat, machine) in on.items()
+            if bnb.evaluate({"sys_platform": plat, "platform_machine": machine})} == {"linux-x86_64", "windows"}
 
 
 def test_setup_layers_on_the_base_python_offline(tmp_path):
@@ -143,3 +154,71 @@ def test_install_py_sets_up_in_the_background_then_is_a_quick_check(tmp_path):
     skipped = subprocess.run([sys.executable, str(ROOT / "install.py")], capture_output=True, text=True,
                              env={**os.environ, "BP_TRAIN_SKIP_TRAINER_ENV": "1"}, timeout=60)
     assert "skipped" in skipped.stdout and skipped.returncode == 0
+
+
+_TAKER = """
+import json, os, sys, time
+from bp_trainer import trainer_env as T
+env, folder = sys.argv[1], sys.argv[2]
+open(os.path.join(folder, "ready-%d" % os.getpid()), "w").close()
+while not os.path.exists(os.path.join(folder, "go")):  # spin, no sleep: the takers start microseconds apart
+    pass
+owner = T.take_setup_lock(env, os.getpid())
+print(json.dumps({"pid": os.getpid(), "owner": owner}), flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() < deadline:
+    time.sleep(0.01)  # the winner stays a live holder until every taker has answered
+"""
+
+
+def _race_for_the_lock(folder, env, takers=2):
+    procs = [subprocess.Popen([sys.executable, "-c", _TAKER, str(env), str(folder)], stdout=subprocess.PIPE,
+                              text=True, cwd=str(ROOT)) for _ in range(takers)]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(folder.glob("ready-*"))) < takers:
+            assert time.monotonic() < deadline, "the takers did not start"
+            time.sleep(0.01)
+        (folder / "go").touch()
+        results = [json.loads(p.stdout.readline()) for p in procs]
+    finally:
+        (folder / "release").touch()
+        for p in procs:
+            p.wait(timeout=60)
+    winners = [r["pid"] for r in results if r["owner"] is None]
+    assert len(winners) == 1, results  # exactly one set-up may run pip
+    assert all(r["owner"] == winners[0] for r in results if r["pid"] != winners[0]), results
+    return winners[0]
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
+def test_two_setups_started_at_once_one_takes_the_lock(tmp_path, stale):
+    env = tmp_path / "venv"
+    lock = env.parent / f".{env.name}.{T.LOCK_FILE}"
+    if stale:  # left by a set-up that died: taken over, by one of them only
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        lock.write_text(str(dead.pid))
+    folder = tmp_path / "race"
+    folder.mkdir()
+    winner = _race_for_the_lock(folder, env)
+    assert lock.read_text() == str(winner)
+    assert [p.name for p in tmp_path.iterdir() if p != folder] == [lock.name]  # no temporary files left
+
+
+def test_setup_refuses_while_another_live_setup_holds_the_lock(tmp_path):
+    env, req = tmp_path / "venv", tmp_path / "req.txt"
+    req.write_text("pyyaml\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert T.take_setup_lock(env, holder.pid) is None
+        assert T.take_setup_lock(env, holder.pid) is None  # the holder itself (the background child) goes on
+        with pytest.raises(BPError, match=f"already being set up \\(process {holder.pid}\\)"):
+            list(T.setup_lines(env, req, pip_args=["--no-index"]))
+        assert T.status(env, req).state == "setting-up"
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale, and the next set-up takes it over and releases it at the end
+    assert list(T.setup_lines(env, req, pip_args=["--no-index"]))[-1] == "== trainer environment ready"
+    assert not (env.parent / f".{env.name}.{T.LOCK_FILE}").exists()

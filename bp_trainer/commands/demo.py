@@ -1,4 +1,4 @@
-"""`python -m bp_trainer demo [--out DIR]`: a complete short bucketed fine-tune of the tiny model on CPU.
+"""`bp-train demo [--out DIR]`: a complete short bucketed fine-tune of the tiny model on CPU.
 
 Generates what is missing under DIR (the tiny model with `demo-model`'s writer, the sample dataset with
 `demo-dataset`'s), writes `DIR/demo.yaml`, trains it in a child `accelerate launch` process exactly as
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise BPError("--epochs and --max-steps must be at least 1")
     cfg_path = out / "demo.yaml"
     raw = demo_config(out, epochs=args.epochs, max_steps=args.max_steps, num_processes=args.num_processes)
-    cfg_path.write_text("# BP Train demo run (python -m bp_trainer demo)\n" + yaml.safe_dump(raw, sort_keys=False),
+    cfg_path.write_text("# BP Train demo run (bp-train demo)\n" + yaml.safe_dump(raw, sort_keys=False),
                         encoding="utf-8")
     cfg = load_config(cfg_path)
     if args.foreground:

@@ -1,4 +1,4 @@
-"""`python -m bp_trainer demo-dataset --out DIR [--count N]`: a procedurally drawn sample dataset with tag captions."""
+"""`bp-train demo-dataset --out DIR [--count N]`: a procedurally drawn sample dataset with tag captions."""
 
 from __future__ import annotations
 

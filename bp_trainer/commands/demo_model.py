@@ -1,4 +1,4 @@
-"""`python -m bp_trainer demo-model --out DIR`: the tiny SD-1.x-shaped model used by tests and the demo.
+"""`bp-train demo-model --out DIR`: the tiny SD-1.x-shaped model used by tests and the demo.
 
 Writes (a) a diffusers folder `DIR/tiny-sd/`, (b) a WebUI single file `DIR/tiny-sd.safetensors` with
 `model_ema.*` weights (the UNet plus a seeded perturbation, so EMA promotion is testable), (c) a VAE file

@@ -1,4 +1,4 @@
-"""`python -m bp_trainer ui [--port 7860] [--models DIR] [--runs DIR] [--config RUN.yaml]`: the standalone app.
+"""`bp-train ui [--port 7860] [--models DIR] [--runs DIR] [--config RUN.yaml]`: the standalone app.
 
 Serves the same "BP Train" tab as the WebUI extension on 127.0.0.1, without the WebUI: checkpoints from
 MODELS/Stable-diffusion, VAEs from MODELS/VAE (the WebUI's layout), runs under RUNS, the tokenizer from the
