@@ -8,7 +8,8 @@ import pytest
 
 from bp_trainer import cli
 from bp_trainer.errors import BPError
-from bp_trainer.presets import hires_enabled_on_paste, parse_infotext, preset_from_infotext, quote, split_infotext
+from bp_trainer.infotext import hires_enabled_on_paste, parse_infotext, quote, split_infotext
+from bp_trainer.presets.preset import preset_from_infotext
 from tests.conftest import load_fixture
 
 CASES = load_fixture("a1111-infotexts.json")["cases"]
@@ -125,7 +126,7 @@ def test_cli_infotext_json_and_save(tmp_path, capsys):
     assert result["fields"]["ENSD"] == "31337" and result["fields"]["Size-2"] == "96"
     assert result["preset"] == {"name": "NAI style", "description": "from an infotext", "clip_skip": 2, "ensd": 31337,
                                 "steps": 3, "sampler": "Euler a", "cfg_scale": 12.0}
-    from bp_trainer.presets import load_user_presets
+    from bp_trainer.presets.store import load_user_presets
 
     [saved] = load_user_presets(out)
     assert saved.name == "NAI style" and saved.ensd == 31337

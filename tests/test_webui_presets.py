@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bp_trainer import presets as P
+from bp_trainer import infotext as I
 from bp_trainer.errors import BPError
+from bp_trainer.presets import preset as P
 from tests.webui_stub.harness import load_webui, unload_webui
 
 
@@ -47,7 +48,7 @@ def test_recommended_on_txt2img_applies_and_restores_a_fresh_config(webui):
     processed = webui.generate(runner, p, webui.ui_args(runner, "BP presets"))
     assert p.sampled_with == {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337, "enable_hr": True}
     assert (p.hr_upscaler, p.hr_scale, p.denoising_strength) == ("Latent", 2.0, 0.7)
-    fields = P.parse_infotext(processed.infotexts[0])
+    fields = I.parse_infotext(processed.infotexts[0])
     assert fields["Clip skip"] == "2" and fields["ENSD"] == "31337"
     assert fields["Hires upscaler"] == "Latent" and float(fields["Hires upscale"]) == 2.0
     assert fields["Denoising strength"] == "0.7"
@@ -80,7 +81,7 @@ def test_img2img_gets_settings_but_no_hires(webui):
     processed = webui.generate(runner, p, webui.ui_args(runner, "BP presets"))
     assert not hasattr(p, "enable_hr") and p.denoising_strength == 0.4
     assert p.sampled_with["CLIP_stop_at_last_layers"] == 2 and p.sampled_with["eta_noise_seed_delta"] == 31337
-    fields = P.parse_infotext(processed.infotexts[0])
+    fields = I.parse_infotext(processed.infotexts[0])
     # DPM++ 2M does not use ENSD, so the WebUI does not write it; clip skip is written
     assert fields["Clip skip"] == "2" and "ENSD" not in fields and "Hires upscale" not in fields
 
