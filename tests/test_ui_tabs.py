@@ -154,7 +154,9 @@ def test_bucket_plan_of_the_demo_dataset(host, demo, tmp_path):
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (data / "broken.txt").write_text("1girl")
     arb_text = "arb:\n  base_res: [128, 128]\n  max_size: [192, 128]\n  divisible: 32\n  min_dim: 64\n  dim_limit: 256\n"
-    summary, chart, rows, skipped = BucketsCallbacks(host).plan(str(data), arb_text, "log", 2)
+    out = BucketsCallbacks(host).plan(str(data), arb_text, "log", 2)
+    summary, chart, rows, skipped = out["summary"], out["chart"], out["table"]["data"], out["skipped"]["data"]
+    assert out["table"]["headers"][:4] == ["bucket", "aspect", "megapixels", "images"]
     expected = generate_buckets(ArbConfig.from_dict({"base_res": [128, 128], "max_size": [192, 128], "divisible": 32,
                                                      "min_dim": 64, "dim_limit": 256}))
     assert [r[0] for r in rows] == [f"{w}\u00d7{h}" for w, h in expected]
@@ -167,11 +169,14 @@ def test_bucket_plan_of_the_demo_dataset(host, demo, tmp_path):
 
 def test_bucket_list_without_a_dataset_and_bad_blocks(host):
     cb = BucketsCallbacks(host)
-    msg, chart, rows, skipped = cb.plan("", "arb:\n  base_res: [512, 512]\n  max_size: [768, 512]\n")
-    assert len(rows) > 1 and skipped == [] and "buckets" in msg
+    out = cb.plan("", "arb:\n  base_res: [512, 512]\n  max_size: [768, 512]\n")
+    rows = out["table"]["data"]
+    assert len(rows) > 1 and "buckets" in out["summary"]
+    assert out["skipped"] == {"headers": ["file", "reason"], "data": []}  # named headers, not "1 2"
     assert all(float(r[2]) <= 768 * 512 / 1e6 for r in rows)  # max_size is an area budget
-    msg, *_ = cb.plan("", "arb:\n  divisible: lots\n")
-    assert "bp-msg-error" in msg and "divisible" in msg
+    out = cb.plan("", "arb:\n  divisible: lots\n")
+    assert "bp-msg-error" in out["summary"] and "divisible" in out["summary"]
+    assert out["table"]["headers"][0] == "bucket" and out["table"]["data"] == []
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -387,3 +392,57 @@ def test_token_counter_uses_the_hosts_prompt_settings(host, demo):
     no_emphasis = int(count.search(TokensCallbacks(SettingsHost(demo / "models", host.runs_dir(),
                                                                 settings={"emphasis": False})).inspect(prompt)).group(1))
     assert no_emphasis > plain  # brackets become tokens when emphasis is off
+
+
+# ------------------------------------------------------------------------------------------- train: wiring
+
+
+def _page(host):
+    import gradio as gr
+
+    from bp_trainer.ui.tab import build_tab
+
+    tab = build_tab(host)
+    with gr.Blocks() as page:  # rendered into a page the way the WebUI renders on_ui_tabs tabs
+        tab.render()
+    return page
+
+
+def _handler(page, elem_id: str, trigger: str):
+    """The function gradio runs when the component `elem_id` fires `trigger` (its inputs and outputs too)."""
+    by_id = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
+    target = by_id[elem_id]._id
+    for i, dep in enumerate(page.dependencies):
+        if dep["trigger"] == trigger and target in dep["targets"]:
+            return page.fns[i].fn, dep
+    raise AssertionError(f"no {trigger} event on {elem_id}")
+
+
+def test_yaml_to_form_fills_each_field_by_its_key_in_any_order(host, monkeypatch, tmp_path):
+    """Every form widget gets the value of its own config key, also when the fields are laid out in another
+    order (callbacks answer {component: value}; nothing depends on positions)."""
+    from bp_trainer.train import config as C
+    from bp_trainer.ui import train_form
+
+    raw = C.merge(C.defaults(), C.preset("1024"))
+    raw["training"].update(epochs=7, batch_size=3, learning_rate=2.5e-5, seed=1234)
+    raw["sampling"].update(prompts=["p1", "p2"], steps=11)
+    raw["run"]["name"] = "keyed"
+    expected = {key: train_form.form_value(key, train_form.get(raw, key)) for key, _ in train_form.FORM_FIELDS}
+    assert len(set(map(repr, expected.values()))) > 10  # distinct enough that a shift would show
+    for order in (list(train_form.FORM_FIELDS), list(reversed(train_form.FORM_FIELDS))):
+        monkeypatch.setattr(train_form, "FORM_FIELDS", order)
+        page = _page(host)
+        fn, dep = _handler(page, "bp_train_yaml_apply", "click")
+        result = fn(C.dump_config(raw))
+        by_elem = {getattr(comp, "elem_id", None): value for comp, value in result.items()}
+        for key, value in expected.items():
+            assert by_elem["bp_train_f_" + key.replace(".", "_")] == value, key
+        assert by_elem["bp_train_preset"] == "1024" and "bp-msg-ok" in by_elem["bp_train_message"]
+
+
+def test_a_bad_yaml_changes_only_the_message(host):
+    page = _page(host)
+    fn, dep = _handler(page, "bp_train_yaml_apply", "click")
+    result = fn("training: [")
+    assert [getattr(c, "elem_id", None) for c in result] == ["bp_train_message"]
