@@ -446,3 +446,85 @@ def test_a_bad_yaml_changes_only_the_message(host):
     fn, dep = _handler(page, "bp_train_yaml_apply", "click")
     result = fn("training: [")
     assert [getattr(c, "elem_id", None) for c in result] == ["bp_train_message"]
+
+
+# ------------------------------------------------------------------------------------------- train: progress
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [{"epochs": 2}, {"max_steps": 3}], ids=["epochs", "max_steps"])
+def test_progress_counts_the_epochs_of_a_real_run(tiny_model_dir, demo, tmp_path, training):
+    """A real tiny run's events: after each step the bar shows the epochs whose every step is done (the trainer's
+    own epoch labels say which steps belong to which epoch), all of them at the end; a max_steps run shows its
+    steps only (its last epoch is cut short, "epoch 0/1" said nothing)."""
+    from bp_trainer.train import config as C
+    from bp_trainer.train.events import read_all
+    from bp_trainer.train.run import train
+    from bp_trainer.ui.progress import RunView
+
+    cfg = C.validate({
+        "run": {"name": "p", "runs_dir": str(tmp_path)}, "model": {"base": str(tiny_model_dir)},
+        "dataset": {"path": str(demo / "data")},
+        "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128},
+        "training": {"batch_size": 4, "learning_rate": 1e-4, "seed": 1, **training},
+        "saving": {"every_n_epochs": 0}, "sampling": {"prompts": []},
+        "logging": {"tensorboard": False, "progress_bar": "false", "every_n_steps": 1},
+    })
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir)
+    events = read_all(run_dir)
+    steps = [e for e in events if e["type"] == "step"]
+    last_step_of_epoch: dict = {}
+    for e in steps:
+        last_step_of_epoch[e["epoch"]] = max(e["step"], last_step_of_epoch.get(e["epoch"], 0))
+    view = RunView(str(run_dir))
+    for ev in events:
+        view.apply([ev])
+        html = render.progress_html(view.summary())
+        if ev["type"] != "step":
+            continue
+        if "max_steps" in training:
+            assert "epoch" not in html and f"step {ev['step']}/3" in html
+        else:
+            done = sum(1 for last in last_step_of_epoch.values() if last <= ev["step"])
+            assert f"{done}/2 epochs" in html, (ev, html)
+    final = render.progress_html(view.summary())
+    assert "Finished" in final
+    assert ("2/2 epochs" in final) if "epochs" in training else ("epoch" not in final and "step 3/3" in final)
+    assert len(last_step_of_epoch) == (2 if "epochs" in training else 1)
+
+
+# ------------------------------------------------------------------------------------------- train: stop
+
+
+from tests.test_ui_runs import fake_trainer  # noqa: E402,F401 (the stand-in trainer fixture)
+
+
+def test_stop_says_what_it_does_and_a_second_press_is_the_force_stop_it_shows(tmp_path, fake_trainer):  # noqa: F811
+    """First press: the trainer is asked to finish its step, save and exit, and the button turns into "Force stop";
+    a second press does exactly that (kills it: no second graceful stop, so no second save)."""
+    import signal
+
+    from bp_trainer import launcher
+    from bp_trainer.ui import runs
+    from bp_trainer.ui.train_tab import FORCE_STOP_LABEL, STOP_LABEL, STOP_NOTE, TrainCallbacks
+    from tests.test_ui_runs import RecordingHost, _cfg, _wait_for
+
+    fake_trainer["steps"] = 100000
+    host = RecordingHost(tmp_path)
+    cb = TrainCallbacks(host)
+    run_dir = cb.controller.start(_cfg(host))
+    assert _wait_for(lambda: cb.controller.snapshot()["step"] >= 1)
+    assert cb.poll("")["stop"] == render.change(interactive=True, value=STOP_LABEL)
+    assert "finishes its current step, saves" in STOP_NOTE and FORCE_STOP_LABEL in STOP_NOTE
+    first = cb.stop()["message"]
+    assert "finishes its current step, saves and exits" in first
+    (Path(run_dir) / launcher.STOP_FILE).unlink()  # a trainer stuck in a long step never sees it
+    assert cb.poll("")["stop"] == render.change(interactive=True, value=FORCE_STOP_LABEL)
+    second = cb.stop()["message"]
+    assert "Force stop" in second and "killed" in second
+    ctl = runs.controller_for(host)
+    assert ctl.wait(30) and ctl.exit_code == -signal.SIGKILL
+    assert "SIGTERM" not in ctl.view.log_text()  # not the old second press (a second graceful stop)
+    assert cb.poll("")["stop"] == render.change(interactive=False, value=STOP_LABEL)
+    assert host.calls.count("reclaim") == 1

@@ -186,8 +186,8 @@ def test_run_view_error_event():
 
 def test_progress_html_eta_and_fraction():
     html = render.progress_html({"status": "running", "step": 25, "total_steps": 100, "eta": 3725, "loss": 0.123,
-                                 "ips": 4.5, "epoch": 1, "total_epochs": 4})
-    assert "width:25.0%" in html and "ETA 1:02:05" in html and "step 25/100" in html and "epoch 1/4" in html
+                                 "ips": 4.5, "epoch": 1, "epochs_done": 1, "total_epochs": 4})
+    assert "width:25.0%" in html and "ETA 1:02:05" in html and "step 25/100" in html and "1/4 epochs" in html
 
 
 def test_line_chart_smoothing_and_bounds():

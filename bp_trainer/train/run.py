@@ -294,7 +294,8 @@ def _train(cfg: Dict[str, Any], run_dir: Path, accelerator: Any, events: EventWr
     images_total = data["images"]
     accelerator.init_trackers("bp_train")
     events.emit("start", run_dir=str(run_dir), world_size=world, total_steps=total_steps, epochs=num_epochs,
-                images=images_total, buckets=[list(b) for b in data["buckets"]], batches_per_epoch=batches_per_epoch,
+                steps_per_epoch=updates_per_epoch, max_steps=int(t["max_steps"] or 0), images=images_total,
+                buckets=[list(b) for b in data["buckets"]], batches_per_epoch=batches_per_epoch,
                 resumed_from_step=resumed_from, prediction_type=m["prediction_type"], model=str(cfg["model"]["base"]),
                 mixed_precision=accelerator.mixed_precision, device=str(device))
     progress = _Progress(use_bar, total_steps, step)

@@ -241,11 +241,9 @@ def progress_html(view: Mapping[str, Any]) -> str:
         bits.append(f"step {step}/{total}")
     elif step:
         bits.append(f"step {step}")
-    if view.get("epoch") is not None:
-        ep = f"epoch {view['epoch']}"
-        if view.get("total_epochs"):
-            ep += f"/{view['total_epochs']}"
-        bits.append(ep)
+    done = view.get("epochs_done")
+    if done is not None:  # a max_steps run shows its steps only
+        bits.append(f"{done}/{view['total_epochs']} epochs" if view.get("total_epochs") else f"{done} epochs done")
     if view.get("loss") is not None:
         bits.append(f"loss {_num(view['loss'])}")
     if view.get("ips"):
