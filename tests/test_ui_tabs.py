@@ -528,3 +528,38 @@ def test_stop_says_what_it_does_and_a_second_press_is_the_force_stop_it_shows(tm
     assert "SIGTERM" not in ctl.view.log_text()  # not the old second press (a second graceful stop)
     assert cb.poll("")["stop"] == render.change(interactive=False, value=STOP_LABEL)
     assert host.calls.count("reclaim") == 1
+
+
+# ------------------------------------------------------------------------------------------- page load
+
+
+def test_a_page_load_lists_the_models_and_runs_there_are_now(host, tmp_path):
+    """The model, VAE and resume-run dropdowns are refreshed by every page load (a reload included), not frozen
+    at the lists of the app's (or the WebUI's) start."""
+    page = _page(host)
+    by_id = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
+    sd, vae_dir = host.models_dir / "Stable-diffusion", host.models_dir / "VAE"
+    new_ckpt, new_vae = sd / "added-later.safetensors", vae_dir / "added-later-vae.safetensors"
+    run_dir = Path(host.runs_dir()) / "stopped-run"
+    try:
+        new_ckpt.write_bytes(b"x")
+        new_vae.write_bytes(b"x")
+        (run_dir / "state" / "step-3").mkdir(parents=True)  # a run that stopped with a saved state
+        (run_dir / "config.yaml").write_text("{}", encoding="utf-8")
+        choices: dict = {}
+        for i, dep in enumerate(page.dependencies):
+            if dep["trigger"] != "load":
+                continue
+            inputs = [page.blocks[j].value for j in dep["inputs"]]
+            for comp, value in page.fns[i].fn(*inputs).items():
+                if isinstance(value, dict) and "choices" in value:
+                    choices[comp.elem_id] = [c[0] if isinstance(c, (list, tuple)) else c for c in value["choices"]]
+        assert "added-later.safetensors" in choices["bp_train_base"]
+        assert "added-later.safetensors" in choices["bp_train_mg_base"]
+        assert "added-later-vae.safetensors" in choices["bp_train_mg_vae"]
+        assert choices["bp_train_resume_run"] == ["stopped-run"]
+        assert "added-later.safetensors" not in [c[0] if isinstance(c, (list, tuple)) else c
+                                                 for c in by_id["bp_train_base"].choices]  # the built page had not
+    finally:
+        new_ckpt.unlink()
+        new_vae.unlink()
