@@ -155,11 +155,14 @@ def test_a_reloaded_page_lists_models_and_runs_added_since_the_start(page, app):
 
 
 def test_empty_tables_show_their_column_names(page):
-    _tab(page, "Buckets")
-    for elem, names in (("bp_train_bk_table", ["bucket", "aspect", "megapixels"]), ("bp_train_bk_skipped",
-                                                                                      ["file", "reason"])):
-        text = page.inner_text(f"#{elem}")
-        assert all(n in text for n in names) and not text.strip().startswith("1"), text
+    tables = {"Buckets": {"bp_train_bk_table": ["bucket", "aspect", "megapixels"], "bp_train_bk_skipped": ["file",
+                                                                                                         "reason"]},
+              "Tokens": {"bp_train_tok_table": ["tag", "images", "pieces", "tokens", "flag"]}}
+    for tab, elems in tables.items():
+        _tab(page, tab)
+        for elem, names in elems.items():
+            text = page.inner_text(f"#{elem}")
+            assert all(n in text for n in names) and not text.strip().startswith("1"), text
     _tab(page, "Train")
 
 
