@@ -441,8 +441,8 @@ def _wire(gr: Any, cb: TrainCallbacks, c: Mapping[str, Any]) -> None:
     render.on_page_load(lambda v: cb.refresh_lists(v["base"]), {"base": c["base"]}, lists)
     render.bind(c["refresh_models"].click, lambda v: cb.refresh_lists(v["base"]), {"base": c["base"]}, lists,
                 show_progress="hidden")
-    render.bind(c["resume_refresh"].click, lambda v: cb.refresh_lists(v["base"]), {"base": c["base"]}, lists,
-                show_progress="hidden")
+    render.bind(c["resume_refresh"].click, lambda v: {"resume_run": render.change(choices=cb.resumable_runs())}, None,
+                {"resume_run": c["resume_run"]}, show_progress="hidden")
     # User edits only (`input`/`blur`), so programmatic updates of the form do not echo back.
     sync_outputs = {"yaml": c["yaml"], "message": c["message"], "preset": c["preset"]}
     for comp in [c["base"], c["dataset"], c["arb"], *fields.values()]:
