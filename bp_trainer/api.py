@@ -181,28 +181,31 @@ def tokens(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def presets(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    from bp_trainer import presets as P
+    from bp_trainer.presets.preset import RECOMMENDED, SCRIPT_TITLE
+    from bp_trainer.presets.store import all_presets
 
     path = _presets_file(host)
-    items = [{"name": p.name, "builtin": p.builtin, "summary": p.summary(), **p.to_dict()} for p in P.all_presets(path)]
-    return {"script_name": P.SCRIPT_TITLE.lower(), "presets_file": path, "presets": items,
-            "recommended": P.RECOMMENDED}
+    items = [{"name": p.name, "builtin": p.builtin, "summary": p.summary(), **p.to_dict()} for p in all_presets(path)]
+    return {"script_name": SCRIPT_TITLE.lower(), "presets_file": path, "presets": items,
+            "recommended": RECOMMENDED}
 
 
 def infotext(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
-    from bp_trainer import presets as P
+    from bp_trainer.infotext import parse_infotext
+    from bp_trainer.presets.preset import preset_from_infotext
+    from bp_trainer.presets.store import add_user_preset
 
     text = request.get("text")
     if not isinstance(text, str) or not text.strip():
         raise BPError("'text' (an infotext) is required")
-    preset = P.preset_from_infotext(text, request.get("name") or "From infotext")
-    result: Dict[str, Any] = {"fields": P.parse_infotext(text, skip_fields=[]),
+    preset = preset_from_infotext(text, request.get("name") or "From infotext")
+    result: Dict[str, Any] = {"fields": parse_infotext(text, skip_fields=[]),
                               "preset": {"name": preset.name, **preset.to_dict()}, "summary": preset.summary()}
     if request.get("save"):
         path = _presets_file(host)
         if not path:
             raise BPError("this host has no presets file to save into")
-        P.add_user_preset(path, preset, replace=bool(request.get("replace")))
+        add_user_preset(path, preset, replace=bool(request.get("replace")))
         result["saved_to"] = path
     return _jsonable(result)
 

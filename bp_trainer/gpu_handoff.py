@@ -41,11 +41,13 @@ class _Attempt:
 
 class GpuHandoff:
     def __init__(self, lock: Any, unload: Callable[[], None], reload: Callable[[], None],
-                 log: Callable[[str], None] = lambda msg: print(f"BP Train: {msg}", flush=True)):
+                 log: Callable[[str], None] = lambda msg: print(f"BP Train: {msg}", flush=True),
+                 has_gpu: Callable[[], bool] = lambda: True):
         self.lock = lock
         self.unload = unload
         self.reload = reload
         self.log = log
+        self.has_gpu = has_gpu  # only the wording of the log lines depends on it
         self._mutex = threading.Lock()
         self._attempt: Optional[_Attempt] = None
 
@@ -125,7 +127,8 @@ class GpuHandoff:
             if abandoned:
                 self._give_back()
                 return
-            self.log("the WebUI's model is off the GPU; generation waits until the training run ends")
+            self.log("the WebUI's model is off the GPU; generation waits until the training run ends" if self.has_gpu()
+                     else "generation waits until the training run ends")
             a.ready.set()
             a.done.wait()
             self._give_back()
@@ -141,7 +144,8 @@ class GpuHandoff:
     def _give_back(self) -> None:
         try:
             self.reload()
-            self.log("the WebUI's model is back on the GPU")
+            self.log("the WebUI's model is back on the GPU" if self.has_gpu() else "the training run ended; generation "
+                     "may run again")
         except BaseException as exc:
             self.log(f"could not move the model back to the GPU ({exc}); use Settings > Actions > "
                      "'Load SD checkpoint to VRAM from RAM'")

@@ -118,8 +118,11 @@ class RunController:
         if getattr(self.host, "name", "") == "standalone":
             return ""
         if self.host.generation_may_run_during_training():
-            return "Generation may run during training (Settings › BP Train): the GPU is shared, watch its memory."
-        return "While a run holds the GPU, image generation in this WebUI waits until the run ends (Settings › BP Train)."
+            note = "Generation may run during training (Settings › BP Train): the GPU is shared, watch its memory."
+        else:
+            note = ("While a run holds the GPU, image generation in this WebUI waits until the run ends "
+                    "(Settings › BP Train).")
+        return note + held_note(self.host)
 
     # ------------------------------------------------------------------------------------------ start
 
@@ -362,6 +365,20 @@ class RunController:
             s["exit_code"] = self.exit_code
             s["published"] = list(self.published)
             return s
+
+
+def held_note(host: Any) -> str:
+    """What the host still holds on the GPU after lending it (other models, upscalers, face restorers,
+    extensions such as ControlNet): the trainer has that much less."""
+    fn = getattr(host, "gpu_status", None)
+    try:
+        held = (fn() or {}).get("still_in_use_gib") if callable(fn) else None
+    except Exception:  # noqa: BLE001 - a note must never fail
+        return ""
+    if not held or held < 0.25:
+        return ""
+    return (f" The WebUI still holds {held:.1f} GiB of GPU memory (other models, upscalers, face restorers, "
+            "extensions such as ControlNet): unload them there, or restart the WebUI, to give the trainer all of it.")
 
 
 _controllers: Dict[str, RunController] = {}

@@ -35,8 +35,10 @@ class RunView:
         self.status = "starting" if run_dir else "idle"
         self.step = 0
         self.total_steps: int | None = None
-        self.epoch: int | None = None
+        self.epoch: int | None = None  # the trainer's epoch index (0-based) of the last step
         self.total_epochs: int | None = None
+        self.steps_per_epoch: int | None = None  # optimizer steps in one epoch (from the start event)
+        self.max_steps: int | None = None  # set: the run ends after this many steps, not after its epochs
         self.loss: float | None = None
         self.lr: float | None = None
         self.ips: float | None = None
@@ -72,6 +74,8 @@ class RunView:
             self.started_at = t if t is not None else self.started_at
             self.total_steps = _int(_first(ev, "total_steps", "max_steps", "steps")) or self.total_steps
             self.total_epochs = _int(_first(ev, "total_epochs", "epochs")) or self.total_epochs
+            self.steps_per_epoch = _int(_first(ev, "steps_per_epoch")) or self.steps_per_epoch
+            self.max_steps = _int(_first(ev, "max_steps")) if "max_steps" in ev else self.max_steps
             self.step = _int(_first(ev, "step", "global_step")) or self.step
             self.error = None
         elif kind == "step":
@@ -126,6 +130,20 @@ class RunView:
     def finished(self) -> bool:
         return self.status in ("done", "stopped", "error", "exited")
 
+    def epochs_done(self) -> int | None:
+        """Epochs completed so far; None for a max_steps run (its step count says how far it is) or when unknown.
+
+        From the steps done and the steps of an epoch; for events of a trainer that did not report the latter,
+        the epoch index of the last step (all of them once the run finished)."""
+        if self.max_steps:
+            return None
+        if self.steps_per_epoch:
+            done = self.step // self.steps_per_epoch
+            return min(done, self.total_epochs) if self.total_epochs else done
+        if self.status == "done" and self.total_steps and self.step >= self.total_steps:
+            return self.total_epochs
+        return self.epoch
+
     def summary(self, now: float | None = None) -> dict[str, Any]:
         """Plain dict for `render.progress_html`."""
         now = time.time() if now is None else now
@@ -142,6 +160,7 @@ class RunView:
             "total_steps": self.total_steps,
             "epoch": self.epoch,
             "total_epochs": self.total_epochs,
+            "epochs_done": self.epochs_done(),
             "loss": self.loss,
             "lr": self.lr,
             "ips": self.ips,

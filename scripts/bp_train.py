@@ -115,10 +115,19 @@ def _reload_model() -> None:
         sd_models.send_model_to_device(model)  # not reload_model_weights(): that returns early for the same file
 
 
+def _has_gpu() -> bool:
+    """Whether the WebUI generates on a GPU: `devices.device` (set at start-up from --use-cpu and what torch finds)
+    is not the CPU. True while it is not set yet."""
+    from modules import devices
+
+    device = getattr(devices, "device", None)
+    return device is None or getattr(device, "type", str(device)) != "cpu"
+
+
 def _make_handoff() -> GpuHandoff:
     from modules import call_queue
 
-    return GpuHandoff(call_queue.queue_lock, _unload_model, _reload_model)
+    return GpuHandoff(call_queue.queue_lock, _unload_model, _reload_model, has_gpu=_has_gpu)
 
 
 def _loaded_tokenizer(model: Any) -> Any:
@@ -251,6 +260,9 @@ class WebUIHost:
     def generation_may_run_during_training(self) -> bool:
         return bool(_opt("bp_train_allow_generation", False))
 
+    def has_gpu(self) -> bool:
+        return _has_gpu()
+
     def release_gpu(self) -> None:
         if self.generation_may_run_during_training():
             # opted out: the WebUI keeps its model on the GPU and keeps generating (both share the memory)
@@ -332,7 +344,8 @@ def on_ui_settings() -> None:
            "from in the tab; see README > Safety"))
     opts.add_option("bp_train_allow_generation", shared.OptionInfo(
         False, "Let image generation run during training", section=SECTION,
-    ).info("off: while a run trains, the model leaves the GPU and generation waits; on: both share the GPU memory"))
+    ).info("off: while a run trains, generation waits (and the model leaves the GPU, if there is one); on: both run "
+           "at once and share the GPU's memory"))
 
 
 def on_ui_tabs() -> list:

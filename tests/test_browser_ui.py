@@ -120,6 +120,58 @@ def test_page_loads_js_and_css(page):
     assert page.input_value("#bp_train_dataset textarea").endswith("dataset")  # the run YAML pre-filled the form
 
 
+def test_a_reloaded_page_lists_models_and_runs_added_since_the_start(page, app):
+    """The dropdowns are refreshed on page load: a checkpoint, a VAE and a resumable run that appeared after the app
+    started are listed after a reload, without pressing ↻."""
+    host = app["host"]
+    models = Path(host.models_dir)
+    added = [models / "Stable-diffusion" / "added-later.safetensors", models / "VAE" / "added-later-vae.safetensors"]
+    run_dir = Path(host.runs_dir()) / "stopped-earlier"
+    for path in added:
+        path.write_bytes(b"listed, never read")
+    (run_dir / "state" / "step-2").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("{}", encoding="utf-8")
+    try:
+        page.reload()
+        page.wait_for_selector("#bp_train_start")
+        page.click("#bp_train_base input")
+        page.wait_for_selector("#bp_train_base li[data-value='added-later.safetensors']", timeout=30000)
+        page.keyboard.press("Escape")
+        page.click("#bp_train_resume_box")  # open the accordion
+        page.click("#bp_train_resume_run input")
+        page.wait_for_selector("#bp_train_resume_run li[data-value='stopped-earlier']", timeout=30000)
+        page.keyboard.press("Escape")
+        _tab(page, "Merge")
+        page.click("#bp_train_mg_vae input")
+        page.wait_for_selector("#bp_train_mg_vae li[data-value='added-later-vae.safetensors']", timeout=30000)
+        page.keyboard.press("Escape")
+    finally:
+        for path in added:
+            path.unlink()
+        import shutil
+
+        shutil.rmtree(run_dir)
+        _tab(page, "Train")
+
+
+def test_empty_tables_show_their_column_names(page):
+    tables = {"Buckets": {"bp_train_bk_table": ["bucket", "aspect", "megapixels"], "bp_train_bk_skipped": ["file",
+                                                                                                         "reason"]},
+              "Tokens": {"bp_train_tok_table": ["tag", "images", "pieces", "tokens", "flag"]}}
+    for tab, elems in tables.items():
+        _tab(page, tab)
+        for elem, names in elems.items():
+            text = page.inner_text(f"#{elem}")
+            assert all(n in text for n in names) and not text.strip().startswith("1"), text
+    _tab(page, "Train")
+
+
+def test_stop_says_what_it_does(page):
+    note = page.inner_text("#bp_train_stop_note")
+    assert "finishes its current step, saves" in note and "Force stop" in note
+    assert page.inner_text("#bp_train_stop").strip() == "Stop"
+
+
 def test_tokenize_a_prompt_shows_chips(page, shots):
     _tab(page, "Tokens")
     page.fill("#bp_train_tok_prompt textarea", "masterpiece, 1girl, (by_sakimichan:1.2), long_hair, BREAK, red_circle")

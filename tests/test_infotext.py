@@ -8,7 +8,8 @@ import pytest
 
 from bp_trainer import cli
 from bp_trainer.errors import BPError
-from bp_trainer.presets import hires_enabled_on_paste, parse_infotext, preset_from_infotext, quote, split_infotext
+from bp_trainer.infotext import hires_enabled_on_paste, parse_infotext, quote, split_infotext
+from bp_trainer.presets.preset import preset_from_infotext
 from tests.conftest import load_fixture
 
 CASES = load_fixture("a1111-infotexts.json")["cases"]
@@ -57,27 +58,57 @@ def test_preset_from_real_infotext_matches_request(ci):
         assert preset.hires is None
 
 
+# Written as WebUI v1.10.1 writes it: `infotext_utils.quote` (modules/infotext_utils.py:56-60) JSON-encodes a value
+# holding ',', ':' or a newline (json.dumps, ensure_ascii=False) and leaves every other value as it is.
+QUOTED_INFOTEXT = (
+    "masterpiece\n(best quality)\nNegative prompt: lowres\nbad hands\n"
+    "Steps: 20, Sampler: Euler a, "
+    'Hires prompt: "1girl, (smile:1.2)\\nsecond line", '
+    'Lora hashes: "abc: 0123456789ab, def: ba9876543210", '
+    "Hires resize: 1024x1536, "
+    'BP preset: "My preset, v2", '
+    'Note: "日本語, \\"quoted\\""'
+)
+
+
 def test_quoted_values_multiline_prompts_and_defaults():
-    params = {
-        "Steps": 20,
-        "Sampler": "Euler a",
-        "Hires prompt": "1girl, (smile:1.2)\nsecond line",
-        "Lora hashes": "abc: 0123456789ab, def: ba9876543210",
-        "Hires resize": "1024x1536",
-        "BP preset": "My preset, v2",
-    }
-    line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items())
-    text = "masterpiece\n(best quality)\nNegative prompt: lowres\nbad hands\n" + line
-    res = parse_infotext(text)
+    res = parse_infotext(QUOTED_INFOTEXT)
     assert res["Prompt"] == "masterpiece\n(best quality)"
     assert res["Negative prompt"] == "lowres\nbad hands"
-    assert res["Hires prompt"] == params["Hires prompt"]
-    assert res["Lora hashes"] == params["Lora hashes"]
+    assert res["Hires prompt"] == "1girl, (smile:1.2)\nsecond line"
+    assert res["Lora hashes"] == "abc: 0123456789ab, def: ba9876543210"
     assert res["BP preset"] == "My preset, v2"
+    assert res["Note"] == '日本語, "quoted"'
     assert (res["Hires resize-1"], res["Hires resize-2"]) == ("1024", "1536")
     assert res["Emphasis"] == "Original"  # the prompt uses ( ) emphasis
     assert res["Clip skip"] == "1" and res["Schedule type"] == "Automatic" and res["RNG"] == "GPU"
-    assert parse_infotext(text, skip_fields=["Lora hashes"]).get("Lora hashes") is None
+    assert parse_infotext(QUOTED_INFOTEXT, skip_fields=["Lora hashes"]).get("Lora hashes") is None
+
+
+@pytest.mark.parametrize("value, written", [
+    # (value, what WebUI v1.10.1's quote() returns: modules/infotext_utils.py:56-60)
+    ("Euler a", "Euler a"),
+    (7.0, 7.0),  # not a text: returned as it is, not str()
+    ("My preset, v2", '"My preset, v2"'),
+    ("abc: 0123", '"abc: 0123"'),
+    ("two\nlines", '"two\\nlines"'),
+    ('日本語, "x"', '"日本語, \\"x\\""'),  # ensure_ascii=False: non-ASCII kept, inner quotes escaped
+    ('say "hi"', 'say "hi"'),  # quotes alone do not trigger quoting
+])
+def test_quote_writes_what_the_webui_writes(value, written):
+    assert quote(value) == written
+    assert type(quote(value)) is type(written)
+
+
+def test_ensd_is_written_only_for_the_samplers_that_use_it_in_real_infotexts():
+    """The real infotexts: ENSD 31337 set on Euler a is written; set on Euler it is not (the WebUI omits it)."""
+    from bp_trainer.infotext import sampler_uses_ensd
+
+    for case in CASES:
+        ensd = case["request"].get("override_settings", {}).get("eta_noise_seed_delta", 0)
+        for text in case["infotexts"]:
+            _, _, written = split_infotext(text)
+            assert ("ENSD" in written) == (ensd != 0 and sampler_uses_ensd(case["request"]["sampler_name"]))
 
 
 def test_a_short_last_line_is_prompt_not_parameters():
@@ -125,7 +156,7 @@ def test_cli_infotext_json_and_save(tmp_path, capsys):
     assert result["fields"]["ENSD"] == "31337" and result["fields"]["Size-2"] == "96"
     assert result["preset"] == {"name": "NAI style", "description": "from an infotext", "clip_skip": 2, "ensd": 31337,
                                 "steps": 3, "sampler": "Euler a", "cfg_scale": 12.0}
-    from bp_trainer.presets import load_user_presets
+    from bp_trainer.presets.store import load_user_presets
 
     [saved] = load_user_presets(out)
     assert saved.name == "NAI style" and saved.ensd == 31337

@@ -7,16 +7,18 @@ import types
 
 import pytest
 
-from bp_trainer import presets as P
 from bp_trainer.errors import BPError
+from bp_trainer.presets import apply as A
+from bp_trainer.presets import preset as P
+from bp_trainer.presets import store as S
 
 
 def test_recommended_builtin_is_bpmodel_settings():
-    rec = P.find_preset(list(P.BUILTIN_PRESETS), P.RECOMMENDED)
+    rec = S.find_preset(list(P.BUILTIN_PRESETS), P.RECOMMENDED)
     assert rec is not None and rec.builtin
     assert (rec.clip_skip, rec.ensd) == (2, 31337)
     assert rec.hires is not None and (rec.hires.upscaler, rec.hires.scale, rec.hires.denoising) == ("Latent", 2.0, 0.7)
-    assert P.preset_overrides(rec) == {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337}
+    assert A.preset_overrides(rec) == {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337}
     # built-in names are unique and none is "None" (the Script dropdown's off value)
     names = [p.name.lower() for p in P.BUILTIN_PRESETS]
     assert len(set(names)) == len(names) and "none" not in names
@@ -24,34 +26,34 @@ def test_recommended_builtin_is_bpmodel_settings():
 
 def test_user_presets_round_trip_and_atomic_file(tmp_path):
     path = tmp_path / "sub" / "presets.yaml"
-    assert P.load_user_presets(path) == []
+    assert S.load_user_presets(path) == []
     a = P.Preset("Mine", clip_skip=2, ensd=31337, steps=28, sampler="DPM++ 2M", scheduler="Karras", cfg_scale=7.5,
                  hires=P.Hires(upscaler="R-ESRGAN 4x+ Anime6B", scale=1.5, denoising=0.45, steps=10))
-    P.add_user_preset(path, a)
-    P.add_user_preset(path, P.Preset("Résumé 日本", clip_skip=1))
-    loaded = P.load_user_presets(path)
+    S.add_user_preset(path, a)
+    S.add_user_preset(path, P.Preset("Résumé 日本", clip_skip=1))
+    loaded = S.load_user_presets(path)
     assert [p.name for p in loaded] == ["Mine", "Résumé 日本"]
     assert loaded[0] == a
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)
     assert not [f for f in os.listdir(path.parent) if f.endswith(".partial")]
     # replace and delete
-    P.add_user_preset(path, P.Preset("Mine", clip_skip=3), replace=True)
-    assert P.find_preset(P.load_user_presets(path), "mine").clip_skip == 3
-    P.delete_user_preset(path, "Mine")
-    assert [p.name for p in P.all_presets(path)][-1] == "Résumé 日本"
-    assert len(P.all_presets(path)) == len(P.BUILTIN_PRESETS) + 1
+    S.add_user_preset(path, P.Preset("Mine", clip_skip=3), replace=True)
+    assert S.find_preset(S.load_user_presets(path), "mine").clip_skip == 3
+    S.delete_user_preset(path, "Mine")
+    assert [p.name for p in S.all_presets(path)][-1] == "Résumé 日本"
+    assert len(S.all_presets(path)) == len(P.BUILTIN_PRESETS) + 1
 
 
 def test_save_refuses_builtin_names_duplicates_and_bad_names(tmp_path):
     path = tmp_path / "presets.yaml"
     with pytest.raises(BPError, match="built-in"):
-        P.add_user_preset(path, P.Preset(P.RECOMMENDED.upper(), clip_skip=1))
-    P.add_user_preset(path, P.Preset("x", clip_skip=1))
+        S.add_user_preset(path, P.Preset(P.RECOMMENDED.upper(), clip_skip=1))
+    S.add_user_preset(path, P.Preset("x", clip_skip=1))
     with pytest.raises(BPError, match="already exists"):
-        P.add_user_preset(path, P.Preset("x", clip_skip=2))
+        S.add_user_preset(path, P.Preset("x", clip_skip=2))
     for bad in ("", "  ", "None", "a\nb"):
         with pytest.raises(BPError):
-            P.add_user_preset(path, P.Preset(bad))
+            S.add_user_preset(path, P.Preset(bad))
 
 
 @pytest.mark.parametrize(
@@ -74,7 +76,7 @@ def test_bad_presets_file_names_file_and_key(tmp_path, body, message):
     path = tmp_path / "presets.yaml"
     path.write_text(body, encoding="utf-8")
     with pytest.raises(BPError) as info:
-        P.load_user_presets(path)
+        S.load_user_presets(path)
     assert message in str(info.value)
     assert str(path) in str(info.value)
 
@@ -82,7 +84,7 @@ def test_bad_presets_file_names_file_and_key(tmp_path, body, message):
 def test_hand_written_file_with_hires_true_and_empty_preset(tmp_path):
     path = tmp_path / "presets.yaml"
     path.write_text("presets:\n  quick:\n    hires: true\n  plain:\n", encoding="utf-8")
-    quick, plain = P.load_user_presets(path)
+    quick, plain = S.load_user_presets(path)
     assert quick.hires == P.Hires() and plain.summary() == "changes nothing"
 
 
@@ -95,16 +97,16 @@ def _txt2img(**kw):
 
 
 def test_apply_recommended_on_txt2img_and_img2img():
-    rec = P.find_preset(list(P.BUILTIN_PRESETS), P.RECOMMENDED)
+    rec = S.find_preset(list(P.BUILTIN_PRESETS), P.RECOMMENDED)
     p = _txt2img()
-    P.apply_preset(p, rec, is_txt2img=True)
+    A.apply_preset(p, rec, is_txt2img=True)
     assert p.override_settings == {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337}
     assert (p.enable_hr, p.hr_upscaler, p.hr_scale, p.denoising_strength) == (True, "Latent", 2.0, 0.7)
     assert p.extra_generation_params == {"BP preset": P.RECOMMENDED, "Script": "BP presets"}
     assert (p.steps, p.sampler_name, p.cfg_scale) == (20, "Euler a", 7.0)  # the preset leaves these alone
 
     q = types.SimpleNamespace(override_settings=None, extra_generation_params={}, denoising_strength=0.4)
-    P.apply_preset(q, rec, is_txt2img=False)
+    A.apply_preset(q, rec, is_txt2img=False)
     assert q.override_settings == {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337}
     assert q.denoising_strength == 0.4 and not hasattr(q, "enable_hr")
 
@@ -112,7 +114,7 @@ def test_apply_recommended_on_txt2img_and_img2img():
 def test_apply_keeps_explicit_overrides_and_sets_sampling():
     p = _txt2img(override_settings={"CLIP_stop_at_last_layers": 1})
     pr = P.Preset("x", clip_skip=2, ensd=31337, steps=28, sampler="DPM++ 2M", scheduler="Karras", cfg_scale=12.0)
-    applied = P.apply_preset(p, pr, is_txt2img=True)
+    applied = A.apply_preset(p, pr, is_txt2img=True)
     assert p.override_settings == {"CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 31337}
     assert "CLIP_stop_at_last_layers" not in applied
     assert (p.steps, p.sampler_name, p.scheduler, p.cfg_scale) == (28, "DPM++ 2M", "Karras", 12.0)
@@ -134,11 +136,11 @@ class _Opts:
 
 def test_restore_removes_keys_that_were_never_saved_and_resets_others():
     opts = _Opts({"eta_noise_seed_delta": 5})
-    snap = P.snapshot_settings(opts)
+    snap = A.snapshot_settings(opts)
     opts.data["CLIP_stop_at_last_layers"] = 2  # what the WebUI's override leaves behind
     opts.data["eta_noise_seed_delta"] = 31337
-    restored = P.restore_settings(opts, snap)
+    restored = A.restore_settings(opts, snap)
     assert sorted(restored) == ["CLIP_stop_at_last_layers", "eta_noise_seed_delta"]
     assert opts.data == {"eta_noise_seed_delta": 5}
     assert opts.CLIP_stop_at_last_layers == 1
-    assert P.restore_settings(opts, snap) == []  # nothing left to undo
+    assert A.restore_settings(opts, snap) == []  # nothing left to undo

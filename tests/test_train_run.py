@@ -49,7 +49,7 @@ def _tensors(path: Path, prefix: str = "") -> Dict[str, torch.Tensor]:
 def test_run_writes_webui_checkpoints_hashes_samples_and_events(tiny_model_dir, small_dataset, tmp_path, capsys):
     from bp_trainer.checkpoint.convert import load_diffusers_components
     from bp_trainer.checkpoint.hashes import file_hashes
-    from bp_trainer.presets import parse_infotext
+    from bp_trainer.infotext import parse_infotext
     from bp_trainer.train.run import train
 
     cfg = make_cfg(tiny_model_dir, small_dataset, tmp_path, training={"max_steps": 4},

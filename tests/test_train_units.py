@@ -133,7 +133,7 @@ def test_disk_latent_cache_invalidates_on_image_or_bucket_change(tmp_path):
 
 
 def test_sample_infotext_is_read_back_by_the_webui_parser():
-    from bp_trainer.presets import parse_infotext
+    from bp_trainer.infotext import parse_infotext
 
     text = infotext("1girl, solo, (smile:1.2)", "lowres, bad hands",
                     {"Steps": 20, "Sampler": "Euler a", "Schedule type": "Automatic", "CFG scale": "7", "Seed": 5,

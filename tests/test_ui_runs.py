@@ -232,7 +232,7 @@ def test_resume_a_stopped_run(tmp_path, fake_trainer):
     ctl.stop()
     assert ctl.wait(30)
     assert cb.resumable_runs() == [Path(run_dir).name]
-    html = cb.resume(Path(run_dir).name)
+    html = cb.resume(Path(run_dir).name)["message"]
     assert "resuming" in html, html
     assert fake_trainer["commands"][-1].get("resume") is True
     assert ctl.run_dir == Path(run_dir) and ctl.active
@@ -240,7 +240,7 @@ def test_resume_a_stopped_run(tmp_path, fake_trainer):
     ctl.stop()
     assert ctl.wait(30)
     assert host.calls.count("release") == 2 and host.calls.count("reclaim") == 2
-    assert "bp-msg-error" in cb.resume("../elsewhere")
+    assert "bp-msg-error" in cb.resume("../elsewhere")["message"]
 
 
 def test_pages_keep_polling_while_the_host_releases_the_gpu(tmp_path, fake_trainer):

@@ -154,7 +154,9 @@ def test_bucket_plan_of_the_demo_dataset(host, demo, tmp_path):
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (data / "broken.txt").write_text("1girl")
     arb_text = "arb:\n  base_res: [128, 128]\n  max_size: [192, 128]\n  divisible: 32\n  min_dim: 64\n  dim_limit: 256\n"
-    summary, chart, rows, skipped = BucketsCallbacks(host).plan(str(data), arb_text, "log", 2)
+    out = BucketsCallbacks(host).plan(str(data), arb_text, "log", 2)
+    summary, chart, rows, skipped = out["summary"], out["chart"], out["table"]["data"], out["skipped"]["data"]
+    assert out["table"]["headers"][:4] == ["bucket", "aspect", "megapixels", "images"]
     expected = generate_buckets(ArbConfig.from_dict({"base_res": [128, 128], "max_size": [192, 128], "divisible": 32,
                                                      "min_dim": 64, "dim_limit": 256}))
     assert [r[0] for r in rows] == [f"{w}\u00d7{h}" for w, h in expected]
@@ -167,11 +169,14 @@ def test_bucket_plan_of_the_demo_dataset(host, demo, tmp_path):
 
 def test_bucket_list_without_a_dataset_and_bad_blocks(host):
     cb = BucketsCallbacks(host)
-    msg, chart, rows, skipped = cb.plan("", "arb:\n  base_res: [512, 512]\n  max_size: [768, 512]\n")
-    assert len(rows) > 1 and skipped == [] and "buckets" in msg
+    out = cb.plan("", "arb:\n  base_res: [512, 512]\n  max_size: [768, 512]\n")
+    rows = out["table"]["data"]
+    assert len(rows) > 1 and "buckets" in out["summary"]
+    assert out["skipped"] == {"headers": ["file", "reason"], "data": []}  # named headers, not "1 2"
     assert all(float(r[2]) <= 768 * 512 / 1e6 for r in rows)  # max_size is an area budget
-    msg, *_ = cb.plan("", "arb:\n  divisible: lots\n")
-    assert "bp-msg-error" in msg and "divisible" in msg
+    out = cb.plan("", "arb:\n  divisible: lots\n")
+    assert "bp-msg-error" in out["summary"] and "divisible" in out["summary"]
+    assert out["table"]["headers"][0] == "bucket" and out["table"]["data"] == []
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -387,3 +392,175 @@ def test_token_counter_uses_the_hosts_prompt_settings(host, demo):
     no_emphasis = int(count.search(TokensCallbacks(SettingsHost(demo / "models", host.runs_dir(),
                                                                 settings={"emphasis": False})).inspect(prompt)).group(1))
     assert no_emphasis > plain  # brackets become tokens when emphasis is off
+
+
+# ------------------------------------------------------------------------------------------- train: wiring
+
+
+def _page(host):
+    import gradio as gr
+
+    from bp_trainer.ui.tab import build_tab
+
+    tab = build_tab(host)
+    with gr.Blocks() as page:  # rendered into a page the way the WebUI renders on_ui_tabs tabs
+        tab.render()
+    return page
+
+
+def _handler(page, elem_id: str, trigger: str):
+    """The function gradio runs when the component `elem_id` fires `trigger` (its inputs and outputs too)."""
+    by_id = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
+    target = by_id[elem_id]._id
+    for i, dep in enumerate(page.dependencies):
+        if dep["trigger"] == trigger and target in dep["targets"]:
+            return page.fns[i].fn, dep
+    raise AssertionError(f"no {trigger} event on {elem_id}")
+
+
+def test_yaml_to_form_fills_each_field_by_its_key_in_any_order(host, monkeypatch, tmp_path):
+    """Every form widget gets the value of its own config key, also when the fields are laid out in another
+    order (callbacks answer {component: value}; nothing depends on positions)."""
+    from bp_trainer.train import config as C
+    from bp_trainer.ui import train_form
+
+    raw = C.merge(C.defaults(), C.preset("1024"))
+    raw["training"].update(epochs=7, batch_size=3, learning_rate=2.5e-5, seed=1234)
+    raw["sampling"].update(prompts=["p1", "p2"], steps=11)
+    raw["run"]["name"] = "keyed"
+    expected = {key: train_form.form_value(key, train_form.get(raw, key)) for key, _ in train_form.FORM_FIELDS}
+    assert len(set(map(repr, expected.values()))) > 10  # distinct enough that a shift would show
+    for order in (list(train_form.FORM_FIELDS), list(reversed(train_form.FORM_FIELDS))):
+        monkeypatch.setattr(train_form, "FORM_FIELDS", order)
+        page = _page(host)
+        fn, dep = _handler(page, "bp_train_yaml_apply", "click")
+        result = fn(C.dump_config(raw))
+        by_elem = {getattr(comp, "elem_id", None): value for comp, value in result.items()}
+        for key, value in expected.items():
+            assert by_elem["bp_train_f_" + key.replace(".", "_")] == value, key
+        assert by_elem["bp_train_preset"] == "1024" and "bp-msg-ok" in by_elem["bp_train_message"]
+
+
+def test_a_bad_yaml_changes_only_the_message(host):
+    page = _page(host)
+    fn, dep = _handler(page, "bp_train_yaml_apply", "click")
+    result = fn("training: [")
+    assert [getattr(c, "elem_id", None) for c in result] == ["bp_train_message"]
+
+
+# ------------------------------------------------------------------------------------------- train: progress
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [{"epochs": 2}, {"max_steps": 3}], ids=["epochs", "max_steps"])
+def test_progress_counts_the_epochs_of_a_real_run(tiny_model_dir, demo, tmp_path, training):
+    """A real tiny run's events: after each step the bar shows the epochs whose every step is done (the trainer's
+    own epoch labels say which steps belong to which epoch), all of them at the end; a max_steps run shows its
+    steps only (its last epoch is cut short, "epoch 0/1" said nothing)."""
+    from bp_trainer.train import config as C
+    from bp_trainer.train.events import read_all
+    from bp_trainer.train.run import train
+    from bp_trainer.ui.progress import RunView
+
+    cfg = C.validate({
+        "run": {"name": "p", "runs_dir": str(tmp_path)}, "model": {"base": str(tiny_model_dir)},
+        "dataset": {"path": str(demo / "data")},
+        "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128},
+        "training": {"batch_size": 4, "learning_rate": 1e-4, "seed": 1, **training},
+        "saving": {"every_n_epochs": 0}, "sampling": {"prompts": []},
+        "logging": {"tensorboard": False, "progress_bar": "false", "every_n_steps": 1},
+    })
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir)
+    events = read_all(run_dir)
+    steps = [e for e in events if e["type"] == "step"]
+    last_step_of_epoch: dict = {}
+    for e in steps:
+        last_step_of_epoch[e["epoch"]] = max(e["step"], last_step_of_epoch.get(e["epoch"], 0))
+    view = RunView(str(run_dir))
+    for ev in events:
+        view.apply([ev])
+        html = render.progress_html(view.summary())
+        if ev["type"] != "step":
+            continue
+        if "max_steps" in training:
+            assert "epoch" not in html and f"step {ev['step']}/3" in html
+        else:
+            done = sum(1 for last in last_step_of_epoch.values() if last <= ev["step"])
+            assert f"{done}/2 epochs" in html, (ev, html)
+    final = render.progress_html(view.summary())
+    assert "Finished" in final
+    assert ("2/2 epochs" in final) if "epochs" in training else ("epoch" not in final and "step 3/3" in final)
+    assert len(last_step_of_epoch) == (2 if "epochs" in training else 1)
+
+
+# ------------------------------------------------------------------------------------------- train: stop
+
+
+from tests.test_ui_runs import fake_trainer  # noqa: E402,F401 (the stand-in trainer fixture)
+
+
+def test_stop_says_what_it_does_and_a_second_press_is_the_force_stop_it_shows(tmp_path, fake_trainer):  # noqa: F811
+    """First press: the trainer is asked to finish its step, save and exit, and the button turns into "Force stop";
+    a second press does exactly that (kills it: no second graceful stop, so no second save)."""
+    import signal
+
+    from bp_trainer import launcher
+    from bp_trainer import run_controller as runs
+    from bp_trainer.rundir import RunDir
+    from bp_trainer.ui.train_tab import FORCE_STOP_LABEL, STOP_LABEL, STOP_NOTE, TrainCallbacks
+    from tests.test_ui_runs import RecordingHost, _cfg, _wait_for
+
+    fake_trainer["steps"] = 100000
+    host = RecordingHost(tmp_path)
+    cb = TrainCallbacks(host)
+    run_dir = cb.controller.start(_cfg(host))
+    assert _wait_for(lambda: cb.controller.snapshot()["step"] >= 1)
+    assert cb.poll("")["stop"] == render.change(interactive=True, value=STOP_LABEL)
+    assert "finishes its current step, saves" in STOP_NOTE and FORCE_STOP_LABEL in STOP_NOTE
+    first = cb.stop()["message"]
+    assert "finishes its current step, saves and exits" in first
+    RunDir(run_dir).stop_file.unlink()  # a trainer stuck in a long step never sees it
+    assert cb.poll("")["stop"] == render.change(interactive=True, value=FORCE_STOP_LABEL)
+    second = cb.stop()["message"]
+    assert "Force stop" in second and "killed" in second
+    ctl = runs.controller_for(host)
+    assert ctl.wait(30) and ctl.exit_code == -signal.SIGKILL
+    assert "SIGTERM" not in ctl.view.log_text()  # not the old second press (a second graceful stop)
+    assert cb.poll("")["stop"] == render.change(interactive=False, value=STOP_LABEL)
+    assert host.calls.count("reclaim") == 1
+
+
+# ------------------------------------------------------------------------------------------- page load
+
+
+def test_a_page_load_lists_the_models_and_runs_there_are_now(host, tmp_path):
+    """The model, VAE and resume-run dropdowns are refreshed by every page load (a reload included), not frozen
+    at the lists of the app's (or the WebUI's) start."""
+    page = _page(host)
+    by_id = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
+    sd, vae_dir = host.models_dir / "Stable-diffusion", host.models_dir / "VAE"
+    new_ckpt, new_vae = sd / "added-later.safetensors", vae_dir / "added-later-vae.safetensors"
+    run_dir = Path(host.runs_dir()) / "stopped-run"
+    try:
+        new_ckpt.write_bytes(b"x")
+        new_vae.write_bytes(b"x")
+        (run_dir / "state" / "step-3").mkdir(parents=True)  # a run that stopped with a saved state
+        (run_dir / "config.yaml").write_text("{}", encoding="utf-8")
+        choices: dict = {}
+        for i, dep in enumerate(page.dependencies):
+            if dep["trigger"] != "load":
+                continue
+            inputs = [page.blocks[j].value for j in dep["inputs"]]
+            for comp, value in page.fns[i].fn(*inputs).items():
+                if isinstance(value, dict) and "choices" in value:
+                    choices[comp.elem_id] = [c[0] if isinstance(c, (list, tuple)) else c for c in value["choices"]]
+        assert "added-later.safetensors" in choices["bp_train_base"]
+        assert "added-later.safetensors" in choices["bp_train_mg_base"]
+        assert "added-later-vae.safetensors" in choices["bp_train_mg_vae"]
+        assert choices["bp_train_resume_run"] == ["stopped-run"]
+        assert "added-later.safetensors" not in [c[0] if isinstance(c, (list, tuple)) else c
+                                                 for c in by_id["bp_train_base"].choices]  # the built page had not
+    finally:
+        new_ckpt.unlink()
+        new_vae.unlink()

@@ -16,7 +16,7 @@ from bp_trainer.ui import render, train_form
 from conftest import write_model_header
 from bp_trainer.run_view import RunView
 from bp_trainer.ui.standalone import StandaloneHost
-from bp_trainer.ui.train_tab import NO_CHANGE, TrainCallbacks
+from bp_trainer.ui.train_tab import TrainCallbacks
 
 
 @pytest.fixture
@@ -29,13 +29,14 @@ def host(tmp_path, monkeypatch):
     return StandaloneHost(tmp_path / "models", tmp_path / "runs")
 
 
-def _form(cb: TrainCallbacks, **over):
+def _form(cb: TrainCallbacks, base: str = "", dataset: str = "", **over):
+    """The initial values and the form a page sends: {yaml, base, dataset, arb, config key: widget value}."""
     init = cb.initial()
-    values = list(init["values"])
-    keys = [k for k, _ in train_form.FORM_FIELDS]
+    form = {"yaml": init["yaml"], "base": base, "dataset": dataset, "arb": init["arb"], **init["fields"]}
     for key, value in over.items():
-        values[keys.index(key.replace("__", "."))] = value
-    return init, values
+        assert key.replace("__", ".") in init["fields"], key
+        form[key.replace("__", ".")] = value
+    return init, form
 
 
 def test_initial_form_is_the_768_preset(host):
@@ -47,18 +48,19 @@ def test_initial_form_is_the_768_preset(host):
     full = yaml.safe_load(init["yaml"])
     # Every schema section and key is in the YAML box; the form shows the same values.
     assert set(full) == set(C.SECTIONS) and all(set(full[s]) == set(C.section_keys(s)) for s in C.SECTIONS)
-    for (key, _), value in zip(train_form.FORM_FIELDS, init["values"]):
+    assert list(init["fields"]) == [key for key, _ in train_form.FORM_FIELDS]
+    for key, value in init["fields"].items():
         assert train_form.config_value(key, value) == train_form.get(full, key), key
 
 
 def test_form_wins_over_yaml_and_advanced_keys_survive(host, tmp_path):
     cb = TrainCallbacks(host)
-    init, values = _form(cb, training__batch_size=7, training__learning_rate=3e-5, sampling__prompts="a, b\n\n c ",
-                         training__max_steps=0)
+    init, form = _form(cb, "base.safetensors", str(tmp_path / "data"), training__batch_size=7,
+                       training__learning_rate=3e-5, sampling__prompts="a, b\n\n c ", training__max_steps=0)
     text = yaml.safe_load(init["yaml"])
     text["latents"]["cache"] = "memory"  # an advanced key that is only in the YAML box
     text["training"]["batch_size"] = 99  # overridden by the form
-    cfg = cb.config_from_form(yaml.safe_dump(text), "base.safetensors", str(tmp_path / "data"), init["arb"], values)
+    cfg = cb.config_from_form({**form, "yaml": yaml.safe_dump(text)})
     assert cfg.training.batch_size == 7
     assert cfg.training.learning_rate == pytest.approx(3e-5)
     assert cfg.training.max_steps is None  # 0 in the form means "use epochs"
@@ -71,20 +73,20 @@ def test_form_wins_over_yaml_and_advanced_keys_survive(host, tmp_path):
 
 def test_start_with_bad_config_names_the_problem_and_starts_nothing(host, tmp_path):
     cb = TrainCallbacks(host)
-    init, values = _form(cb)
-    html = cb.start(init["yaml"], "base.safetensors", str(tmp_path / "missing"), init["arb"], *values)
+    init, form = _form(cb, "base.safetensors", str(tmp_path / "missing"))
+    html = cb.start(form)["message"]
     assert "bp-msg-error" in html and "dataset.path" in html and "is not a folder" in html
     assert not host.gpu_released and not cb.controller.active
     bad = init["yaml"].replace("training:", "trainin:")
-    html = cb.start(bad, "base.safetensors", str(tmp_path / "data"), init["arb"], *values)
+    html = cb.start({**form, "yaml": bad, "dataset": str(tmp_path / "data")})["message"]
     assert "unknown section" in html and "training" in html
 
 
 def test_yaml_errors_name_the_line(host):
     cb = TrainCallbacks(host)
     out = cb.yaml_to_form("training:\n  batch_size: [1,\n")
-    assert out[:-1] == [NO_CHANGE] * (len(out) - 1)
-    assert "line 3" in out[-1] and "bp-msg-error" in out[-1]
+    assert list(out) == ["message"]  # nothing else changes
+    assert "line 3" in out["message"] and "bp-msg-error" in out["message"]
 
 
 def test_yaml_round_trip_through_the_form(host, tmp_path):
@@ -95,31 +97,32 @@ def test_yaml_round_trip_through_the_form(host, tmp_path):
     raw["training"]["epochs"] = 3
     raw["sampling"]["prompts"] = ["x", "y"]
     out = cb.yaml_to_form(C.dump_config(raw))
-    base, dataset, preset, arb, yaml_text, *values, msg = out
-    assert (base, dataset, preset) == ("base.safetensors", str(tmp_path / "data"), "1024")
-    cfg = cb.config_from_form(yaml_text, base, dataset, arb, values)
+    assert (out["base"], out["dataset"], out["preset"]) == ("base.safetensors", str(tmp_path / "data"), "1024")
+    assert out["training.epochs"] == 3 and out["sampling.prompts"] == "x\ny"
+    assert "bp-msg-ok" in out.pop("message")
+    cfg = cb.config_from_form(out)
     for sec in ("arb", "training", "sampling", "ema", "saving"):
         assert getattr(cfg, sec) == getattr(C.validate(raw, check_paths=False), sec), sec
 
 
 def test_preset_applies_buckets_and_batch(host):
     cb = TrainCallbacks(host)
-    init, values = _form(cb)
-    arb, yaml_text, *new_values, msg = cb.apply_preset("1024", init["yaml"], init["arb"], *values)
-    assert train_form.parse_arb(arb)["base_res"] == [1024, 1024]
-    assert yaml.safe_load(yaml_text)["arb"]["max_size"] == [1536, 1024]
-    keys = [k for k, _ in train_form.FORM_FIELDS]
-    assert new_values[keys.index("training.batch_size")] == C.preset("1024")["training"]["batch_size"]
-    assert "bp-msg-ok" in msg
+    init, form = _form(cb)
+    out = cb.apply_preset({**form, "preset": "1024"})
+    assert train_form.parse_arb(out["arb"])["base_res"] == [1024, 1024]
+    assert yaml.safe_load(out["yaml"])["arb"]["max_size"] == [1536, 1024]
+    assert out["training.batch_size"] == C.preset("1024")["training"]["batch_size"]
+    assert "bp-msg-ok" in out["message"]
+    assert cb.apply_preset({**form, "preset": "custom"}) == {"message": ""}  # "custom" changes nothing
 
 
 def test_export_writes_a_loadable_run_yaml(host, tmp_path):
     cb = TrainCallbacks(host)
-    init, values = _form(cb, run__name="my run/1")  # a run name is a name, never a path
-    path, msg = cb.export_yaml(init["yaml"], "base.safetensors", str(tmp_path / "data"), init["arb"], *values)
-    assert path is None and "run.name" in msg and "not a path" in msg
-    init, values = _form(cb, run__name="my-run_1")
-    path, msg = cb.export_yaml(init["yaml"], "base.safetensors", str(tmp_path / "data"), init["arb"], *values)
+    init, form = _form(cb, "base.safetensors", str(tmp_path / "data"), run__name="my run/1")
+    out = cb.export_yaml(form)  # a run name is a name, never a path
+    assert out["yaml_file"] is None and "run.name" in out["message"] and "not a path" in out["message"]
+    init, form = _form(cb, "base.safetensors", str(tmp_path / "data"), run__name="my-run_1")
+    path = cb.export_yaml(form)["yaml_file"]
     assert Path(path).name == "my-run_1.yaml"
     loaded = C.load_config(path)
     assert loaded.model.base.endswith("base.safetensors")
@@ -129,10 +132,11 @@ def test_export_writes_a_loadable_run_yaml(host, tmp_path):
 def test_poll_redraws_only_on_change(host, tmp_path):
     cb = TrainCallbacks(host)
     first = cb.poll("")
-    assert "No run" in first[0]
-    second = cb.poll(first[-1])
-    assert second[1] is NO_CHANGE and second[2] is NO_CHANGE and second[3] is NO_CHANGE
-    assert second[4] == {"interactive": True} and second[5] == {"interactive": False}
+    assert "No run" in first["progress"] and {"loss", "samples", "log"} <= set(first)
+    second = cb.poll(first["version"])
+    assert set(second) == {"progress", "start", "stop", "version"}  # loss, samples and log are left alone
+    assert second["start"] == render.change(interactive=True)
+    assert second["stop"] == render.change(interactive=False, value="Stop")
 
 
 def test_poll_shows_the_latest_finished_run(host, tmp_path):
@@ -146,8 +150,8 @@ def test_poll_shows_the_latest_finished_run(host, tmp_path):
     w.emit("done", step=2, reason="finished")
     w.close()
     out = TrainCallbacks(host).poll("")
-    assert "Finished" in out[0] and "old-run" in out[0] and "step 2/2" in out[0]
-    assert "<polyline" in out[1]
+    assert "Finished" in out["progress"] and "old-run" in out["progress"] and "step 2/2" in out["progress"]
+    assert "<polyline" in out["loss"]
 
 
 def test_run_view_replay_equals_incremental(tmp_path):
@@ -187,8 +191,8 @@ def test_run_view_error_event():
 
 def test_progress_html_eta_and_fraction():
     html = render.progress_html({"status": "running", "step": 25, "total_steps": 100, "eta": 3725, "loss": 0.123,
-                                 "ips": 4.5, "epoch": 1, "total_epochs": 4})
-    assert "width:25.0%" in html and "ETA 1:02:05" in html and "step 25/100" in html and "epoch 1/4" in html
+                                 "ips": 4.5, "epoch": 1, "epochs_done": 1, "total_epochs": 4})
+    assert "width:25.0%" in html and "ETA 1:02:05" in html and "step 25/100" in html and "1/4 epochs" in html
 
 
 def test_line_chart_smoothing_and_bounds():
@@ -221,14 +225,14 @@ def test_events_follow_json_shape_matches_trainer(tmp_path):
 
 def test_editing_the_buckets_marks_the_preset_custom(host, tmp_path):
     cb = TrainCallbacks(host)
-    init, values = _form(cb)
-    text, err, preset = cb.form_to_yaml(init["yaml"], "", "", init["arb"], *values)
-    assert (err, preset) == ("", "768")
+    init, form = _form(cb)
+    out = cb.form_to_yaml(form)
+    assert (out["message"], out["preset"]) == ("", "768")
     edited = init["arb"].replace("min_dim: 256", "min_dim: 320")
-    text, err, preset = cb.form_to_yaml(init["yaml"], "", "", edited, *values)
-    assert preset == "custom" and yaml.safe_load(text)["arb"]["min_dim"] == 320
-    text, err, preset = cb.form_to_yaml(init["yaml"], "", "", "arb: [", *values)
-    assert "bp-msg-error" in err and preset is NO_CHANGE and text == init["yaml"]
+    out = cb.form_to_yaml({**form, "arb": edited})
+    assert out["preset"] == "custom" and yaml.safe_load(out["yaml"])["arb"]["min_dim"] == 320
+    out = cb.form_to_yaml({**form, "arb": "arb: ["})
+    assert list(out) == ["message"] and "bp-msg-error" in out["message"]  # the YAML box and preset stay
 
 
 def test_tab_builds_without_torch_and_without_a_queue(host):

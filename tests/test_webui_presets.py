@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bp_trainer import presets as P
+from bp_trainer import infotext as I
 from bp_trainer.errors import BPError
+from bp_trainer.presets import preset as P
 from tests.webui_stub.harness import load_webui, unload_webui
 
 
@@ -42,12 +43,14 @@ def test_loading_registers_the_script_and_callbacks(webui):
 
 
 def test_recommended_on_txt2img_applies_and_restores_a_fresh_config(webui):
+    """On a fresh config.json the WebUI itself would leave the overrides behind (v1.10.1 modules/processing.py:823
+    remembers only override keys already in opts.data, and :854 restores only those): the Script removes them."""
     runner = webui.runner(False)
     p = webui.txt2img(prompt="1girl", sampler_name="Euler a", steps=28, width=512, height=768)
     processed = webui.generate(runner, p, webui.ui_args(runner, "BP presets"))
     assert p.sampled_with == {"CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337, "enable_hr": True}
     assert (p.hr_upscaler, p.hr_scale, p.denoising_strength) == ("Latent", 2.0, 0.7)
-    fields = P.parse_infotext(processed.infotexts[0])
+    fields = I.parse_infotext(processed.infotexts[0])
     assert fields["Clip skip"] == "2" and fields["ENSD"] == "31337"
     assert fields["Hires upscaler"] == "Latent" and float(fields["Hires upscale"]) == 2.0
     assert fields["Denoising strength"] == "0.7"
@@ -60,11 +63,28 @@ def test_recommended_on_txt2img_applies_and_restores_a_fresh_config(webui):
     assert (again.name, again.clip_skip, again.ensd, again.hires) == (P.RECOMMENDED, 2, 31337, P.Hires())
 
 
-def test_webui_alone_leaves_overrides_behind_on_a_fresh_config(webui):
-    """The WebUI quirk the Script works around (so the restore above is needed, not decorative)."""
-    p = webui.txt2img(override_settings={"CLIP_stop_at_last_layers": 2})
-    webui.processing.process_images(p)
-    assert webui.opts.data.get("CLIP_stop_at_last_layers") == 2
+@pytest.mark.parametrize("ensd", [31337, 0])
+def test_ensd_round_trips_for_every_sampler_of_the_webui(webui, ensd):
+    """For every v1.10.1 sampler (the stand-in's table, read in the WebUI's source: tests/webui_stub/modules/
+    sd_samplers.py), the WebUI writes ENSD exactly when BP Train says the sampler uses it, and the preset read back
+    from the picture's infotext has the ENSD the job ran with (or leaves ENSD alone when the infotext cannot tell)."""
+    import modules.sd_samplers as sd_samplers
+
+    from bp_trainer.infotext import sampler_uses_ensd
+
+    runner = webui.runner(False)
+    assert len(sd_samplers.all_samplers) == 20
+    for sampler in sd_samplers.all_samplers:
+        webui.opts.data.pop("eta_noise_seed_delta", None)  # a fresh config keeps the last job's override: undo it
+        p = webui.txt2img(sampler_name=sampler.name)
+        processed = webui.generate(runner, p, webui.ui_args(runner, None))
+        assert "ENSD" not in I.split_infotext(processed.infotexts[0])[2]  # the setting is 0 by default
+        p = webui.txt2img(sampler_name=sampler.name, override_settings={"eta_noise_seed_delta": ensd})
+        processed = webui.generate(runner, p, webui.ui_args(runner, None))
+        written = I.split_infotext(processed.infotexts[0])[2]
+        assert ("ENSD" in written) == (ensd != 0 and sampler_uses_ensd(sampler.name)), sampler.name
+        again = P.preset_from_infotext(processed.infotexts[0])
+        assert again.ensd == (ensd if sampler_uses_ensd(sampler.name) else None), sampler.name
 
 
 def test_saved_settings_are_restored(saved_config_webui):
@@ -80,7 +100,7 @@ def test_img2img_gets_settings_but_no_hires(webui):
     processed = webui.generate(runner, p, webui.ui_args(runner, "BP presets"))
     assert not hasattr(p, "enable_hr") and p.denoising_strength == 0.4
     assert p.sampled_with["CLIP_stop_at_last_layers"] == 2 and p.sampled_with["eta_noise_seed_delta"] == 31337
-    fields = P.parse_infotext(processed.infotexts[0])
+    fields = I.parse_infotext(processed.infotexts[0])
     # DPM++ 2M does not use ENSD, so the WebUI does not write it; clip skip is written
     assert fields["Clip skip"] == "2" and "ENSD" not in fields and "Hires upscale" not in fields
 

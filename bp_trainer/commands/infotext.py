@@ -32,7 +32,9 @@ def _human(result: Dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from bp_trainer.cli import emit
     from bp_trainer.errors import BPError
-    from bp_trainer.presets import add_user_preset, parse_infotext, preset_from_infotext, split_infotext
+    from bp_trainer.infotext import parse_infotext, split_infotext
+    from bp_trainer.presets.preset import preset_from_infotext
+    from bp_trainer.presets.store import add_user_preset
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():

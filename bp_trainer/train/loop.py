@@ -126,7 +126,7 @@ class TrainLoop:
         self.sampler, self.loader, self.dataset = self.data["sampler"], self.data["loader"], self.data["dataset"]
         self.accum = int(cfg.training.gradient_accumulation)
         self.batches_per_epoch = len(self.sampler)
-        updates_per_epoch = math.ceil(self.batches_per_epoch / self.accum)
+        self.updates_per_epoch = updates_per_epoch = math.ceil(self.batches_per_epoch / self.accum)
         if cfg.training.max_steps:
             self.total_steps = int(cfg.training.max_steps)
             self.num_epochs = math.ceil(self.total_steps / updates_per_epoch)
@@ -408,7 +408,8 @@ class TrainLoop:
     def _emit_start(self) -> None:
         self.acc.init_trackers("bp_train")
         self.events.emit("start", run_dir=str(self.rd.path), world_size=self.world, total_steps=self.total_steps,
-                         epochs=self.num_epochs, images=self.data["images"],
+                         epochs=self.num_epochs, steps_per_epoch=self.updates_per_epoch,
+                         max_steps=int(self.cfg.training.max_steps or 0), images=self.data["images"],
                          buckets=[list(b) for b in self.data["buckets"]], batches_per_epoch=self.batches_per_epoch,
                          resumed_from_step=self.resumed_from, prediction_type=self.models.prediction_type,
                          model=str(self.cfg.model.base), mixed_precision=self.acc.mixed_precision,

@@ -9,23 +9,13 @@ format (`prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: Euler a, ...`), so 
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from bp_trainer.infotext import quote
 from bp_trainer.train.models import encode_captions, pad_to_same_length
-
-_NEEDS_QUOTE = re.compile(r"[,:\n]")
-
-
-def quote(value: Any) -> str:
-    """The WebUI's `infotext_utils.quote`: JSON-quote a value holding a comma, colon or newline."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if _NEEDS_QUOTE.search(text) else text
-
 
 def infotext(prompt: str, negative_prompt: str, params: Dict[str, Any]) -> str:
     """`prompt\\nNegative prompt: neg\\nKey: value, ...` (None values left out), as WebUI's create_infotext."""

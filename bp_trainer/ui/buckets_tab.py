@@ -7,7 +7,7 @@ module's (`scan_dataset`, `plan_buckets`); this only lays it out.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 from bp_trainer.errors import BPError
 from bp_trainer.ui import render
@@ -21,15 +21,15 @@ class BucketsCallbacks:
         self.host = host
 
     def plan(self, dataset: str, arb_text: str, rule: str = "log", batch_size: Any = 1, caption_ext: str = ".txt",
-             progress: Optional[Callable[[float, str], Any]] = None) -> Tuple[str, str, List[List[Any]], List[List[Any]]]:
-        """(summary HTML, bar chart SVG, bucket rows, skipped rows)."""
+             progress: Optional[Callable[[float, str], Any]] = None) -> Dict[str, Any]:
+        """{summary: HTML, chart: bar chart SVG, table: bucket table, skipped: skipped-images table}."""
         from bp_trainer.buckets import ArbConfig, bucket_table
         from bp_trainer.ui import train_form
 
         try:
             arb = ArbConfig.from_dict(train_form.parse_arb(arb_text or ""), source="arb")
         except BPError as exc:
-            return render.error_html(exc), "", [], []
+            return _failed(exc)
         dataset = (dataset or "").strip()
         if not dataset:
             table = bucket_table(arb)
@@ -38,7 +38,8 @@ class BucketsCallbacks:
                                       "info")
             chart = render.bar_chart_svg([(f"{w}\u00d7{h}", w * h / 1e6) for w, h, _ in table],
                                          title="bucket size (megapixels)", unit=" MP")
-            return msg, chart, rows, []
+            return {"summary": msg, "chart": chart, "table": render.table(BUCKET_HEADERS, rows),
+                    "skipped": render.table(SKIP_HEADERS, [])}
         from bp_trainer.dataset import scan_dataset
         from bp_trainer.dataset.plan import plan_buckets
 
@@ -51,11 +52,11 @@ class BucketsCallbacks:
             plan = plan_buckets(scan.items, arb, rule=rule or "log", problems=scan.problems,
                                 batch_size=int(batch_size or 1)).to_dict()
         except BPError as exc:
-            return render.error_html(exc), "", [], []
+            return _failed(exc)
         return self.render_plan(plan)
 
     @staticmethod
-    def render_plan(plan: dict) -> Tuple[str, str, List[List[Any]], List[List[Any]]]:
+    def render_plan(plan: dict) -> Dict[str, Any]:
         details = plan["details"]
         rows = []
         for d in details:
@@ -81,7 +82,13 @@ class BucketsCallbacks:
         if ep:
             kv.append(("steps per epoch", f"{ep['steps_per_epoch']} at batch size {ep['batch_size']} "
                                           f"({ep['leftover_batches']} leftover batches, {ep['leftover']})"))
-        return render.kv_table_html(kv, cls="bp-kv bp-plan-summary"), chart, rows, skipped
+        return {"summary": render.kv_table_html(kv, cls="bp-kv bp-plan-summary"), "chart": chart,
+                "table": render.table(BUCKET_HEADERS, rows), "skipped": render.table(SKIP_HEADERS, skipped)}
+
+
+def _failed(exc: BPError) -> Dict[str, Any]:
+    return {"summary": render.error_html(exc), "chart": "", "table": render.table(BUCKET_HEADERS, []),
+            "skipped": render.table(SKIP_HEADERS, [])}
 
 
 def build(host: Any, train: Any = None) -> BucketsCallbacks:
@@ -105,22 +112,24 @@ def build(host: Any, train: Any = None) -> BucketsCallbacks:
                 summary = gr.HTML(elem_id="bp_train_bk_summary")
             with gr.Column(scale=3):
                 chart = gr.HTML(elem_id="bp_train_bk_chart")
-        table = gr.Dataframe(headers=BUCKET_HEADERS, interactive=False, elem_id="bp_train_bk_table",
-                             max_rows=None, height=420, row_count=(0, "dynamic"))
+        table = gr.Dataframe(headers=BUCKET_HEADERS, value=render.table(BUCKET_HEADERS, []), interactive=False,
+                             elem_id="bp_train_bk_table", max_rows=None, height=420, row_count=(0, "dynamic"))
         with gr.Accordion("Skipped images", open=True, elem_id="bp_train_bk_skipped_box"):
-            skipped = gr.Dataframe(headers=SKIP_HEADERS, interactive=False, wrap=True, elem_id="bp_train_bk_skipped",
-                                   max_rows=None, height=420, row_count=(0, "dynamic"))
+            skipped = gr.Dataframe(headers=SKIP_HEADERS, value=render.table(SKIP_HEADERS, []), interactive=False,
+                                   wrap=True, elem_id="bp_train_bk_skipped", max_rows=None, height=420,
+                                   row_count=(0, "dynamic"))
 
     render.not_saved(table, skipped)
 
-    def run(d, a, r, b, e):
+    def run(v: Dict[str, Any]):
         from bp_trainer.ui.progress import stream_progress
 
-        yield from stream_progress(lambda progress: cb.plan(d, a, r, b, e, progress=progress),
-                                   lambda f, text: (render.task_progress_html(f, text), gr.update(), gr.update(),
-                                                    gr.update()))
+        yield from stream_progress(
+            lambda progress: cb.plan(v["dataset"], v["arb"], v["rule"], v["batch"], v["ext"], progress=progress),
+            lambda f, text: {"summary": render.task_progress_html(f, text)})
 
-    plan_btn.click(run, [dataset, arb, rule, batch, ext], [summary, chart, table, skipped], show_progress="hidden")
+    render.bind(plan_btn.click, run, {"dataset": dataset, "arb": arb, "rule": rule, "batch": batch, "ext": ext},
+                {"summary": summary, "chart": chart, "table": table, "skipped": skipped}, show_progress="hidden")
     comps = getattr(train, "components", None)
     if comps:
         comps["dataset"].change(lambda v: v, [comps["dataset"]], [dataset], queue=False, show_progress="hidden")

@@ -194,6 +194,9 @@ def build(host: Any) -> MergeCallbacks:
         yield from stream_progress(lambda progress: cb.merge(*args, progress=progress), render.task_progress_html)
 
     refresh.click(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
+    # a reloaded page lists the models there are now, not the ones of the WebUI's start
+    render.on_page_load(lambda _: dict(zip(("base", "unet", "vae", "te"), do_refresh())), None,
+                        {"base": base, "unet": unet, "vae": vae, "te": te})
     go.click(do_merge, [base, unet, use_ema, vae, te, precision, drop_ema, name, fmt, overwrite], [result],
              show_progress="hidden").then(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
     return cb

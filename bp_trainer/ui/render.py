@@ -1,15 +1,23 @@
-"""Pure HTML/SVG rendering for the tab: token chips, bar chart, loss curve, progress bar, messages.
+"""Pure HTML/SVG rendering for the tab: token chips, bar chart, loss curve, progress bar, messages, tables; and the
+one way every sub-tab wires its callbacks to gradio (`bind`, `on_page_load`).
 
-Everything here takes plain data (dicts/lists from the core modules) and returns a string, so it is tested
-without gradio or a browser. Colours come from CSS classes in `style.css` (readable in light and dark
-themes); nothing here depends on the WebUI.
+Rendering takes plain data (dicts/lists from the core modules) and returns a string, so it is tested without gradio
+or a browser. Colours come from CSS classes in `style.css` (readable in light and dark themes); nothing here depends
+on the WebUI.
+
+Wiring: a sub-tab's callbacks take `{input name: value}` and return `{output name: value}` (plain values, or
+`change(...)` for other properties such as `interactive` or `choices`); `bind(event, fn, inputs, outputs)` turns
+that into gradio's `{component: value}` with inputs and outputs given as `{name: component}`. An output left out of
+the result keeps its value, and reordering components never shifts values.
 """
 
 from __future__ import annotations
 
 import html
+import inspect
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 # Number of distinct chip colours defined in style.css (.bp-chip-c0 … .bp-chip-c7).
 CHIP_COLOURS = 8
@@ -233,11 +241,9 @@ def progress_html(view: Mapping[str, Any]) -> str:
         bits.append(f"step {step}/{total}")
     elif step:
         bits.append(f"step {step}")
-    if view.get("epoch") is not None:
-        ep = f"epoch {view['epoch']}"
-        if view.get("total_epochs"):
-            ep += f"/{view['total_epochs']}"
-        bits.append(ep)
+    done = view.get("epochs_done")
+    if done is not None:  # a max_steps run shows its steps only
+        bits.append(f"{done}/{view['total_epochs']} epochs" if view.get("total_epochs") else f"{done} epochs done")
     if view.get("loss") is not None:
         bits.append(f"loss {_num(view['loss'])}")
     if view.get("ips"):
@@ -274,3 +280,64 @@ def task_progress_html(fraction: float, text: str) -> str:
 def kv_table_html(rows: Iterable[tuple[str, Any]], *, cls: str = "bp-kv") -> str:
     body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     return f'<table class="{esc(cls)}">{body}</table>'
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> dict:
+    """A `gr.Dataframe` value that shows its named headers even with no rows (a plain `[]` shows "1 2 3 …")."""
+    return {"headers": list(headers), "data": [list(r) for r in rows]}
+
+
+# --------------------------------------------------------------------------------------------- wiring
+
+
+@dataclass(frozen=True)
+class Change:
+    """New properties for a component (what `gr.update(**props)` sends), from callbacks that never import gradio."""
+
+    props: Mapping[str, Any]
+
+
+def change(**props: Any) -> Change:
+    return Change(dict(props))
+
+
+def component_values(outputs: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
+    """A callback's `{name: value}` as gradio's `{component: value}` (outputs left out keep their value)."""
+    import gradio as gr
+
+    unknown = sorted(set(values) - set(outputs))
+    if unknown:
+        raise KeyError(f"not an output of this event: {', '.join(unknown)}")
+    result = {outputs[name]: gr.update(**v.props) if isinstance(v, Change) else v for name, v in values.items()}
+    return result or {c: gr.update() for c in outputs.values()}  # gradio reads an empty dict as a value list
+
+
+def bind(event: Callable[..., Any], fn: Callable[[dict], Any], inputs: Optional[Mapping[str, Any]],
+         outputs: Mapping[str, Any], **kwargs: Any) -> Any:
+    """Wire `fn({input name: value}) -> {output name: value}` to a gradio event listener (`button.click`,
+    `blocks.load`, ...); `inputs`/`outputs` are `{name: component}`. A generator `fn` streams: each yield is such a
+    dict. Returns the event's dependency (for `.then`)."""
+    names = list(inputs or {})
+    components = [inputs[n] for n in names] if inputs else None
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args: Any) -> Any:
+            for values in fn(dict(zip(names, args))):
+                yield component_values(outputs, values)
+    else:
+        def handler(*args: Any) -> Any:
+            return component_values(outputs, fn(dict(zip(names, args))))
+    return event(handler, components, list(outputs.values()), **kwargs)
+
+
+def on_page_load(fn: Callable[[dict], Any], inputs: Optional[Mapping[str, Any]], outputs: Mapping[str, Any],
+                 **kwargs: Any) -> Any:
+    """`bind` to every page load (a reload included) of the gr.Blocks being built, the way gradio attaches a
+    component's callable value. Call it while the tab is built; inside the WebUI the tab's Blocks is rendered into
+    the WebUI's page and its load events run there."""
+    from gradio.context import Context
+
+    root = Context.root_block
+    if root is None:
+        raise RuntimeError("on_page_load is called while a gr.Blocks is being built")
+    kwargs.setdefault("show_progress", "hidden")
+    return bind(root.load, fn, inputs, outputs, **kwargs)

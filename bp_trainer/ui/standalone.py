@@ -50,6 +50,7 @@ class StandaloneHost:
         self._checkpoints: dict[str, str] = {}
         self._vaes: dict[str, str] = {}
         self._tokenizer: Any = None
+        self._has_gpu: bool | None = None
         self.gpu_released = False
         self.refresh_models()
 
@@ -113,6 +114,18 @@ class StandaloneHost:
 
     def generation_may_run_during_training(self) -> bool:
         return self._allow
+
+    def has_gpu(self) -> bool:
+        """Whether torch sees a CUDA or MPS device here (asked once; False without torch)."""
+        if self._has_gpu is None:
+            try:
+                import torch
+            except ImportError:
+                self._has_gpu = False
+            else:
+                mps = getattr(getattr(torch.backends, "mps", None), "is_available", lambda: False)
+                self._has_gpu = bool(torch.cuda.is_available() or mps())
+        return self._has_gpu
 
 
 def create_app(host: Any, *, initial_config: "str | os.PathLike[str] | None" = None):

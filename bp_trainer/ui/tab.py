@@ -2,13 +2,14 @@
 
 The WebUI registers the result from `scripts/` (`on_ui_tabs`: `[(blocks, "BP Train", "bp_train")]`); the
 standalone app renders it into its own page (`bp_trainer.ui.standalone`). Nothing here imports the WebUI,
-diffusers or accelerate; every callback works through `host` and the core modules.
+diffusers or accelerate; every callback works through `host` and the core modules. Each sub-tab wires its own
+events, page-load ones included (`render.bind`, `render.on_page_load`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 
 def build_tab(host: Any, *, initial_config: "str | os.PathLike[str] | None" = None):
@@ -27,13 +28,4 @@ def build_tab(host: Any, *, initial_config: "str | os.PathLike[str] | None" = No
                 tokens_tab.build(host, train)
             with gr.Tab("Merge", id="bp_train_tab_merge", elem_id="bp_train_tab_merge"):
                 merge_tab.build(host)
-        fn, inputs, outputs = train.load_event
-        # Re-attach on every page load: a reloaded page shows the live run at once.
-        blocks.load(fn, inputs, outputs, show_progress="hidden")
-    blocks.bp_train_callbacks = train  # for tests and the WebUI glue
     return blocks
-
-
-def tab_entry(host: Any, *, initial_config: Optional[str] = None) -> list:
-    """The WebUI's on_ui_tabs return value for this tab."""
-    return [(build_tab(host, initial_config=initial_config), "BP Train", "bp_train")]

@@ -188,7 +188,7 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 only_flagged = gr.Checkbox(label="Only tags of 3+ pieces", value=False, elem_id="bp_train_tok_flagged")
                 audit = gr.Button("Audit tags", variant="primary", elem_id="bp_train_tok_audit")
             audit_msg = gr.HTML(elem_id="bp_train_tok_audit_msg")
-            table = gr.Dataframe(headers=AUDIT_HEADERS, type="array",
+            table = gr.Dataframe(headers=AUDIT_HEADERS, value=render.table(AUDIT_HEADERS, []), type="array",
                                  datatype=["str", "number", "str", "number", "str"],
                                  interactive=False, wrap=True, elem_id="bp_train_tok_table",
                                  max_rows=None, height=420, row_count=(0, "dynamic"))
@@ -202,7 +202,8 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 journal = gr.Textbox(label="Undo journal", elem_id="bp_train_tok_journal", scale=4)
                 undo = gr.Button("Undo", elem_id="bp_train_tok_undo")
             rename_msg = gr.HTML(elem_id="bp_train_tok_rename_msg")
-            changes = gr.Dataframe(headers=RENAME_HEADERS, interactive=False, wrap=True,
+            changes = gr.Dataframe(headers=RENAME_HEADERS, value=render.table(RENAME_HEADERS, []), interactive=False,
+                                   wrap=True,
                                    elem_id="bp_train_tok_changes",
                                    max_rows=None, height=360, row_count=(0, "dynamic"))
         with gr.Accordion("Suggest single-token replacements", open=False, elem_id="bp_train_tok_suggest_box"):
@@ -211,7 +212,8 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                 sug_n = gr.Number(label="How many", value=12, precision=0, elem_id="bp_train_tok_sug_n")
                 suggest = gr.Button("Suggest", elem_id="bp_train_tok_suggest")
             sug_msg = gr.HTML(elem_id="bp_train_tok_sug_msg")
-            sug_table = gr.Dataframe(headers=SUGGEST_HEADERS, type="array", interactive=False, wrap=True,
+            sug_table = gr.Dataframe(headers=SUGGEST_HEADERS, value=render.table(SUGGEST_HEADERS, []), type="array",
+                                     interactive=False, wrap=True,
                                      elem_id="bp_train_tok_sug_table",
                                      max_rows=None, height=360, row_count=(0, "dynamic"))
 

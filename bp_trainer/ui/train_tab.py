@@ -1,10 +1,11 @@
 """The Train sub-tab: the run form, the run YAML, Start/Stop and live progress.
 
 Callbacks live on `TrainCallbacks(host)` as plain methods over plain values (unit-tested with a fake
-host); `build(host)` lays out the gradio components and wires them. Progress is redrawn when the page
-clicks the Refresh button `#bp_train_poll` (javascript/bp_train.js does it every 1.5 s while a run is
-active and the tab is visible, the user may too); the run itself is followed by a background watcher
-(`runs.py`), so nothing depends on a page being open.
+host): a form arrives as `{name: value}` (`yaml`, `base`, `dataset`, `arb`, `preset` and one entry per form field,
+keyed by its config key) and every callback answers `{output name: value}` (see `render.bind`); `build(host)` lays
+out the gradio components and wires them. Progress is redrawn when the page clicks the Refresh button
+`#bp_train_poll` (javascript/bp_train.js does it every 1.5 s while a run is active and the tab is visible, the user
+may too); the run itself is followed by a background watcher (`runs.py`), so nothing depends on a page being open.
 """
 
 from __future__ import annotations
@@ -12,13 +13,29 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
+from bp_trainer import access
 from bp_trainer.errors import BPError
 from bp_trainer.ui import render, train_form
 from bp_trainer.run_controller import RunController, controller_for
+from bp_trainer.ui.host import handoff_note
 
-NO_CHANGE = object()  # a poll output that needs no redraw (turned into gr.update())
+STOP_LABEL = "Stop"
+FORCE_STOP_LABEL = "Force stop"
+STOP_NOTE = ("Stop: the trainer finishes its current step, saves (a resumable state, and the checkpoint unless "
+             "saving.on_stop is off) and exits. While it stops, the button becomes Force stop: it kills the trainer at "
+             "once; what it learned since its last save is lost, and Resume continues from that save.")
+
+
+def field_values(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The form fields' widget values of a config, keyed by config key."""
+    return dict(zip((key for key, _label in train_form.FORM_FIELDS), train_form.form_values(cfg)))
+
+
+def _merged(form: Mapping[str, Any], *, base: Optional[str], dataset: Optional[str], arb: Optional[str]) -> dict:
+    values = [form[key] for key, _label in train_form.FORM_FIELDS]
+    return train_form.merge_form(form["yaml"], base=base, dataset=dataset, arb_text=arb, values=values)
 
 
 class TrainCallbacks:
@@ -29,7 +46,7 @@ class TrainCallbacks:
     def controller(self) -> RunController:
         return controller_for(self.host)
 
-    # ------------------------------------------------------------------------------------ models
+    # ------------------------------------------------------------------------------------ models and runs lists
 
     def checkpoint_choices(self) -> List[str]:
         return list(self.host.list_checkpoints())
@@ -37,6 +54,11 @@ class TrainCallbacks:
     def refresh_models(self) -> List[str]:
         self.host.refresh_models()
         return self.checkpoint_choices()
+
+    def refresh_lists(self, base: Optional[str]) -> Dict[str, Any]:
+        """The base model and resume-run lists as they are now (page load, ↻): the host re-scans its models."""
+        return {"base": render.change(choices=self.refresh_models(), value=base or None),
+                "resume_run": render.change(choices=self.resumable_runs())}
 
     def base_path(self, name: str) -> str:
         if not name:
@@ -58,7 +80,8 @@ class TrainCallbacks:
     # ------------------------------------------------------------------------------------ config
 
     def initial(self, config_path: Optional[str] = None) -> Dict[str, Any]:
-        """Starting values of the form: a run YAML given to the app, else the 768 preset's defaults."""
+        """Starting values of the form (a run YAML given to the app, else the 768 preset's defaults):
+        `base`, `dataset`, `preset`, `arb`, `yaml` and `fields` ({config key: widget value})."""
         if config_path:
             try:
                 text = Path(config_path).read_text(encoding="utf-8")
@@ -69,91 +92,92 @@ class TrainCallbacks:
             cfg = _resolve_relative(cfg, Path(config_path).resolve().parent)
         else:
             cfg = train_form.initial_config()
-        full = train_form._cfgmod().merge(train_form._cfgmod().defaults(), cfg)
-        preset = train_form.detect_preset(full)
-        return {
-            "base": self.base_name_for(train_form.get(full, "model.base") or ""),
-            "dataset": train_form.get(full, "dataset.path") or "",
-            "preset": preset or "custom",
-            "arb": train_form.arb_yaml(full),
-            "values": train_form.form_values(full),
-            "yaml": train_form.dump_yaml(full),
-        }
+        return self._form_of(train_form._cfgmod().merge(train_form._cfgmod().defaults(), cfg))
 
-    def config_from_form(self, yaml_text: str, base: str, dataset: str, arb_text: str, values: Sequence[Any],
-                         *, check_paths: bool = True) -> Any:
+    def _form_of(self, full: Mapping[str, Any]) -> Dict[str, Any]:
+        """Every form input's value for a full config."""
+        return {"base": self.base_name_for(train_form.get(full, "model.base") or ""),
+                "dataset": train_form.get(full, "dataset.path") or "",
+                "preset": train_form.detect_preset(full) or "custom", "arb": train_form.arb_yaml(full),
+                "yaml": train_form.dump_yaml(full), "fields": field_values(full)}
+
+    def config_from_form(self, form: Mapping[str, Any], *, check_paths: bool = True) -> Any:
         """The validated config the form describes, with the host's runs folder and trainer Python."""
-        raw = train_form.merge_form(yaml_text, base=self.base_path(base) if base else None, dataset=dataset,
-                                    arb_text=arb_text, values=values)
+        base = form.get("base")
+        raw = _merged(form, base=self.base_path(base) if base else None, dataset=form.get("dataset"),
+                      arb=form.get("arb"))
         train_form.put(raw, "run.runs_dir", self.host.runs_dir())
         train_form.put(raw, "run.python", self.host.trainer_python())
         return train_form.validate(raw, check_paths=check_paths)
 
-    def form_to_yaml(self, yaml_text: str, base: str, dataset: str, arb_text: str, *values: Any) -> Tuple[str, str, Any]:
+    def form_to_yaml(self, form: Mapping[str, Any]) -> Dict[str, Any]:
         """Form edits into the YAML box (not validated: the box shows what Start will check), and the preset
         the buckets now match ("custom" after an edit of the `arb:` block)."""
         try:
-            raw = train_form.merge_form(yaml_text, base=self.base_path(base) if base else None, dataset=dataset,
-                                        arb_text=arb_text, values=values)
+            base = form.get("base")
+            raw = _merged(form, base=self.base_path(base) if base else None, dataset=form.get("dataset"),
+                          arb=form.get("arb"))
             full = train_form._cfgmod().merge(train_form._cfgmod().defaults(), raw)
-            return train_form.dump_yaml(full), "", train_form.detect_preset(full) or "custom"
+            return {"yaml": train_form.dump_yaml(full), "message": "",
+                    "preset": train_form.detect_preset(full) or "custom"}
         except (BPError, ValueError, TypeError) as exc:
-            return yaml_text, render.error_html(exc), NO_CHANGE
+            return {"message": render.error_html(exc)}
 
-    def apply_preset(self, preset: str, yaml_text: str, arb_text: str, *values: Any) -> List[Any]:
+    def apply_preset(self, form: Mapping[str, Any]) -> Dict[str, Any]:
         """Preset radio: its `arb:` block and training keys into the form and the YAML."""
+        preset = form.get("preset")
         if preset not in train_form.PRESET_NAMES:
-            return [arb_text, yaml_text, *values, ""]
+            return {"message": ""}
         try:
-            raw = train_form.merge_form(yaml_text, base=None, dataset=None, arb_text=None, values=values)
+            raw = _merged(form, base=None, dataset=None, arb=None)
             cfg = train_form.apply_preset(train_form._cfgmod().merge(train_form._cfgmod().defaults(), raw), preset)
-            return [train_form.arb_yaml(cfg), train_form.dump_yaml(cfg), *train_form.form_values(cfg),
-                    render.message_html(f"preset {preset}: buckets and batch settings applied", "ok")]
         except BPError as exc:
-            return [arb_text, yaml_text, *values, render.error_html(exc)]
+            return {"message": render.error_html(exc)}
+        return {"arb": train_form.arb_yaml(cfg), "yaml": train_form.dump_yaml(cfg), **field_values(cfg),
+                "message": render.message_html(f"preset {preset}: buckets and batch settings applied", "ok")}
 
-    def yaml_to_form(self, yaml_text: str) -> List[Any]:
+    def yaml_to_form(self, yaml_text: str) -> Dict[str, Any]:
         """The YAML box into the form (base, dataset, preset, arb, every form field)."""
         try:
             raw = train_form.parse_yaml(yaml_text)
             full = train_form._cfgmod().merge(train_form._cfgmod().defaults(), raw)
         except BPError as exc:
-            return [NO_CHANGE] * (5 + len(train_form.FORM_FIELDS)) + [render.error_html(exc)]
-        preset = train_form.detect_preset(full) or "custom"
-        return [self.base_name_for(train_form.get(full, "model.base") or ""), train_form.get(full, "dataset.path") or "",
-                preset, train_form.arb_yaml(full), train_form.dump_yaml(full), *train_form.form_values(full),
-                render.message_html("run config loaded into the form", "ok")]
+            return {"message": render.error_html(exc)}
+        form = self._form_of(full)
+        fields = form.pop("fields")
+        return {**form, **fields, "message": render.message_html("run config loaded into the form", "ok")}
 
-    def import_yaml(self, file: Any) -> List[Any]:
+    def import_yaml(self, file: Any) -> Dict[str, Any]:
         path = getattr(file, "name", file)
         if not path:
-            return [NO_CHANGE] * (5 + len(train_form.FORM_FIELDS)) + [""]
+            return {"message": ""}
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            return [NO_CHANGE] * (5 + len(train_form.FORM_FIELDS)) + [render.error_html(BPError(str(exc), path=path))]
+            return {"message": render.error_html(BPError(str(exc), path=path))}
         return self.yaml_to_form(text)
 
-    def export_yaml(self, yaml_text: str, base: str, dataset: str, arb_text: str, *values: Any) -> Tuple[Any, str]:
+    def export_yaml(self, form: Mapping[str, Any]) -> Dict[str, Any]:
         """Validate (paths too) and write the run YAML to a file the browser downloads."""
         try:
-            cfg = self.config_from_form(yaml_text, base, dataset, arb_text, values, check_paths=False)
+            cfg = self.config_from_form(form, check_paths=False)
         except BPError as exc:
-            return None, render.error_html(exc)
+            return {"yaml_file": None, "message": render.error_html(exc)}
         name = cfg.run.name
         out = Path(tempfile.mkdtemp(prefix="bp-train-")) / f"{name}.yaml"
         out.write_text(train_form.dump_yaml(cfg), encoding="utf-8")
-        return str(out), render.message_html(f"exported {out.name}", "ok")
+        return {"yaml_file": str(out), "message": render.message_html(f"exported {out.name}", "ok")}
 
     # ------------------------------------------------------------------------------------ run
 
-    def start(self, yaml_text: str, base: str, dataset: str, arb_text: str, *values: Any) -> str:
+    def start(self, form: Mapping[str, Any]) -> Dict[str, Any]:
         try:
-            cfg = self.config_from_form(yaml_text, base, dataset, arb_text, values)
+            cfg = self.config_from_form(form)
+            access.remember_dataset(self.host.runs_dir(), cfg.dataset.path)  # the API may use it from now on
             run_dir = self.controller.start(cfg)
         except BPError as exc:
-            return render.error_html(exc)
-        return render.message_html(f"started {Path(run_dir).name} (folder {run_dir})", "ok")
+            return {"message": render.error_html(exc)}
+        return {"message": render.message_html(f"started {Path(run_dir).name} (folder {run_dir})", "ok")}
 
     def resumable_runs(self) -> List[str]:
         """Runs of the runs folder that ended before finishing and saved a state to resume from (newest first)."""
@@ -167,13 +191,13 @@ class TrainCallbacks:
                 out.append(r["name"])
         return out
 
-    def resume(self, name: str) -> str:
+    def resume(self, name: str) -> Dict[str, Any]:
         """Continue a stopped or interrupted run from its last saved state (same folder, same config)."""
         from bp_trainer.rundir import RunDir
         from bp_trainer.train.config import load_config
 
         if not name:
-            return render.message_html("choose a run to resume", "warn")
+            return {"message": render.message_html("choose a run to resume", "warn")}
         run_dir = Path(self.host.runs_dir()) / name
         try:
             if os.path.dirname(name) or not run_dir.is_dir():
@@ -181,33 +205,53 @@ class TrainCallbacks:
             cfg = load_config(RunDir(run_dir).config).with_values(run={"python": self.host.trainer_python()})
             self.controller.start(cfg, resume_dir=str(run_dir))
         except BPError as exc:
-            return render.error_html(exc)
-        return render.message_html(f"resuming {name} from its last saved state", "ok")
+            return {"message": render.error_html(exc)}
+        return {"message": render.message_html(f"resuming {name} from its last saved state", "ok")}
 
-    def stop(self) -> str:
+    def stop(self) -> Dict[str, Any]:
+        """Stop, or while the run already stops, Force stop (what the button then says): kill it at once."""
+        ctl = self.controller
         try:
-            return render.message_html(self.controller.stop(), "info")
+            if ctl.snapshot()["status"] == "stopping":
+                return {"message": render.message_html(self._force_stop(ctl), "warn")}
+            return {"message": render.message_html(ctl.stop(), "info")}
         except BPError as exc:
-            return render.error_html(exc)
+            return {"message": render.error_html(exc)}
 
-    def poll(self, last_version: Any) -> List[Any]:
-        """progress, loss chart, samples, log, start button, stop button, version (NO_CHANGE where unchanged)."""
+    @staticmethod
+    def _force_stop(ctl: RunController) -> str:
+        from bp_trainer import launcher
+
+        run_dir = ctl.run_dir
+        if run_dir is None:
+            raise BPError("no training run is running")
+        launcher.stop_run(run_dir, force=True)
+        return (f"Force stop: the trainer of {Path(run_dir).name} was killed; Resume continues it from its last "
+                "saved state.")
+
+    def poll(self, last_version: Any) -> Dict[str, Any]:
+        """progress, the Start/Stop buttons and the version always; loss chart, samples and log when they changed."""
         ctl = self.controller
         if not ctl.active:
             ctl.attach_existing()
             if ctl.run_dir is None:
                 self._show_latest(ctl)
         snap = ctl.snapshot()
+        snap["gpu_note"] = handoff_note(self.host, starting=snap["status"] == "starting") if snap["active"] else ""
         version = f"{snap.get('run_dir')}:{snap['version']}:{snap['status']}"
-        progress = render.progress_html(snap)
-        buttons = [{"interactive": not snap["active"]}, {"interactive": bool(snap["active"])}]
-        if version == last_version:
-            return [progress, NO_CHANGE, NO_CHANGE, NO_CHANGE, *buttons, version]
-        with ctl.lock:
-            loss = render.line_chart_svg(ctl.view.losses, title="loss")
-            gallery = ctl.view.sample_gallery()
-            log = ctl.view.log_text()
-        return [progress, loss, gallery, log, *buttons, version]
+        stopping = snap["status"] == "stopping"
+        out: Dict[str, Any] = {
+            "progress": render.progress_html(snap),
+            "start": render.change(interactive=not snap["active"]),
+            "stop": render.change(interactive=bool(snap["active"]), value=FORCE_STOP_LABEL if stopping else STOP_LABEL),
+            "version": version,
+        }
+        if version != last_version:
+            with ctl.lock:
+                out["loss"] = render.line_chart_svg(ctl.view.losses, title="loss")
+                out["samples"] = ctl.view.sample_gallery()
+                out["log"] = ctl.view.log_text()
+        return out
 
     def _show_latest(self, ctl: RunController) -> None:
         """With no live run, show the newest run of the folder (what happened last)."""
@@ -223,7 +267,7 @@ class TrainCallbacks:
             except BPError:
                 pass
 
-    def trainer_env_status(self) -> Tuple[bool, str]:
+    def trainer_env_status(self) -> tuple:
         """(ready, message) of the trainer's own environment.
 
         The host may answer (`host.trainer_env_status()`); the standalone app trains with its own Python;
@@ -287,8 +331,80 @@ def _widget(gr: Any, key: str, label: str, value: Any):
     return gr.Textbox(label=label, value=value, elem_id=elem_id, info=info)
 
 
-def _upd(gr: Any, values: Sequence[Any]) -> List[Any]:
-    return [gr.update() if v is NO_CHANGE else v for v in values]
+ACCORDION_FIELDS = ("sampling.", "run.num_processes")  # form fields shown in the "Sample prompts" accordion
+
+
+def _form_fields(gr: Any, init: Mapping[str, Any]) -> Dict[str, Any]:
+    """The form's option widgets, {config key: component}: the main ones in a row, the sampling ones folded."""
+    keys = [(key, label) for key, label in train_form.FORM_FIELDS if not key.startswith(ACCORDION_FIELDS)]
+    folded = [(key, label) for key, label in train_form.FORM_FIELDS if key.startswith(ACCORDION_FIELDS)]
+    fields: Dict[str, Any] = {}
+    with gr.Row(elem_id="bp_train_options"):
+        for key, label in keys:
+            fields[key] = _widget(gr, key, label, init[key])
+    with gr.Accordion("Sample prompts (images during training), processes", open=False,
+                      elem_id="bp_train_sampling_box"):
+        with gr.Row():
+            for key, label in folded:
+                fields[key] = _widget(gr, key, label, init[key])
+    return fields
+
+
+def _form_column(gr: Any, cb: TrainCallbacks, init: Mapping[str, Any]) -> Dict[str, Any]:
+    """The left column: dataset, base model, preset, buckets, options, the run YAML. {name: component}."""
+    c: Dict[str, Any] = {}
+    with gr.Column(scale=5, elem_id="bp_train_form"):
+        with gr.Row():
+            c["dataset"] = gr.Textbox(label="Dataset folder", value=init["dataset"], elem_id="bp_train_dataset",
+                                      placeholder="/path/to/images (with .txt tag captions)", scale=3)
+            c["base"] = gr.Dropdown(label="Base model", choices=cb.checkpoint_choices(), value=init["base"] or None,
+                                    allow_custom_value=True, elem_id="bp_train_base", scale=3)
+            c["refresh_models"] = gr.Button("\u21bb", elem_id="bp_train_refresh_models", elem_classes=["bp-icon-btn"],
+                                            scale=0, min_width=40)
+        with gr.Row():
+            c["preset"] = gr.Radio(label="Resolution preset", choices=[*train_form.PRESET_NAMES, "custom"],
+                                   value=init["preset"], elem_id="bp_train_preset", scale=2)
+            c["arb"] = gr.Code(label="Buckets (naifu-diffusion arb: block, editable)", value=init["arb"],
+                               language="yaml", elem_id="bp_train_arb", lines=9)
+        c["fields"] = _form_fields(gr, init["fields"])
+        with gr.Accordion("Run config (YAML): every option", open=False, elem_id="bp_train_yaml_box"):
+            c["yaml"] = gr.Code(label="run.yaml", value=init["yaml"], language="yaml", elem_id="bp_train_yaml",
+                                lines=24)
+            with gr.Row():
+                c["yaml_apply"] = gr.Button("YAML \u2192 form", elem_id="bp_train_yaml_apply")
+                c["yaml_export"] = gr.Button("Export YAML", elem_id="bp_train_yaml_export")
+            with gr.Row():
+                c["yaml_import"] = gr.File(label="Import a run YAML", file_types=[".yaml", ".yml"], type="file",
+                                           elem_id="bp_train_yaml_import")
+                c["yaml_file"] = gr.File(label="Exported YAML", interactive=False, elem_id="bp_train_yaml_file")
+    return c
+
+
+def _run_column(gr: Any, cb: TrainCallbacks, first_message: str) -> Dict[str, Any]:
+    """The right column: Start/Stop/Refresh, resume, message, progress, loss, samples, log. {name: component}."""
+    c: Dict[str, Any] = {}
+    with gr.Column(scale=4, elem_id="bp_train_run_panel"):
+        with gr.Row():
+            c["start"] = gr.Button("Start training", variant="primary", elem_id="bp_train_start")
+            c["stop"] = gr.Button(STOP_LABEL, variant="stop", elem_id="bp_train_stop", interactive=False)
+            c["poll"] = gr.Button("Refresh", elem_id="bp_train_poll", elem_classes=["bp-small-btn"], scale=0,
+                                  min_width=90)
+        gr.HTML(f'<div class="bp-muted bp-stop-note">{render.esc(STOP_NOTE)}</div>', elem_id="bp_train_stop_note")
+        with gr.Accordion("Resume a stopped run", open=False, elem_id="bp_train_resume_box"):
+            with gr.Row():
+                c["resume_run"] = gr.Dropdown(label="Run", choices=cb.resumable_runs(), elem_id="bp_train_resume_run",
+                                              scale=4)
+                c["resume_refresh"] = gr.Button("\u21bb", elem_id="bp_train_resume_refresh",
+                                                elem_classes=["bp-icon-btn"], scale=0, min_width=40)
+                c["resume"] = gr.Button("Resume", elem_id="bp_train_resume", scale=1)
+        c["message"] = gr.HTML(first_message, elem_id="bp_train_message")
+        c["progress"] = gr.HTML(render.progress_html({"status": "idle"}), elem_id="bp_train_progress")
+        c["loss"] = gr.HTML(render.line_chart_svg([], title="loss"), elem_id="bp_train_loss")
+        c["samples"] = gr.Gallery(label="Latest samples", elem_id="bp_train_samples", columns=4, height=220,
+                                  object_fit="contain")
+        c["log"] = gr.Textbox(label="Log", lines=8, max_lines=14, interactive=False, elem_id="bp_train_log",
+                              elem_classes=["bp-log"])
+    return c
 
 
 def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
@@ -307,99 +423,55 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
         if not ready:
             _trainer_env_box(gr, cb, env_msg)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=5, elem_id="bp_train_form"):
-                with gr.Row():
-                    dataset = gr.Textbox(label="Dataset folder", value=init["dataset"], elem_id="bp_train_dataset",
-                                         placeholder="/path/to/images (with .txt tag captions)", scale=3)
-                    base = gr.Dropdown(label="Base model", choices=cb.checkpoint_choices(), value=init["base"] or None,
-                                       allow_custom_value=True, elem_id="bp_train_base", scale=3)
-                    refresh = gr.Button("\u21bb", elem_id="bp_train_refresh_models", elem_classes=["bp-icon-btn"],
-                                        scale=0, min_width=40)
-                with gr.Row():
-                    preset = gr.Radio(label="Resolution preset", choices=[*train_form.PRESET_NAMES, "custom"],
-                                      value=init["preset"], elem_id="bp_train_preset", scale=2)
-                    arb = gr.Code(label="Buckets (naifu-diffusion arb: block, editable)", value=init["arb"],
-                                  language="yaml", elem_id="bp_train_arb", lines=9)
-                fields = []
-                inits = iter(init["values"])
-                with gr.Row(elem_id="bp_train_options"):
-                    for key, label in train_form.FORM_FIELDS:
-                        if key.startswith(("sampling.", "run.num_processes")):
-                            break
-                        fields.append(_widget(gr, key, label, next(inits)))
-                with gr.Accordion("Sample prompts (images during training), processes", open=False,
-                                  elem_id="bp_train_sampling_box"):
-                    with gr.Row():
-                        for key, label in train_form.FORM_FIELDS[len(fields):]:
-                            fields.append(_widget(gr, key, label, next(inits)))
-                with gr.Accordion("Run config (YAML): every option", open=False, elem_id="bp_train_yaml_box"):
-                    yaml_box = gr.Code(label="run.yaml", value=init["yaml"], language="yaml", elem_id="bp_train_yaml",
-                                       lines=24)
-                    with gr.Row():
-                        yaml_apply = gr.Button("YAML \u2192 form", elem_id="bp_train_yaml_apply")
-                        yaml_export = gr.Button("Export YAML", elem_id="bp_train_yaml_export")
-                    with gr.Row():
-                        yaml_import = gr.File(label="Import a run YAML", file_types=[".yaml", ".yml"], type="file",
-                                              elem_id="bp_train_yaml_import")
-                        yaml_file = gr.File(label="Exported YAML", interactive=False, elem_id="bp_train_yaml_file")
-            with gr.Column(scale=4, elem_id="bp_train_run_panel"):
-                with gr.Row():
-                    start = gr.Button("Start training", variant="primary", elem_id="bp_train_start")
-                    stop = gr.Button("Stop", variant="stop", elem_id="bp_train_stop", interactive=False)
-                    poll = gr.Button("Refresh", elem_id="bp_train_poll", elem_classes=["bp-small-btn"], scale=0,
-                                     min_width=90)
-                with gr.Accordion("Resume a stopped run", open=False, elem_id="bp_train_resume_box"):
-                    with gr.Row():
-                        resume_name = gr.Dropdown(label="Run", choices=cb.resumable_runs(), elem_id="bp_train_resume_run",
-                                                  scale=4)
-                        resume_refresh = gr.Button("\u21bb", elem_id="bp_train_resume_refresh",
-                                                   elem_classes=["bp-icon-btn"], scale=0, min_width=40)
-                        resume_btn = gr.Button("Resume", elem_id="bp_train_resume", scale=1)
-                message = gr.HTML(first_message, elem_id="bp_train_message")
-                progress = gr.HTML(render.progress_html({"status": "idle"}), elem_id="bp_train_progress")
-                loss = gr.HTML(render.line_chart_svg([], title="loss"), elem_id="bp_train_loss")
-                samples = gr.Gallery(label="Latest samples", elem_id="bp_train_samples", columns=4, height=220,
-                                     object_fit="contain")
-                log = gr.Textbox(label="Log", lines=8, max_lines=14, interactive=False, elem_id="bp_train_log",
-                                 elem_classes=["bp-log"])
-        version = gr.State("")
-
-    render.not_saved(base, yaml_file, yaml_import, log, samples, version, resume_name)
-    cb.initial_values = init
-    cb.components = {"dataset": dataset, "base": base, "arb": arb, "yaml": yaml_box, "fields": fields}
-    form_inputs = [yaml_box, base, dataset, arb, *fields]
-    refresh.click(lambda cur: gr.update(choices=cb.refresh_models(), value=cur), [base], [base], show_progress="hidden")
-
-    def sync(*args):
-        return _upd(gr, cb.form_to_yaml(*args))
-
-    # User edits only (`input`/`blur`), so programmatic updates of the form do not echo back.
-    for comp in [base, dataset, arb, *fields]:
-        event = comp.blur if isinstance(comp, (gr.Textbox, gr.Number)) else comp.input
-        event(sync, form_inputs, [yaml_box, message, preset], show_progress="hidden", queue=False)
-    preset.input(lambda p, y, a, *v: _upd(gr, cb.apply_preset(p, y, a, *v)), [preset, yaml_box, arb, *fields],
-                  [arb, yaml_box, *fields, message], show_progress="hidden", queue=False)
-    form_outputs = [base, dataset, preset, arb, yaml_box, *fields, message]
-    yaml_apply.click(lambda y: _upd(gr, cb.yaml_to_form(y)), [yaml_box], form_outputs, show_progress="hidden")
-    yaml_import.upload(lambda f: _upd(gr, cb.import_yaml(f)), [yaml_import], form_outputs, show_progress="hidden")
-    yaml_export.click(cb.export_yaml, form_inputs, [yaml_file, message], show_progress="hidden")
-
-    poll_outputs = [progress, loss, samples, log, start, stop, version]
-
-    def do_poll(v):
-        out = cb.poll(v)
-        return [*_upd(gr, out[:4]), gr.update(**out[4]), gr.update(**out[5]), out[6]]
-
-    start.click(cb.start, form_inputs, [message], show_progress="minimal").then(
-        do_poll, [version], poll_outputs, show_progress="hidden")
-    stop.click(cb.stop, None, [message], show_progress="hidden").then(do_poll, [version], poll_outputs,
-                                                                     show_progress="hidden")
-    poll.click(do_poll, [version], poll_outputs, show_progress="hidden", queue=False)  # a quick read: never queued
-    resume_refresh.click(lambda: gr.update(choices=cb.resumable_runs()), None, [resume_name], show_progress="hidden")
-    resume_btn.click(cb.resume, [resume_name], [message], show_progress="minimal").then(
-        do_poll, [version], poll_outputs, show_progress="hidden")
-    cb.load_event = (do_poll, [version], poll_outputs)  # wired to the tab's load in tab.py
+            c = _form_column(gr, cb, init)
+            c.update(_run_column(gr, cb, first_message))
+        c["version"] = gr.State("")
+    render.not_saved(c["base"], c["yaml_file"], c["yaml_import"], c["log"], c["samples"], c["version"],
+                     c["resume_run"])
+    cb.initial_values = {key: value for key, value in init.items() if key != "fields"}
+    cb.components = {"dataset": c["dataset"], "base": c["base"], "arb": c["arb"], "yaml": c["yaml"],
+                     "fields": c["fields"]}
+    _wire(gr, cb, c)
     return cb
+
+
+def _wire(gr: Any, cb: TrainCallbacks, c: Mapping[str, Any]) -> None:
+    fields = c["fields"]
+    form = {"yaml": c["yaml"], "base": c["base"], "dataset": c["dataset"], "arb": c["arb"], **fields}
+    form_outputs = {name: c[name] for name in ("base", "dataset", "preset", "arb", "yaml", "message")}
+    form_outputs.update(fields)
+    lists = {"base": c["base"], "resume_run": c["resume_run"]}
+    render.on_page_load(lambda v: cb.refresh_lists(v["base"]), {"base": c["base"]}, lists)
+    render.bind(c["refresh_models"].click, lambda v: cb.refresh_lists(v["base"]), {"base": c["base"]}, lists,
+                show_progress="hidden")
+    render.bind(c["resume_refresh"].click, lambda v: {"resume_run": render.change(choices=cb.resumable_runs())}, None,
+                {"resume_run": c["resume_run"]}, show_progress="hidden")
+    # User edits only (`input`/`blur`), so programmatic updates of the form do not echo back.
+    sync_outputs = {"yaml": c["yaml"], "message": c["message"], "preset": c["preset"]}
+    for comp in [c["base"], c["dataset"], c["arb"], *fields.values()]:
+        event = comp.blur if isinstance(comp, (gr.Textbox, gr.Number)) else comp.input
+        render.bind(event, cb.form_to_yaml, form, sync_outputs, show_progress="hidden", queue=False)
+    render.bind(c["preset"].input, cb.apply_preset, {**form, "preset": c["preset"]},
+                {"arb": c["arb"], "yaml": c["yaml"], **fields, "message": c["message"]}, show_progress="hidden",
+                queue=False)
+    render.bind(c["yaml_apply"].click, lambda v: cb.yaml_to_form(v["yaml"]), {"yaml": c["yaml"]}, form_outputs,
+                show_progress="hidden")
+    render.bind(c["yaml_import"].upload, lambda v: cb.import_yaml(v["file"]), {"file": c["yaml_import"]},
+                form_outputs, show_progress="hidden")
+    render.bind(c["yaml_export"].click, cb.export_yaml, form, {"yaml_file": c["yaml_file"], "message": c["message"]},
+                show_progress="hidden")
+    poll_outputs = {name: c[name] for name in ("progress", "loss", "samples", "log", "start", "stop", "version")}
+    poll = {"fn": lambda v: cb.poll(v["version"]), "inputs": {"version": c["version"]}, "outputs": poll_outputs}
+    message = {"message": c["message"]}
+    started = render.bind(c["start"].click, cb.start, form, message, show_progress="minimal")
+    stopped = render.bind(c["stop"].click, lambda v: cb.stop(), None, message, show_progress="hidden")
+    resumed = render.bind(c["resume"].click, lambda v: cb.resume(v["run"]), {"run": c["resume_run"]}, message,
+                          show_progress="minimal")
+    for dependency in (started, stopped, resumed):
+        render.bind(dependency.then, **poll, show_progress="hidden")
+    render.bind(c["poll"].click, **poll, show_progress="hidden", queue=False)  # a quick read: never queued
+    # Re-attach on every page load: a reloaded page shows the live run at once.
+    render.on_page_load(**poll)
 
 
 def _trainer_env_box(gr: Any, cb: TrainCallbacks, message: str) -> None:

@@ -83,7 +83,7 @@ class WebUI:
 
     def paste(self, runner, infotext: str) -> Dict[Any, Any]:
         """Paste / "Send to": parse, run on_infotext_pasted callbacks, compute each bound field's new value."""
-        from bp_trainer.presets import parse_infotext
+        from bp_trainer.infotext import parse_infotext
 
         params = parse_infotext(infotext)
         self.script_callbacks.infotext_pasted_callback(infotext, params)

@@ -1,4 +1,5 @@
-"""Just what the stand-in needs: the WebUI's value quoting and a `PasteField` type."""
+"""Just what the stand-in needs: the WebUI's value quoting (v1.10.1 modules/infotext_utils.py:56-60: JSON-encode a
+value holding ',', newline or ':', ensure_ascii=False) and a `PasteField` type."""
 
 import json
 from collections import namedtuple

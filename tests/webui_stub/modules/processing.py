@@ -1,18 +1,15 @@
 """`modules.processing`: the processing classes' fields BP Train sets, `process_images` with the WebUI's
 override/restore order, hires-fix `init()` and the infotext rules for Clip skip / ENSD / hires keys."""
 
-from modules import devices, sd_models, shared
+from modules import devices, sd_models, sd_samplers_common, shared
 from modules.infotext_utils import quote
 from modules.shared import opts
-
-# samplers whose config has uses_ensd and whose default eta is not 0 (DDIM's is 0; SDE samplers have no uses_ensd)
-SAMPLERS_USING_ENSD = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
 
 
 class StableDiffusionProcessing:
     def __init__(self, prompt="", negative_prompt="", steps=20, sampler_name="Euler a", scheduler="Automatic",
                  cfg_scale=7.0, seed=1, width=512, height=512, batch_size=1, n_iter=1, override_settings=None,
-                 override_settings_restore_afterwards=True, denoising_strength=None):
+                 override_settings_restore_afterwards=True, denoising_strength=None, eta=None):
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.steps = steps
@@ -27,6 +24,7 @@ class StableDiffusionProcessing:
         self.override_settings = dict(override_settings or {})
         self.override_settings_restore_afterwards = override_settings_restore_afterwards
         self.denoising_strength = denoising_strength
+        self.eta = eta
         self.extra_generation_params = {}
         self.scripts = None
         self.script_args = []
@@ -82,8 +80,10 @@ class Processed:
 
 
 def create_infotext(p, seed):
+    """v1.10.1 modules/processing.py:758-791: Clip skip above 1; ENSD when non-zero and the sampler uses it."""
     clip_skip = getattr(p, "clip_skip", opts.CLIP_stop_at_last_layers)
     ensd = opts.eta_noise_seed_delta
+    uses_ensd = ensd != 0 and sd_samplers_common.is_sampler_using_eta_noise_seed_delta(p)
     params = {
         "Steps": p.steps,
         "Sampler": p.sampler_name,
@@ -93,7 +93,7 @@ def create_infotext(p, seed):
         "Size": f"{p.width}x{p.height}",
         "Denoising strength": p.extra_generation_params.get("Denoising strength"),
         "Clip skip": None if clip_skip <= 1 else clip_skip,
-        "ENSD": ensd if ensd != 0 and p.sampler_name in SAMPLERS_USING_ENSD else None,
+        "ENSD": ensd if uses_ensd else None,
         **p.extra_generation_params,
         "Version": "v1.10.1",
     }
@@ -117,7 +117,8 @@ def process_images_inner(p):
 def process_images(p):
     if p.scripts is not None:
         p.scripts.before_process(p)
-    # v1.10.1: only keys already in opts.data are remembered, so only those are restored afterwards
+    # v1.10.1 modules/processing.py:823 remembers only override keys already in opts.data, and :854 restores only
+    # those: on a fresh config.json an override stays behind after the job.
     stored_opts = {k: opts.data[k] for k in p.override_settings.keys() if k in opts.data}
     try:
         for k, v in p.override_settings.items():

@@ -16,6 +16,8 @@ options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
     "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip", infotext="Clip skip"),
 }))
 options_templates.update(options_section(("sampler-params", "Sampler parameters", "sd"), {
+    "eta_ddim": OptionInfo(0.0, "Eta for DDIM", infotext="Eta DDIM"),
+    "eta_ancestral": OptionInfo(1.0, "Eta for k-diffusion samplers", infotext="Eta"),
     "eta_noise_seed_delta": OptionInfo(0, "Eta noise seed delta", infotext="ENSD"),
 }))
 options_templates.update(options_section(("infotext", "Infotext", "ui"), {
