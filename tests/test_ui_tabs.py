@@ -460,7 +460,7 @@ def test_progress_counts_the_epochs_of_a_real_run(tiny_model_dir, demo, tmp_path
     from bp_trainer.train import config as C
     from bp_trainer.train.events import read_all
     from bp_trainer.train.run import train
-    from bp_trainer.ui.progress import RunView
+    from bp_trainer.run_view import RunView
 
     cfg = C.validate({
         "run": {"name": "p", "runs_dir": str(tmp_path)}, "model": {"base": str(tiny_model_dir)},
