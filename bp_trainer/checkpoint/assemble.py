@@ -33,7 +33,8 @@ import torch
 from bp_trainer.errors import BPError
 from bp_trainer.checkpoint import ldm_keys as lk
 from bp_trainer.checkpoint import hashcache
-from bp_trainer.checkpoint.io import PRECISIONS, Entry, TensorSource, open_file, out_dtype, write_checkpoint
+from bp_trainer.checkpoint.io import (PRECISIONS, Entry, LateMetadata, TensorSource, open_file, out_dtype,
+                                      write_checkpoint)
 from bp_trainer.checkpoint.layout import MappedSource, ema_unet_map, group_of, ldm_view
 
 MODES = ("assemble", "weighted-sum", "add-difference")
@@ -284,27 +285,21 @@ def _hash_entry(path: str, hashes: "dict[str, str] | None") -> dict[str, Any]:
     return entry
 
 
-def start_hashing(paths: "dict[str, str]") -> tuple[ThreadPoolExecutor, dict[str, Any]]:
-    """Start hashing the file inputs: (pool, {role: Future}); cache hits are completed futures already
-    (`hashcache.start_hashing`)."""
-    return hashcache.start_hashing(paths)
-
-
 def merge(opts: MergeOptions, out: "str | os.PathLike[str]", *,
           hashing: "tuple[ThreadPoolExecutor, dict[str, Any]] | None" = None) -> dict[str, Any]:
     """Plan, write `out` atomically while the inputs are hashed for the recipe. Returns the CLI contract dict.
 
     The input hashes (full-file SHA-256, needed in the recipe) come from the hash cache (`hashcache`) or
     are computed on background threads while the tensors stream (`hashing`: already started by
-    `start_hashing`). Safetensors output: when every input hash is known before writing starts, the header
-    with the recipe is written first and the output is hashed while it is written; otherwise the header is
-    written last into reserved space and the output hashed afterwards. Same bytes either way.
+    `hashcache.start_hashing`). The recipe with the input hashes is the header's late metadata: written
+    first when every input hash is known before writing starts, else right after the data (same bytes).
     """
-    from bp_trainer.fsutil import refuse_overwriting_inputs
+    from bp_trainer.fsutil import check_output_path, refuse_overwriting_inputs
 
+    check_output_path(out)
     refuse_overwriting_inputs(out, opts.inputs().values())
     paths = opts.inputs()
-    pool, futures = hashing if hashing is not None else start_hashing(paths)
+    pool, futures = hashing if hashing is not None else hashcache.start_hashing(paths)
     try:
         entries, recipe, views = plan_merge(opts)
     except BaseException:
@@ -326,11 +321,11 @@ def merge(opts: MergeOptions, out: "str | os.PathLike[str]", *,
             return json.dumps(full, sort_keys=True)
 
         placeholder = json.dumps({"bp_recipe": recipe_json(False)})
-        # every input hash known already (hash cache): header first, output hashed while it is written
-        ready = all(f.done() and not f.cancelled() and f.exception() is None for f in futures.values())
-        result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=paths.values(),
-                                  late_metadata=lambda: {"bp_recipe": recipe_json(True)},
-                                  late_reserve=len(placeholder) + 1024, late_ready=ready)
+        late = LateMetadata(value=lambda: {"bp_recipe": recipe_json(True)},
+                            ready=lambda: all(f.done() and not f.cancelled() and f.exception() is None
+                                              for f in futures.values()),
+                            reserve=len(placeholder) + 1024)
+        result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=paths.values(), late=late)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for v in views:
