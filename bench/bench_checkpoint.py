@@ -79,11 +79,31 @@ def child_nohash(base: str, vae: str, out: str) -> int:
     from bp_trainer.checkpoint.assemble import MergeOptions, merge
 
     fake = {"sha256": "0" * 64, "autov2": "0" * 10, "old": "0" * 8}
-    io.file_hashes = hashcache.file_hashes = lambda p: dict(fake)
+    hashcache.file_hashes = lambda p: dict(fake)
     hashcache.lookup = lambda p: None
     hashcache.store = lambda *a, **kw: False
+
+    class NoHasher:  # the output's follower hasher, doing nothing
+        def __init__(self, path, total):
+            pass
+
+        def written(self, offset, n):
+            pass
+
+        def abort(self):
+            pass
+
+        def result(self):
+            return dict(fake)
+
+    io.FollowingHasher = NoHasher
     real = assemble.write_checkpoint
-    assemble.write_checkpoint = lambda *a, **kw: real(*a, **{**kw, "late_ready": False})  # header-last path
+
+    def header_last(*a, **kw):
+        late = kw["late"]
+        return real(*a, **{**kw, "late": io.LateMetadata(late.value, lambda: False, late.reserve)})
+
+    assemble.write_checkpoint = header_last
     merge(MergeOptions(base=base, vae=vae, precision="fp16"), out)
     print("{}")
     return 0

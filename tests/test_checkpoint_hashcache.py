@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from bp_trainer.checkpoint import assemble, hashcache
 from bp_trainer.checkpoint.assemble import MergeOptions, merge
 from bp_trainer.checkpoint.hashes import FollowingHasher
-from bp_trainer.checkpoint.io import Entry, open_file, write_checkpoint
+from bp_trainer.checkpoint.io import Entry, LateMetadata, open_file, write_checkpoint
 from bp_trainer.cli import main
 from bp_trainer.errors import BPError
 
@@ -193,8 +193,8 @@ def test_header_first_write_is_byte_identical_and_hashed_right(tmp_path, direct)
                          direct=(src, k) if direct else None) for k in src.keys()]
         for ready in (False, True):
             out = tmp_path / f"out-{ready}.safetensors"
-            res = write_checkpoint(entries, out, {"a": "1"}, late_metadata=lambda: {"late": "x" * 300},
-                                   late_reserve=400, late_ready=ready)
+            late = LateMetadata(value=lambda: {"late": "x" * 300}, ready=lambda ready=ready: ready, reserve=400)
+            res = write_checkpoint(entries, out, {"a": "1"}, late=late)
             assert {k: res[k] for k in ("sha256", "autov2", "old")} == _independent(out)
             assert res["bytes"] == out.stat().st_size > 0x110000
             outs[ready] = out.read_bytes()
@@ -213,7 +213,7 @@ def test_failure_on_the_header_first_path_leaves_no_output(tmp_path):
     entries = [Entry("a", torch.float32, (300_000,), lambda: torch.zeros(300_000)),
                Entry("b", torch.float32, (10,), boom)]
     with pytest.raises(BPError, match="No space left"):
-        write_checkpoint(entries, target, late_metadata=lambda: {"k": "v"}, late_reserve=100, late_ready=True)
+        write_checkpoint(entries, target, late=LateMetadata(value=lambda: {"k": "v"}, ready=lambda: True, reserve=100))
     assert target.read_bytes() == b"previous content"
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]
 
@@ -233,8 +233,13 @@ def test_merge_cold_then_warm_same_bytes_hashes_right_and_cache_filled(demo, tmp
     real = assemble.write_checkpoint
 
     def spy(*a, **kw):
-        paths_taken.append(kw.get("late_ready"))
-        return real(*a, **kw)
+        late = kw["late"]
+
+        def ready():  # the writer's question: header first?
+            paths_taken.append(late.ready())
+            return paths_taken[-1]
+
+        return real(*a, **{**kw, "late": LateMetadata(late.value, ready, late.reserve)})
 
     monkeypatch.setattr(assemble, "write_checkpoint", spy)
     # cold: nothing cached -> hashes computed meanwhile; make sure they are not finished before writing

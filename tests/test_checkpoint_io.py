@@ -259,3 +259,46 @@ def test_diffusers_folder_with_a_broken_config_is_a_bperror_naming_it(tmp_path, 
     with pytest.raises(BPError) as info:
         open_file(root)
     assert info.value.path is not None and Path(info.value.path) == root / bad
+
+
+def test_ckpt_output_is_the_same_bytes_whatever_the_file_is_called(tmp_path):
+    """Written through one file object: torch's zip archive no longer takes its inner folder name from the
+    random temporary file name, so the same tensors give the same file and the same hashes."""
+    tensors = _sample_tensors()
+    a = write_checkpoint(tensors, tmp_path / "a.ckpt", {"m": "1"}, fmt="ckpt")
+    b = write_checkpoint(tensors, tmp_path / "other-name.ckpt", {"m": "1"}, fmt="ckpt")
+    assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "other-name.ckpt").read_bytes()
+    assert a["sha256"] == b["sha256"] == _independent_hashes(tmp_path / "a.ckpt")["sha256"]
+
+
+def test_the_write_path_gives_the_same_bytes_without_positioned_writes(tmp_path, monkeypatch):
+    """Windows has no os.pwrite: the writer threads then share the file position under a lock. Without late
+    metadata, with it known at once (header first) and with it known only after the data (header last)."""
+    from bp_trainer.checkpoint.io import LateMetadata
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate([300_000, 7, 0, 123_457])}
+    tensors["ids"] = torch.arange(77)
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, str(src))
+
+    def write_all(tag: str) -> dict:
+        outs = {}
+        with open_file(src) as s:
+            for late in (None, True, False):
+                entries = [Entry(k, torch.float16 if s.info(k).dtype.is_floating_point else s.info(k).dtype,
+                                 s.info(k).shape, (lambda k=k: s.get_as(k, torch.float16)), direct=(s, k))
+                           for k in s.keys()]
+                meta = None if late is None else LateMetadata(lambda: {"late": "x"}, lambda late=late: late, 64)
+                out = tmp_path / f"{tag}-{late}.safetensors"
+                res = write_checkpoint(entries, out, {"a": "1"}, late=meta)
+                assert {k: res[k] for k in ("sha256", "autov2", "old")} == _independent_hashes(out)
+                outs[late] = out.read_bytes()
+        return outs
+
+    positioned = write_all("pwrite")
+    monkeypatch.delattr(os, "pwrite")
+    assert write_all("seek") == positioned
+    assert positioned[True] == positioned[False]
+    back = load_file(str(tmp_path / "seek-None.safetensors"))
+    assert all(torch.equal(back[k], t.half() if t.is_floating_point() else t) for k, t in tensors.items())

@@ -266,6 +266,46 @@ def test_merge_bakes_the_vae_and_shows_both_hashes(host, demo):
     host.refresh_models()
 
 
+def test_merge_tab_events_pass_and_return_values_by_component(host, demo):
+    """The Merge button's callback gets the form as {component: value} and every callback answers
+    {component: value}, so a reordered or added field cannot shift values; gradio's own output handling
+    takes them."""
+    import gradio as gr
+    from safetensors import safe_open
+
+    from bp_trainer.ui import merge_tab
+
+    with gr.Blocks() as page:
+        merge_tab.build(host)
+    by_id = {getattr(b, "elem_id", None): b for b in page.blocks.values()}
+    dep = {page.blocks[d["targets"][0]].elem_id: i for i, d in enumerate(page.dependencies) if d["trigger"] == "click"}
+    go, refresh = dep["bp_train_mg_go"], dep["bp_train_mg_refresh"]
+    assert page.fns[go].inputs_as_dict
+    form = {"base": "tiny-sd.safetensors", "unet": "", "use_ema": False, "vae": "tiny-vae.safetensors", "te": "",
+            "precision": "fp16", "drop_ema": True, "name": "by-component", "fmt": "safetensors", "overwrite": False}
+    values = {by_id[f"bp_train_mg_{k}"]: v for k, v in form.items()}
+    assert set(values) == {page.blocks[i] for i in page.dependencies[go]["inputs"]}
+    result = by_id["bp_train_mg_result"]
+    yields = list(page.fns[go].fn(values))
+    assert yields and all(set(y) == {result} for y in yields)
+    for y in yields:
+        page.postprocess_data(go, y, {})
+    out = demo / "models" / "Stable-diffusion" / "by-component.safetensors"
+    assert "written by-component.safetensors" in yields[-1][result]
+    with safe_open(str(out), "pt") as merged:  # the values reached their parameters: fp16, EMA dropped
+        assert not any(k.startswith("model_ema.") for k in merged.keys())
+        assert str(merged.get_tensor("first_stage_model.decoder.conv_in.weight").dtype) == "torch.float16"
+    updates = page.fns[refresh].fn()
+    page.postprocess_data(refresh, updates, {})
+    lists = {b.elem_id: u["choices"] for b, u in updates.items()}
+    ckpts = host.list_checkpoints()
+    assert "by-component.safetensors" in ckpts
+    assert lists == {"bp_train_mg_base": ckpts, "bp_train_mg_unet": ["", *ckpts], "bp_train_mg_te": ["", *ckpts],
+                     "bp_train_mg_vae": ["", *host.list_vaes()]}
+    out.unlink()
+    host.refresh_models()
+
+
 def test_merge_output_names_stay_in_the_checkpoint_folder(tmp_path):
     assert output_path(str(tmp_path), "a", "safetensors") == tmp_path / "a.safetensors"
     assert output_path(str(tmp_path), "a.safetensors", "ckpt") == tmp_path / "a.ckpt"

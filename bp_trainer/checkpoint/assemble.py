@@ -33,7 +33,8 @@ import torch
 from bp_trainer.errors import BPError
 from bp_trainer.checkpoint import ldm_keys as lk
 from bp_trainer.checkpoint import hashcache
-from bp_trainer.checkpoint.io import PRECISIONS, Entry, TensorSource, open_file, out_dtype, write_checkpoint
+from bp_trainer.checkpoint.io import (PRECISIONS, Entry, LateMetadata, TensorSource, open_file, out_dtype,
+                                      write_checkpoint)
 from bp_trainer.checkpoint.layout import MappedSource, ema_unet_map, group_of, ldm_view
 
 MODES = ("assemble", "weighted-sum", "add-difference")
@@ -152,8 +153,7 @@ def _merge_fn(mode: str, alpha: float, a: _Ref, b: _Ref, c: "_Ref | None") -> Ca
     return run
 
 
-def plan_merge(opts: MergeOptions) -> tuple[list[Entry], dict[str, Any], list[TensorSource]]:
-    """Entries to write, the recipe, and the opened sources (close them after writing)."""
+def _check_options(opts: MergeOptions) -> None:
     if opts.mode not in MODES:
         raise BPError(f"unknown mode {opts.mode!r}", hint="use assemble, weighted-sum or add-difference")
     if opts.precision is not None and opts.precision not in PRECISIONS:
@@ -166,96 +166,103 @@ def plan_merge(opts: MergeOptions) -> tuple[list[Entry], dict[str, Any], list[Te
         raise BPError("add-difference needs model C (--c FILE)")
     if opts.mode != "assemble" and not (0.0 <= float(opts.alpha) <= 1.0) and opts.mode == "weighted-sum":
         raise BPError(f"alpha must be between 0 and 1 for a weighted sum, got {opts.alpha}")
+
+
+def _merge_models(plan: dict[str, _Ref], base: MappedSource, opts: MergeOptions, views: list[TensorSource]) -> str:
+    """Weighted sum / add difference of B (and C) into the plan; returns the note for the recipe."""
+    vb = _open_view(opts.b, "model B")
+    views.append(vb)
+    vc = _open_view(opts.c, "model C") if opts.mode == "add-difference" else None
+    if vc is not None:
+        views.append(vc)
+    merged = 0
+    for k in list(plan):
+        if "model" not in k or k in SKIP_ON_MERGE or k not in vb or (vc is not None and k not in vc):
+            continue
+        a = plan[k]
+        shapes = {tuple(base.info(k).shape), tuple(vb.info(k).shape)} | ({tuple(vc.info(k).shape)} if vc else set())
+        if len(shapes) != 1:
+            raise BPError(f"cannot merge {k}: shapes differ between the models ({sorted(shapes)})",
+                          path=opts.b, hint="merge models of the same architecture")
+        if not base.info(k).dtype.is_floating_point:
+            continue
+        plan[k] = _Ref(base, k, _merge_fn(opts.mode, float(opts.alpha), a, _Ref(vb, k),
+                                          _Ref(vc, k) if vc is not None else None),
+                       base.info(k).dtype, tuple(base.info(k).shape))
+        merged += 1
+    for k in vb.keys():
+        if "model" in k and k not in plan and k not in SKIP_ON_MERGE:
+            plan[k] = _Ref(vb, k)
+    if merged == 0:
+        raise BPError("no tensors in common between A and B: nothing to merge", path=opts.b)
+    return f"merged {merged} tensors"
+
+
+def _replace_unet(plan: dict[str, _Ref], base: MappedSource, opts: MergeOptions, views: list[TensorSource]) -> None:
+    """The UNet (and the EMA that goes with it) from `opts.unet`, or the base's EMA promoted."""
+    src = base
+    if opts.unet:
+        src = _open_view(opts.unet, "UNet")
+        views.append(src)
+    unet, ema = _unet_from(src, opts.use_ema, sorted(_part(plan, "unet")), opts.unet or opts.base)
+    _check_part("UNet", unet, _part(plan, "unet"), opts.unet or opts.base)
+    for k in list(plan):
+        if group_of(k) in ("unet", "ema"):
+            del plan[k]
+    plan.update(unet)
+    plan.update(ema)
+
+
+def _replace_part(plan: dict[str, _Ref], part: str, path: str, role: str, views: list[TensorSource]) -> None:
+    """The VAE or the text encoder of the plan, taken from the file at `path` (which must have one that fits)."""
+    view = _open_view(path, role)
+    views.append(view)
+    refs = {k: _Ref(view, k) for k in view.keys() if group_of(k) == part}
+    if not refs:
+        hint = "pass a VAE file (WebUI models/VAE layout or diffusers AutoencoderKL)" if part == "vae" else None
+        raise BPError(f"no {role} weights found (this is a {view.kind})", path=path, hint=hint)
+    _check_part(role, refs, _part(plan, part), path)
+    for k in list(_part(plan, part)):
+        del plan[k]
+    plan.update(refs)
+
+
+def _entries(plan: dict[str, _Ref], precision: "str | None") -> list[Entry]:
+    entries = []
+    for k in sorted(plan):
+        ref = plan[k]
+        dtype, shape = ref.info()
+        target = out_dtype(dtype, precision)
+        direct = ref.view.direct(ref.key) if ref.fn is None and isinstance(ref.view, MappedSource) else None
+        entries.append(Entry(k, target, tuple(shape), (lambda ref=ref, target=target: ref.load_as(target)),
+                             direct=direct))
+    return entries
+
+
+def plan_merge(opts: MergeOptions) -> tuple[list[Entry], dict[str, Any], list[TensorSource]]:
+    """Entries to write, the recipe, and the opened sources (close them after writing)."""
+    _check_options(opts)
     views: list[TensorSource] = []
     try:
         base = _open_view(opts.base, "base")
         views.append(base)
         plan: dict[str, _Ref] = {k: _Ref(base, k) for k in base.keys()}
         notes: list[str] = []
-
         if opts.mode != "assemble":
-            vb = _open_view(opts.b, "model B")
-            views.append(vb)
-            vc = _open_view(opts.c, "model C") if opts.mode == "add-difference" else None
-            if vc is not None:
-                views.append(vc)
-            merged = 0
-            for k in list(plan):
-                if "model" not in k or k in SKIP_ON_MERGE or k not in vb or (vc is not None and k not in vc):
-                    continue
-                a = plan[k]
-                shapes = {tuple(base.info(k).shape), tuple(vb.info(k).shape)} | ({tuple(vc.info(k).shape)} if vc else set())
-                if len(shapes) != 1:
-                    raise BPError(f"cannot merge {k}: shapes differ between the models ({sorted(shapes)})",
-                                  path=opts.b, hint="merge models of the same architecture")
-                if not base.info(k).dtype.is_floating_point:
-                    continue
-                plan[k] = _Ref(base, k, _merge_fn(opts.mode, float(opts.alpha), a, _Ref(vb, k),
-                                                  _Ref(vc, k) if vc is not None else None),
-                               base.info(k).dtype, tuple(base.info(k).shape))
-                merged += 1
-            for k in vb.keys():
-                if "model" in k and k not in plan and k not in SKIP_ON_MERGE:
-                    plan[k] = _Ref(vb, k)
-            if merged == 0:
-                raise BPError("no tensors in common between A and B: nothing to merge", path=opts.b)
-            notes.append(f"merged {merged} tensors")
-
-        base_unet = sorted(_part(plan, "unet"))
+            notes.append(_merge_models(plan, base, opts, views))
         if opts.unet or opts.use_ema:
-            src = base
-            if opts.unet:
-                src = _open_view(opts.unet, "UNet")
-                views.append(src)
-            unet, ema = _unet_from(src, opts.use_ema, base_unet, opts.unet or opts.base)
-            _check_part("UNet", unet, _part(plan, "unet"), opts.unet or opts.base)
-            for k in list(plan):
-                if group_of(k) in ("unet", "ema"):
-                    del plan[k]
-            plan.update(unet)
-            plan.update(ema)
-
+            _replace_unet(plan, base, opts, views)
         if opts.vae:
-            vv = _open_view(opts.vae, "VAE")
-            views.append(vv)
-            vae = {k: _Ref(vv, k) for k in vv.keys() if k.startswith(lk.VAE_PREFIX)}
-            if not vae:
-                raise BPError(f"no VAE weights found (this is a {vv.kind})", path=opts.vae,
-                              hint="pass a VAE file (WebUI models/VAE layout or diffusers AutoencoderKL)")
-            _check_part("VAE", vae, _part(plan, "vae"), opts.vae)
-            for k in list(_part(plan, "vae")):
-                del plan[k]
-            plan.update(vae)
-
+            _replace_part(plan, "vae", opts.vae, "VAE", views)
         if opts.text_encoder:
-            tv = _open_view(opts.text_encoder, "text encoder")
-            views.append(tv)
-            te = {k: _Ref(tv, k) for k in tv.keys() if group_of(k) == "text_encoder"}
-            if not te:
-                raise BPError(f"no text encoder weights found (this is a {tv.kind})", path=opts.text_encoder)
-            _check_part("text encoder", te, _part(plan, "text_encoder"), opts.text_encoder)
-            for k in list(_part(plan, "text_encoder")):
-                del plan[k]
-            plan.update(te)
-
+            _replace_part(plan, "text_encoder", opts.text_encoder, "text encoder", views)
         if opts.drop_ema:
             for k in list(_part(plan, "ema")):
                 del plan[k]
-
         if not _part(plan, "unet"):
             raise BPError("the result would have no UNet", path=opts.base,
                           hint="the base must be a checkpoint or UNet (or add --use-ema for an EMA-only file)")
-
-        entries = []
-        for k in sorted(plan):
-            ref = plan[k]
-            dtype, shape = ref.info()
-            target = out_dtype(dtype, opts.precision)
-            direct = ref.view.direct(ref.key) if ref.fn is None and isinstance(ref.view, MappedSource) else None
-            entries.append(Entry(k, target, tuple(shape), (lambda ref=ref, target=target: ref.load_as(target)),
-                                 direct=direct))
-        recipe = _recipe(opts, plan, notes)
-        return entries, recipe, views
+        return _entries(plan, opts.precision), _recipe(opts, plan, notes), views
     except BaseException:
         for v in views:
             v.close()
@@ -284,27 +291,21 @@ def _hash_entry(path: str, hashes: "dict[str, str] | None") -> dict[str, Any]:
     return entry
 
 
-def start_hashing(paths: "dict[str, str]") -> tuple[ThreadPoolExecutor, dict[str, Any]]:
-    """Start hashing the file inputs: (pool, {role: Future}); cache hits are completed futures already
-    (`hashcache.start_hashing`)."""
-    return hashcache.start_hashing(paths)
-
-
 def merge(opts: MergeOptions, out: "str | os.PathLike[str]", *,
           hashing: "tuple[ThreadPoolExecutor, dict[str, Any]] | None" = None) -> dict[str, Any]:
     """Plan, write `out` atomically while the inputs are hashed for the recipe. Returns the CLI contract dict.
 
     The input hashes (full-file SHA-256, needed in the recipe) come from the hash cache (`hashcache`) or
     are computed on background threads while the tensors stream (`hashing`: already started by
-    `start_hashing`). Safetensors output: when every input hash is known before writing starts, the header
-    with the recipe is written first and the output is hashed while it is written; otherwise the header is
-    written last into reserved space and the output hashed afterwards. Same bytes either way.
+    `hashcache.start_hashing`). The recipe with the input hashes is the header's late metadata: written
+    first when every input hash is known before writing starts, else right after the data (same bytes).
     """
-    from bp_trainer.fsutil import refuse_overwriting_inputs
+    from bp_trainer.fsutil import check_output_path, refuse_overwriting_inputs
 
+    check_output_path(out)
     refuse_overwriting_inputs(out, opts.inputs().values())
     paths = opts.inputs()
-    pool, futures = hashing if hashing is not None else start_hashing(paths)
+    pool, futures = hashing if hashing is not None else hashcache.start_hashing(paths)
     try:
         entries, recipe, views = plan_merge(opts)
     except BaseException:
@@ -326,11 +327,11 @@ def merge(opts: MergeOptions, out: "str | os.PathLike[str]", *,
             return json.dumps(full, sort_keys=True)
 
         placeholder = json.dumps({"bp_recipe": recipe_json(False)})
-        # every input hash known already (hash cache): header first, output hashed while it is written
-        ready = all(f.done() and not f.cancelled() and f.exception() is None for f in futures.values())
-        result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=paths.values(),
-                                  late_metadata=lambda: {"bp_recipe": recipe_json(True)},
-                                  late_reserve=len(placeholder) + 1024, late_ready=ready)
+        late = LateMetadata(value=lambda: {"bp_recipe": recipe_json(True)},
+                            ready=lambda: all(f.done() and not f.cancelled() and f.exception() is None
+                                              for f in futures.values()),
+                            reserve=len(placeholder) + 1024)
+        result = write_checkpoint(entries, out, meta, fmt=opts.fmt, inputs=paths.values(), late=late)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for v in views:

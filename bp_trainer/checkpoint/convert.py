@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from bp_trainer.errors import BPError
+from bp_trainer.fsutil import atomic_dir, check_output_path, remove_stale_partials, write_errors
 from bp_trainer.checkpoint import ldm_keys as lk
 from bp_trainer.checkpoint.io import TensorSource, open_file, write_checkpoint
 from bp_trainer.checkpoint.layout import MappedSource, detect_prediction, ema_unet_map, ldm_view
@@ -380,61 +380,59 @@ def convert_to_diffusers(src_path: "str | os.PathLike[str]", out_dir: "str | os.
 
     EMA weights (when present and not promoted with `use_ema`) go to `unet_ema/`, with LitEma's
     decay/num_updates in `unet_ema/ema_state.json`, so converting back restores them bit for bit.
-    The folder is built next to the target and renamed into place when complete.
+    The folder is built next to the target and renamed into place when complete (`fsutil.atomic_dir`); a
+    failed write (disk full, ...) is a one-line BPError and leaves nothing behind.
     """
-    from bp_trainer.clip_vocab import write_tokenizer_files
-
-    out = Path(out_dir)
+    out = check_output_path(out_dir, folder=True)
     if out.exists():
         raise BPError("the output folder exists already", path=out, hint="choose a new folder name")
     src = open_file(src_path)
-    view = ldm_view(src)
-    configs = model_configs(view) if view.kind != "text_encoder" else {}
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
-        tmp.mkdir(parents=True)
-        written: list[str] = []
-        if view.kind == "checkpoint":
-            dicts = ldm_to_diffusers_state_dicts(view, configs, use_ema=use_ema)
-            for comp in ("unet", "unet_ema", "vae", "text_encoder"):
-                if comp in dicts:
-                    cfg_key = "unet" if comp == "unet_ema" else comp
-                    model = _build(comp, configs[cfg_key], dicts.pop(comp), os.fspath(src_path))
-                    model.save_pretrained(str(tmp / comp))
-                    written.append(comp)
-            if "unet_ema" in written:
-                st = {}
-                if "model_ema.decay" in view:
-                    st["decay"] = float(view.get("model_ema.decay").item())
-                if "model_ema.num_updates" in view:
-                    st["num_updates"] = int(view.get("model_ema.num_updates").item())
-                (tmp / "unet_ema" / "ema_state.json").write_text(json.dumps(st), encoding="utf-8")
-            pred = prediction_type or detect_prediction(view.arch, view.metadata, view.extras)
-            if pred == "unknown":
-                pred = "epsilon" if view.metadata.get("global_step") == "875000" else "v_prediction"
-            _scheduler(configs["scheduler"], pred).save_pretrained(str(tmp / "scheduler"))
-            write_tokenizer_files(tmp / "tokenizer")
-            write_pipeline_index(tmp, type(_scheduler(configs["scheduler"], pred)).__name__)
-        elif view.kind in ("unet", "vae"):
-            dicts = ldm_to_diffusers_state_dicts(view, configs, use_ema=use_ema, keep_ema=False)
-            model = _build(view.kind, configs[view.kind], dicts[view.kind], os.fspath(src_path))
-            model.save_pretrained(str(tmp))
-            written.append(view.kind)
-        else:
+        view = ldm_view(src)
+        if view.kind not in ("checkpoint", "unet", "vae"):
             raise BPError(f"converting a {view.kind} file to diffusers is not supported", path=src_path,
                           hint="convert a full checkpoint, a UNet or a VAE")
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                os.chmod(p, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        configs = model_configs(view)
+        remove_stale_partials(out.parent)
+        with write_errors(out), atomic_dir(out) as tmp:
+            if view.kind == "checkpoint":
+                written = _write_pipeline(tmp, view, configs, os.fspath(src_path), use_ema, prediction_type)
+            else:
+                dicts = ldm_to_diffusers_state_dicts(view, configs, use_ema=use_ema, keep_ema=False)
+                _build(view.kind, configs[view.kind], dicts[view.kind], os.fspath(src_path)).save_pretrained(str(tmp))
+                written = [view.kind]
     finally:
         src.close()
     return {"out": str(out), "components": written, "arch": view.arch}
+
+
+def _write_pipeline(tmp: Path, view: MappedSource, configs: dict[str, Any], src_path: str, use_ema: bool,
+                    prediction_type: "str | None") -> list[str]:
+    """A checkpoint's diffusers pipeline folder, written into `tmp`; returns the model components written."""
+    from bp_trainer.clip_vocab import write_tokenizer_files
+
+    written: list[str] = []
+    dicts = ldm_to_diffusers_state_dicts(view, configs, use_ema=use_ema)
+    for comp in ("unet", "unet_ema", "vae", "text_encoder"):
+        if comp in dicts:
+            cfg_key = "unet" if comp == "unet_ema" else comp
+            _build(comp, configs[cfg_key], dicts.pop(comp), src_path).save_pretrained(str(tmp / comp))
+            written.append(comp)
+    if "unet_ema" in written:
+        st = {}
+        if "model_ema.decay" in view:
+            st["decay"] = float(view.get("model_ema.decay").item())
+        if "model_ema.num_updates" in view:
+            st["num_updates"] = int(view.get("model_ema.num_updates").item())
+        (tmp / "unet_ema" / "ema_state.json").write_text(json.dumps(st), encoding="utf-8")
+    pred = prediction_type or detect_prediction(view.arch, view.metadata, view.extras)
+    if pred == "unknown":
+        pred = "epsilon" if view.metadata.get("global_step") == "875000" else "v_prediction"
+    scheduler = _scheduler(configs["scheduler"], pred)
+    scheduler.save_pretrained(str(tmp / "scheduler"))
+    write_tokenizer_files(tmp / "tokenizer")
+    write_pipeline_index(tmp, type(scheduler).__name__)
+    return written
 
 
 def convert_to_webui(src_path: "str | os.PathLike[str]", out_file: "str | os.PathLike[str]", *,

@@ -47,18 +47,24 @@ def file_hashes(path: "str | os.PathLike[str]") -> dict[str, str]:
 
 
 class HashingWriter:
-    """Wraps a binary file being written sequentially: computes the WebUI hashes of what passes through."""
+    """Wraps a binary file being written sequentially (e.g. by `torch.save`): computes the WebUI hashes of
+    what passes through. `error` keeps the file's own failure (a library may report it as something else)."""
 
     def __init__(self, fh):
         self.fh = fh
         self.sha = hashlib.sha256()
         self.pos = 0
         self._old = bytearray()
+        self.error: "OSError | None" = None
 
     def write(self, data) -> int:
         mv = memoryview(data).cast("B")
         n = len(mv)
-        self.fh.write(mv)
+        try:
+            self.fh.write(mv)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.sha.update(mv)
         end = self.pos + n
         lo, hi = OLD_HASH_OFFSET, OLD_HASH_OFFSET + OLD_HASH_LENGTH
@@ -66,6 +72,13 @@ class HashingWriter:
             self._old += mv[max(lo - self.pos, 0) : min(hi - self.pos, n)]
         self.pos = end
         return n
+
+    def flush(self) -> None:
+        try:
+            self.fh.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
     def hashes(self) -> dict[str, str]:
         return hashes_from_sha256(self.sha.hexdigest(), old_hash_of_bytes(bytes(self._old)))

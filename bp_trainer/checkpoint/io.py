@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from bp_trainer.errors import BPError, UnsafePickleError
-from bp_trainer.fsutil import atomic_path, refuse_overwriting_inputs
-from bp_trainer.checkpoint.hashes import HashingWriter, file_hashes
+from bp_trainer.fsutil import atomic_path, check_output_path, refuse_overwriting_inputs, remove_stale_partials, write_errors
+from bp_trainer.checkpoint.hashes import FollowingHasher, HashingWriter
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -477,7 +477,7 @@ def open_file(path: "str | os.PathLike[str]") -> TensorSource:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-@dataclass
+@dataclass(frozen=True)
 class Entry:
     """One output tensor: its key, final dtype/shape, and how to produce it (called once, when written)."""
 
@@ -488,6 +488,22 @@ class Entry:
     # optional fast path: (source, key) whose bytes, converted to `dtype`, are exactly this tensor's
     # (lets the writer convert chunk by chunk straight into the output file: no full-size buffers)
     direct: "tuple[Any, str] | None" = None
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class LateMetadata:
+    """Header metadata known only once work running meanwhile finishes (a merge's input hashes).
+
+    `reserve` bytes of header space are kept for it, so the file's layout does not depend on when it comes.
+    `ready()`: is it known already? `value()`: the metadata (waits until it is known)."""
+
+    value: Callable[[], Mapping[str, str]]
+    ready: Callable[[], bool]
+    reserve: int
 
 
 def cast(t: torch.Tensor, precision: "str | torch.dtype | None") -> torch.Tensor:
@@ -527,11 +543,10 @@ def _layout(entries: list[Entry]) -> tuple[list[Entry], dict[str, Any], int]:
     header: dict[str, Any] = {}
     offset = 0
     for e in entries:
-        n = numel(e.shape) * itemsize(e.dtype)
         if e.key in header:
             raise ValueError(f"duplicate tensor key {e.key}")
-        header[e.key] = {"dtype": dtype_name(e.dtype), "shape": list(e.shape), "data_offsets": [offset, offset + n]}
-        offset += n
+        header[e.key] = {"dtype": dtype_name(e.dtype), "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
     return entries, header, offset
 
 
@@ -547,42 +562,30 @@ def _header_bytes(header: Mapping[str, Any], metadata: Mapping[str, str], size: 
     return raw + b" " * (target - len(raw))  # JSON allows trailing spaces (safetensors pads the same way)
 
 
-def _produced(entries: list[Entry], ahead: int = 2) -> Iterator[tuple[Entry, torch.Tensor]]:
-    """Produce tensors in order, up to `ahead` in advance on worker threads (reads, casts and writes
-    release the GIL, so reading/converting the next tensor overlaps writing this one)."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    def make(e: Entry) -> torch.Tensor:
-        t = e.produce()
-        if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
-            raise BPError(f"tensor {e.key!r} came out as {t.dtype} {tuple(t.shape)}, "
-                          f"expected {e.dtype} {tuple(e.shape)}")
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        return t.to(torch.uint8) if t.dtype == torch.bool else t
-
-    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="bp-ckpt-read")
-    queue: deque = deque()
-    it = iter(entries)
-    try:
-        for e in it:
-            queue.append((e, pool.submit(make, e)))
-            if len(queue) > ahead:
-                e0, f0 = queue.popleft()
-                yield e0, f0.result()
-        while queue:
-            e0, f0 = queue.popleft()
-            yield e0, f0.result()
-    finally:
-        for _, f in queue:
-            f.cancel()
-        pool.shutdown(wait=True)
+_seek_lock = threading.Lock()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` of `fd` (positioned: threads may write different regions at once)."""
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+        if hasattr(os, "pwrite"):
+            done += os.pwrite(fd, data[done:], offset + done)
+        else:  # Windows: no positioned writes; the writer threads share the file position
+            with _seek_lock:
+                os.lseek(fd, offset + done, os.SEEK_SET)
+                done += os.write(fd, data[done:])
+
+
+def _produced_bytes(e: Entry) -> memoryview:
+    """The entry's tensor as raw little-endian bytes (checked against the planned dtype and shape)."""
+    t = e.produce()
+    if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
+        raise BPError(f"tensor {e.key!r} came out as {t.dtype} {tuple(t.shape)}, expected {e.dtype} {tuple(e.shape)}")
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def _direct_ok(e: Entry) -> bool:
@@ -592,41 +595,26 @@ def _direct_ok(e: Entry) -> bool:
     return hasattr(src, "write_converted") and numel(src.info(key).shape) == numel(e.shape)
 
 
-def _write_data_positioned(entries: list[Entry], fh, base: int, workers: int = 2,
-                           progress: "Callable[[int, int], None] | None" = None) -> None:
-    """Write every tensor at its offset (data section starts at `base`), `workers` tensors at a time.
+def _write_data(entries: list[Entry], fd: int, base: int, progress: Callable[[int, int], None],
+                workers: int = 2) -> None:
+    """Write every tensor at its offset (the data section starts at `base`), `workers` tensors at a time.
     Entries with a direct source are converted chunk by chunk straight into the file. `progress(offset, n)`
     is called for every completely written region (in any order)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    fd = fh.fileno()
-    offsets = []
-    pos = base
-    for e in entries:
-        offsets.append(pos)
-        pos += numel(e.shape) * itemsize(e.dtype)
-
     def one(e: Entry, off: int) -> None:
         if _direct_ok(e):
             src, key = e.direct
-            if progress is None:
-                src.write_converted(key, e.dtype, fd, off)
-            else:
-                src.write_converted(key, e.dtype, fd, off, progress)
+            src.write_converted(key, e.dtype, fd, off, progress)
             return
-        t = e.produce()
-        if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
-            raise BPError(f"tensor {e.key!r} came out as {t.dtype} {tuple(t.shape)}, "
-                          f"expected {e.dtype} {tuple(e.shape)}")
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        if t.dtype == torch.bool:
-            t = t.to(torch.uint8)
-        if t.numel():
-            data = memoryview(t.view(torch.uint8).numpy())
+        data = _produced_bytes(e)
+        if len(data):
             _pwrite_all(fd, data, off)
-            if progress is not None:
-                progress(off, len(data))
+            progress(off, len(data))
 
+    offsets = [base]
+    for e in entries[:-1]:
+        offsets.append(offsets[-1] + e.nbytes)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bp-ckpt-write") as pool:
         futures = [pool.submit(one, e, off) for e, off in zip(entries, offsets)]
         try:
@@ -638,39 +626,58 @@ def _write_data_positioned(entries: list[Entry], fh, base: int, workers: int = 2
             raise
 
 
-def _write_data(entries: list[Entry], fh) -> None:
-    for e, t in _produced(entries):
-        if t.numel():
-            fh.write(memoryview(t.view(torch.uint8).numpy()))
-        del t
+def _write_safetensors(tmp: Path, entries: list[Entry], metadata: Mapping[str, str],
+                       late: "LateMetadata | None") -> tuple[dict[str, str], int]:
+    """The write path of `.safetensors`: the header's size is fixed by the shapes (plus the space reserved for
+    late metadata); two threads write the tensors at their offsets; the header goes first when its metadata
+    is known, else right after the data (the same bytes either way); a follower thread hashes the file in
+    order as soon as each region is complete. Returns (hashes, size)."""
+    ordered, header, data_len = _layout(entries)
+    reserved = len(_header_bytes(header, metadata)) + (late.reserve if late is not None else 0)
+    reserved += (8 - reserved % 8) % 8
+    size = 8 + reserved + data_len
+    with open(tmp, "wb") as fh:
+        fd = fh.fileno()
+        hasher = FollowingHasher(tmp, size)
 
+        def write_header() -> None:
+            final = dict(metadata)
+            if late is not None:
+                final.update({str(k): str(v) for k, v in late.value().items()})
+            head = struct.pack("<Q", reserved) + _header_bytes(header, final, reserved)
+            _pwrite_all(fd, memoryview(head), 0)
+            hasher.written(0, len(head))
 
-def write_safetensors_stream(entries: list[Entry], fh, metadata: Mapping[str, str]) -> int:
-    """Write entries to an open binary file (header first, then data in header order). Returns bytes."""
-    entries, header, data_len = _layout(entries)
-    raw = _header_bytes(header, metadata)
-    fh.write(struct.pack("<Q", len(raw)))
-    fh.write(raw)
-    _write_data(entries, fh)
-    return 8 + len(raw) + data_len
-
-
-def _write_header_first(tmp: Path, ordered: list[Entry], header: dict[str, Any], metadata: Mapping[str, str],
-                        reserved: int, size: int) -> dict[str, str]:
-    """Header (padded to `reserved`) first, then the data with positioned writes, hashed while written."""
-    from bp_trainer.checkpoint.hashes import FollowingHasher
-
-    head = struct.pack("<Q", reserved) + _header_bytes(header, metadata, reserved)
-    with open(tmp, "wb") as raw:
-        follower = FollowingHasher(tmp, size)
         try:
-            _pwrite_all(raw.fileno(), memoryview(head), 0)
-            follower.written(0, len(head))
-            _write_data_positioned(ordered, raw, len(head), progress=follower.written)
+            header_first = late is None or late.ready()
+            if header_first:
+                write_header()
+            _write_data(ordered, fd, 8 + reserved, hasher.written)
+            if not header_first:
+                write_header()
         except BaseException:
-            follower.abort()
+            hasher.abort()
             raise
-        return follower.result()
+    return hasher.result(), size
+
+
+def _write_ckpt(tmp: Path, entries: list[Entry], metadata: Mapping[str, str],
+                late: "LateMetadata | None") -> tuple[dict[str, str], int]:
+    """`.ckpt`: `{"state_dict": ..., "bp_trainer_metadata": ...}` with torch.save (which needs every tensor in
+    memory), hashed while written. Returns (hashes, size)."""
+    state_dict = {e.key: e.produce() for e in entries}
+    meta = dict(metadata)
+    if late is not None:
+        meta.update({str(k): str(v) for k, v in late.value().items()})
+    with open(tmp, "wb") as fh:
+        sink = HashingWriter(fh)
+        try:
+            torch.save({"state_dict": state_dict, "bp_trainer_metadata": meta}, sink)
+        except RuntimeError:
+            if sink.error is not None:  # torch reports a failed write as "unexpected pos"; give the real one
+                raise sink.error from None
+            raise
+    return sink.hashes(), sink.pos
 
 
 def write_checkpoint(
@@ -681,25 +688,21 @@ def write_checkpoint(
     precision: "str | None" = None,
     *,
     inputs: Iterable["str | os.PathLike[str] | None"] = (),
-    late_metadata: "Callable[[], Mapping[str, str]] | None" = None,
-    late_reserve: int = 0,
-    late_ready: bool = False,
+    late: "LateMetadata | None" = None,
 ) -> dict[str, Any]:
-    """Write a checkpoint atomically (temp file in the target folder, fsync, rename).
+    """Write a checkpoint atomically (temporary file in the target folder, fsync, rename), hashed while written.
 
     `tensors`: a dict key -> tensor, an iterable of (key, tensor) pairs, a TensorSource, or a list of
     `Entry` (streamed: each produced, written and dropped in turn). `precision` (fp16/bf16/fp32) applies to
     every floating tensor. `.ckpt` output holds `{"state_dict": ...}` (materialised: not streaming).
-    Returns {"out", "sha256", "autov2", "old", "tensors", "bytes"}. `inputs` are refused as the output.
-
-    `late_metadata` (safetensors only): metadata known only after the tensors are written (e.g. input
-    hashes computed meanwhile on another thread); `late_reserve` bytes of header space are kept for it
-    and the header is written last. The output is then hashed by reading it back.
-    `late_ready`: `late_metadata()` can be answered now (e.g. the input hashes came from the hash cache):
-    the same header (same reserved size, byte for byte the same file) is then written first, and the
-    output is hashed while it is written, by a thread following the written regions in file order.
+    `late`: metadata that may be known only while the tensors are written (see `LateMetadata`).
+    Returns {"out", "sha256", "autov2", "old", "tensors", "bytes"}. `inputs` are refused as the output, and
+    so is a folder or a name too long (`fsutil.check_output_path`; a missing output folder is created: the
+    user-facing commands refuse it before they get here). A failed write (disk full, ...) is a one-line
+    BPError and leaves no partial output. Stale partial files of killed writes in the output folder are
+    removed first.
     """
-    out = Path(out_path)
+    out = check_output_path(out_path, create_parent=True)
     refuse_overwriting_inputs(out, inputs)
     if fmt not in ("safetensors", "ckpt"):
         raise BPError(f"unknown output format {fmt!r}", hint="use safetensors or ckpt")
@@ -707,47 +710,9 @@ def write_checkpoint(
         raise BPError(f"unknown precision {precision!r}", hint="use fp16, bf16 or fp32")
     entries = _entries_from(tensors, precision)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    try:
+    write = _write_safetensors if fmt == "safetensors" else _write_ckpt
+    remove_stale_partials(out.parent)
+    with write_errors(out, needed=sum(e.nbytes for e in entries)):
         with atomic_path(out) as tmp:
-            if fmt == "safetensors" and late_metadata is not None:
-                ordered, header, data_len = _layout(entries)
-                reserved = len(_header_bytes(header, meta)) + int(late_reserve)
-                reserved += (8 - reserved % 8) % 8
-                size = 8 + reserved + data_len
-                if late_ready and hasattr(os, "pwrite"):
-                    final = dict(meta)
-                    final.update({str(k): str(v) for k, v in late_metadata().items()})
-                    hashes = _write_header_first(tmp, ordered, header, final, reserved, size)
-                else:
-                    with open(tmp, "wb") as raw:
-                        if hasattr(os, "pwrite"):
-                            _write_data_positioned(ordered, raw, 8 + reserved)
-                        else:
-                            raw.seek(8 + reserved)
-                            _write_data(ordered, raw)
-                        final = dict(meta)
-                        final.update({str(k): str(v) for k, v in late_metadata().items()})
-                        raw.seek(0)
-                        raw.write(struct.pack("<Q", reserved))
-                        raw.write(_header_bytes(header, final, reserved))
-                    hashes = file_hashes(tmp)
-            elif fmt == "safetensors":
-                with open(tmp, "wb") as raw:
-                    hw = HashingWriter(raw)
-                    size = write_safetensors_stream(entries, hw, meta)
-                    raw.flush()
-                hashes = hw.hashes()
-            else:
-                sd = {}
-                for e in entries:
-                    sd[e.key] = e.produce()
-                if late_metadata is not None:
-                    meta.update({str(k): str(v) for k, v in late_metadata().items()})
-                torch.save({"state_dict": sd, "bp_trainer_metadata": meta}, tmp)
-                del sd
-                size = os.path.getsize(tmp)
-                hashes = file_hashes(tmp)
-    except OSError as exc:
-        raise BPError(f"could not write the output ({exc.strerror or exc})", path=out,
-                      hint="check free disk space and permissions; nothing was written") from None
+            hashes, size = write(tmp, entries, meta, late)
     return {"out": str(out), **hashes, "tensors": len(entries), "bytes": size}

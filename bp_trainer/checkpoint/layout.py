@@ -10,6 +10,8 @@ transformers / bare-VAE layouts on the fly, tensor by tensor. No diffusers impor
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Mapping
 
 import torch
@@ -43,52 +45,58 @@ def refuse_sdxl(arch: str, path: str) -> None:
                       hint="use an SDXL-capable tool for SDXL checkpoints")
 
 
-class MappedSource(TensorSource):
-    """A lazy view: out key -> (underlying source, key, transform)."""
+@dataclass(frozen=True)
+class Mapped:
+    """Where one tensor of a `MappedSource` comes from: `key` of `source`, passed through `transform` (None:
+    as stored), giving `info`. `reshape_only`: the transform only reshapes, so the stored bytes are the
+    tensor's (the writer may copy them chunk by chunk). Transforms commute with a dtype change."""
 
-    def __init__(self, base: TensorSource, mapping: "dict[str, tuple[TensorSource, str, Callable | None, TensorInfo]]",
+    source: TensorSource
+    key: str
+    info: TensorInfo
+    transform: "Callable[[torch.Tensor], torch.Tensor] | None" = None
+    reshape_only: bool = False
+
+    @classmethod
+    def stored(cls, source: TensorSource, key: str) -> "Mapped":
+        """A tensor taken as it is stored."""
+        return cls(source, key, source.info(key))
+
+
+class MappedSource(TensorSource):
+    """A lazy view: out key -> `Mapped` (underlying source, key, transform)."""
+
+    def __init__(self, base: TensorSource, mapping: "dict[str, Mapped]",
                  *, kind: str, layout: str, arch: str, path: str, metadata=None, extras=None):
         self.base = base
         self._map = mapping
-        self._infos = {k: v[3] for k, v in mapping.items()}
+        self._infos = {k: m.info for k, m in mapping.items()}
         self.kind, self.layout, self.arch = kind, layout, arch
         self.path, self.format = path, base.format
         self.metadata = dict(metadata if metadata is not None else base.metadata)
         self.extras = dict(extras or {})
 
     def get(self, key: str) -> torch.Tensor:
-        src, k, fn, _ = self._map[key]
-        t = src.get(k)
-        return fn(t) if fn is not None else t
+        m = self._map[key]
+        t = m.source.get(m.key)
+        return m.transform(t) if m.transform is not None else t
 
     def direct(self, key: str) -> "tuple[TensorSource, str] | None":
-        """(underlying source, key) holding this tensor's bytes (the transforms here are reshapes only)."""
-        src, k, fn, _ = self._map[key]
-        if fn is not None and not getattr(fn, "reshape_only", False):
+        """(underlying source, key) holding this tensor's bytes; None when a transform changes them."""
+        m = self._map[key]
+        if m.transform is not None and not m.reshape_only:
             return None
-        if isinstance(src, MappedSource):
-            return src.direct(k)
-        return src, k
+        if isinstance(m.source, MappedSource):
+            return m.source.direct(m.key)
+        return m.source, m.key
 
     def get_as(self, key: str, dtype: "torch.dtype | None" = None) -> torch.Tensor:
-        src, k, fn, _ = self._map[key]  # transforms here are reshapes: they commute with a dtype change
-        t = src.get_as(k, dtype)
-        return fn(t) if fn is not None else t
+        m = self._map[key]
+        t = m.source.get_as(m.key, dtype)
+        return m.transform(t) if m.transform is not None else t
 
     def close(self) -> None:
         self.base.close()
-
-
-def _ident(src: TensorSource, k: str):
-    return (src, k, None, src.info(k))
-
-
-def _reshape_fn(ldm: str) -> Callable:
-    def fn(t):
-        return lk.vae_tensor_to_ldm(ldm, t)
-
-    fn.reshape_only = True  # same bytes: the chunked direct path may copy them
-    return fn
 
 
 def _map_component(src: TensorSource, keys: list[str], component: str, strip: str = "") -> dict:
@@ -101,33 +109,35 @@ def _map_component(src: TensorSource, keys: list[str], component: str, strip: st
             ldm = m[b]
             if component == "unet_ema":
                 ldm = lk.ema_key(ldm)
-            out[ldm] = _ident(src, k)
+            out[ldm] = Mapped.stored(src, k)
     elif component == "vae":
         m = lk.vae_key_map(bare)
         for k, b in zip(keys, bare):
             ldm = m[b]
             info = src.info(k)
-            fn = _reshape_fn(ldm) if lk.vae_needs_conv_shape(ldm) and len(info.shape) == 2 else None
-            out[lk.VAE_PREFIX + ldm] = (src, k, fn, TensorInfo(info.dtype, lk.vae_shape_to_ldm(ldm, info.shape)))
+            reshape = lk.vae_needs_conv_shape(ldm) and len(info.shape) == 2  # attention as 1x1 conv: same bytes
+            out[lk.VAE_PREFIX + ldm] = Mapped(src, k, TensorInfo(info.dtype, lk.vae_shape_to_ldm(ldm, info.shape)),
+                                              partial(lk.vae_tensor_to_ldm, ldm) if reshape else None,
+                                              reshape_only=reshape)
     elif component == "text_encoder" and lk.is_openclip_width({b: src.info(k).shape for k, b in zip(keys, bare)}):
         full = dict(zip(bare, keys))
         for ldm, parts in lk.openclip_key_plan(bare).items():
             srcs = [full[p] for p in parts]
             first = src.info(srcs[0])
             if len(srcs) == 1:
-                out[ldm] = _ident(src, srcs[0])
+                out[ldm] = Mapped.stored(src, srcs[0])
                 continue
             rows = sum(int(src.info(x).shape[0]) for x in srcs)
 
             def fuse(t, rest=tuple(srcs[1:])):
                 return torch.cat([t] + [src.get(x).to(t.dtype) for x in rest])
 
-            out[ldm] = (src, srcs[0], fuse, TensorInfo(first.dtype, (rows,) + tuple(first.shape[1:])))
+            out[ldm] = Mapped(src, srcs[0], TensorInfo(first.dtype, (rows,) + tuple(first.shape[1:])), fuse)
     elif component == "text_encoder":
         m = lk.text_key_map(bare)
         for k, b in zip(keys, bare):
             if b in m:
-                out[m[b]] = _ident(src, k)
+                out[m[b]] = Mapped.stored(src, k)
     return out
 
 
@@ -162,10 +172,10 @@ def _components_view(src: TensorSource, comps: "dict[str, list[str]]", sep: str,
         consts["model_ema.num_updates"] = torch.tensor(int(st.get("num_updates", 0)), dtype=torch.int32)
     if comps.get("text_encoder") and lk.POSITION_IDS not in mapping and has_prefix(mapping, lk.SD1_TEXT_PREFIX):
         emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
-        consts[lk.POSITION_IDS] = lk.position_ids(int(emb[3].shape[0]) if emb else 77)
+        consts[lk.POSITION_IDS] = lk.position_ids(int(emb.info.shape[0]) if emb else 77)
     c = _Const(consts)
-    mapping.update({k: _ident(c, k) for k in consts})
-    shapes = {k: v[3].shape for k, v in mapping.items()}
+    mapping.update({k: Mapped.stored(c, k) for k in consts})
+    shapes = {k: m.info.shape for k, m in mapping.items()}
     kinds = [x for x in ("unet", "vae", "text_encoder") if comps.get(x)]
     kind = "checkpoint" if len(kinds) > 1 else (kinds[0] if kinds else "unknown")
     arch = detect_arch(shapes, "ldm")
@@ -200,24 +210,25 @@ def ldm_view(src: TensorSource) -> MappedSource:
         raise BPError(f"unknown model layout (first keys: {sample})", path=path,
                       hint="expected an SD 1.x/2.x checkpoint, UNet, VAE or text encoder in WebUI or diffusers layout")
     if layout == "ldm":
-        mapping = {k: _ident(src, k) for k in keys}
+        mapping = {k: Mapped.stored(src, k) for k in keys}
     elif layout == "ldm-bare" and kind == "vae":
-        mapping = {lk.VAE_PREFIX + k: _ident(src, k) for k in keys if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+        mapping = {lk.VAE_PREFIX + k: Mapped.stored(src, k) for k in keys
+                   if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
     elif layout == "ldm-bare" and kind == "unet":
         mapping = {}
         for k in keys:
             if k.startswith("diffusion_model."):
-                mapping["model." + k] = _ident(src, k)
+                mapping["model." + k] = Mapped.stored(src, k)
             elif not k.startswith(lk.EMA_PREFIX):
-                mapping[lk.UNET_PREFIX + k] = _ident(src, k)
+                mapping[lk.UNET_PREFIX + k] = Mapped.stored(src, k)
             else:
-                mapping[k] = _ident(src, k)
+                mapping[k] = Mapped.stored(src, k)
     elif layout in ("diffusers", "transformers"):
         mapping = _map_component(src, keys, {"vae": "vae", "unet": "unet", "text_encoder": "text_encoder"}[kind])
         if kind == "text_encoder" and lk.POSITION_IDS not in mapping and has_prefix(mapping, lk.SD1_TEXT_PREFIX):
             emb = mapping.get(lk.SD1_TEXT_PREFIX + "embeddings.position_embedding.weight")
-            c = _Const({lk.POSITION_IDS: lk.position_ids(int(emb[3].shape[0]) if emb else 77)})
-            mapping[lk.POSITION_IDS] = _ident(c, lk.POSITION_IDS)
+            c = _Const({lk.POSITION_IDS: lk.position_ids(int(emb.info.shape[0]) if emb else 77)})
+            mapping[lk.POSITION_IDS] = Mapped.stored(c, lk.POSITION_IDS)
     else:
         raise BPError(f"unsupported layout {layout}", path=path)
     return MappedSource(src, mapping, kind=kind, layout=layout, arch=arch, path=path)

@@ -8,7 +8,7 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="WebUI .safetensors/.ckpt, or a diffusers folder / component file")
     parser.add_argument("--to", required=True, choices=["diffusers", "webui"])
-    parser.add_argument("--out", required=True, help="output folder (diffusers) or file (webui)")
+    parser.add_argument("--out", required=True, help="output folder (diffusers; must not exist) or file (webui), in an existing folder")
     parser.add_argument("--use-ema", action="store_true", help="diffusers: build the UNet from the EMA weights")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                         help="diffusers: scheduler prediction type (default: detected; SD 2.x 768-v is v_prediction)")
@@ -18,6 +18,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bp_trainer.fsutil import check_output_path
+
+    check_output_path(args.out, folder=args.to == "diffusers")  # before torch is imported
     from bp_trainer.checkpoint.convert import convert_to_diffusers, convert_to_webui
     from bp_trainer.cli import emit
 

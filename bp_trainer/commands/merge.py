@@ -19,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="multiplier (WebUI's M); default 0.5")
     parser.add_argument("--format", dest="fmt", choices=["safetensors", "ckpt"], default=None,
                         help="output format (default: from the extension of --out, else safetensors)")
-    parser.add_argument("--out", required=True, help="output file (never one of the inputs)")
+    parser.add_argument("--out", required=True, help="output file in an existing folder (never one of the inputs)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -33,8 +33,9 @@ def _start_hashing(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from bp_trainer.fsutil import refuse_overwriting_inputs
+    from bp_trainer.fsutil import check_output_path, refuse_overwriting_inputs
 
+    check_output_path(args.out)  # before any work: a folder, a missing folder, a name too long
     refuse_overwriting_inputs(args.out, [args.base, args.unet, args.vae, args.text_encoder, args.b, args.c])
     hashing = _start_hashing(args)
     try:

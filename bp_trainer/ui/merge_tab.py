@@ -18,7 +18,10 @@ NONE = ""  # dropdown entry meaning "not used"
 
 
 def output_path(checkpoint_dir: str, name: str, fmt: str) -> Path:
-    """CKPT_DIR/NAME with the format's extension; a name may not leave the folder."""
+    """CKPT_DIR/NAME with the format's extension; a name may not leave the folder, and must fit the file
+    system (`fsutil.check_output_path`)."""
+    from bp_trainer.fsutil import check_output_path
+
     name = (name or "").strip()
     if not name:
         raise BPError("enter an output name", hint="e.g. my-model-fp16")
@@ -31,7 +34,7 @@ def output_path(checkpoint_dir: str, name: str, fmt: str) -> Path:
             if base.lower().endswith(other):
                 base = base[: -len(other)]
         base += ext
-    return Path(checkpoint_dir) / base
+    return check_output_path(Path(checkpoint_dir) / base)
 
 
 class MergeCallbacks:
@@ -119,8 +122,10 @@ def planned_bytes(opts: Any) -> int:
 
 def _run_with_progress(work: Callable[[], Any], out: Path, total: int,
                        progress: Optional[Callable[[float, str], Any]], interval: float = 0.25) -> Any:
-    """Run `work` in a thread; report the growth of OUT's temporary file (`.NAME.*.partial`) as progress."""
+    """Run `work` in a thread; report the growth of OUT's temporary file (`fsutil.partial_files`) as progress."""
     import threading
+
+    from bp_trainer.fsutil import partial_files
 
     box: dict = {}
 
@@ -136,7 +141,7 @@ def _run_with_progress(work: Callable[[], Any], out: Path, total: int,
     while t.is_alive():
         t.join(interval)
         if progress is not None and total > 0 and t.is_alive():
-            for tmp in out.parent.glob(f".{out.name}.*.partial"):
+            for tmp in partial_files(out):
                 try:
                     written = max(written, tmp.stat().st_size)
                 except OSError:
@@ -182,21 +187,27 @@ def build(host: Any) -> MergeCallbacks:
         result = gr.HTML(elem_id="bp_train_mg_result")
 
     render.not_saved(base, unet, vae, te, result)
+    # MergeCallbacks.merge's keyword -> its field; gradio passes the values as {component: value}
+    form = {"base": base, "unet": unet, "use_ema": use_ema, "vae": vae, "text_encoder": te, "precision": precision,
+            "drop_ema": drop_ema, "name": name, "fmt": fmt, "overwrite": overwrite}
 
     def do_refresh():
         c, v = cb.refresh()
-        return (gr.update(choices=c), gr.update(choices=[NONE, *c]), gr.update(choices=[NONE, *v]),
-                gr.update(choices=[NONE, *c]))
+        return {base: gr.update(choices=c), unet: gr.update(choices=[NONE, *c]), vae: gr.update(choices=[NONE, *v]),
+                te: gr.update(choices=[NONE, *c])}
 
-    def do_merge(*args):
+    def do_merge(values):
         from bp_trainer.ui.progress import stream_progress
 
-        yield from stream_progress(lambda progress: cb.merge(*args, progress=progress), render.task_progress_html)
+        kwargs = {key: values[field] for key, field in form.items()}
+        for html in stream_progress(lambda progress: cb.merge(**kwargs, progress=progress), render.task_progress_html):
+            yield {result: html}
 
-    refresh.click(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
+    lists = [base, unet, vae, te]
+    refresh.click(do_refresh, None, lists, show_progress="hidden")
+    go.click(do_merge, set(form.values()), [result], show_progress="hidden").then(do_refresh, None, lists,
+                                                                                   show_progress="hidden")
     # a reloaded page lists the models there are now, not the ones of the WebUI's start
-    render.on_page_load(lambda _: dict(zip(("base", "unet", "vae", "te"), do_refresh())), None,
-                        {"base": base, "unet": unet, "vae": vae, "te": te})
-    go.click(do_merge, [base, unet, use_ema, vae, te, precision, drop_ema, name, fmt, overwrite], [result],
-             show_progress="hidden").then(do_refresh, None, [base, unet, vae, te], show_progress="hidden")
+    names = {"base": base, "unet": unet, "vae": vae, "te": te}
+    render.on_page_load(lambda _: {name: do_refresh()[comp] for name, comp in names.items()}, None, names)
     return cb
