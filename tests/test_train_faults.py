@@ -65,8 +65,35 @@ def test_a_nan_loss_stops_the_run_and_publishes_nothing_non_finite(tiny_model_di
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2]  # nothing saved after the NaN
     assert latest_state(run_dir).name == "step-00000002"  # the last good state stays resumable
     monkeypatch.setattr(loop_mod, "diffusion_loss", real)
+    stale = run_dir / "checkpoints" / ".f-s000004.safetensors.1a2b3c4d.partial"  # a write a kill cut short
+    stale.write_bytes(b"\0" * 64)
     result = train(cfg, run_dir, resume=True, install_signals=False)
-    assert result["step"] == 6
+    assert result["step"] == 6 and not stale.exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_the_state_is_one_line_and_keeps_the_last_state(tiny_model_dir, small_dataset,
+                                                                                 tmp_path, monkeypatch):
+    import errno
+
+    from bp_trainer.train import state as state_mod
+    from bp_trainer.train.run import train
+
+    real, saves = state_mod.save_state, []
+
+    def full_disk(accelerator, run_dir, **kw):
+        saves.append(kw["step"])
+        if len(saves) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(accelerator, run_dir, **kw)
+
+    monkeypatch.setattr(state_mod, "save_state", full_disk)
+    cfg = C.validate(_raw(tiny_model_dir, small_dataset, tmp_path))
+    with pytest.raises(BPError) as err:
+        train(cfg, tmp_path / "run", install_signals=False)
+    message = str(err.value)
+    assert "No space left on device" in message and "\n" not in message and "state" in message
+    assert state_mod.latest_state(tmp_path / "run").name == "step-00000002"
 
 
 @pytest.mark.parametrize("training, fragment", [({"learning_rate": ".nan"}, "training.learning_rate"),

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from bp_trainer.errors import BPError
+from bp_trainer.fsutil import remove_stale_partials, write_errors
 from bp_trainer.rundir import RunDir
 from bp_trainer.train import data as data_mod
 from bp_trainer.train import state as state_mod
@@ -158,6 +159,9 @@ class TrainLoop:
         self.raw_unet = self.acc.unwrap_model(self.unet)
 
     def _resume(self) -> None:
+        if self.main:  # temporary files of writes a kill cut short (checkpoints, samples, hashes)
+            for folder in (self.rd.checkpoints, self.rd.samples, self.rd.path):
+                remove_stale_partials(folder)
         latest = state_mod.latest_state(self.rd)
         if latest is None:
             self.warn("no saved state to resume from; starting from step 0")
@@ -379,8 +383,9 @@ class TrainLoop:
         gathered = _gather_objects(self.acc, mine)
         trainer_state = {"step": self.step, "epoch": mine["epoch"], "sampler": gathered[0], "samplers": gathered,
                          "world_size": self.world, "reason": reason, "skipped_updates": self.skipped_updates}
-        path = state_mod.save_state(self.acc, self.rd, step=self.step, trainer=trainer_state, ema=self.ema,
-                                    generator=self.generator, keep=int(self.cfg.saving.keep_states))
+        with write_errors(self.rd.state_dir):  # a full disk is a one-line error; the last complete state stays
+            path = state_mod.save_state(self.acc, self.rd, step=self.step, trainer=trainer_state, ema=self.ema,
+                                        generator=self.generator, keep=int(self.cfg.saving.keep_states))
         self.events.emit("checkpoint", step=self.step, epoch=self.epoch, reason=reason, files=files or {},
                          state=str(path))
         self.saved_at = self.step
