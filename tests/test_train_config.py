@@ -203,3 +203,55 @@ def test_cli_show_defaults_check_and_one_line_errors(tmp_path, paths, capsys):
     assert cli.main(["train", "--config", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key 'training.epochz': did you mean 'epochs'?" in err[0]
+
+
+def test_thousands_of_bad_keys_still_make_a_short_one_line_error():
+    raw = {"training": {f"key{i}": i for i in range(200_000)}}
+    with pytest.raises(ConfigError) as err:
+        C.validate(raw, check_paths=False)
+    text = str(err.value)
+    assert "200000 problems" in text and "and 199988 more" in text and len(text) < 6000 and "\n" not in text
+
+
+def test_the_version_key_migrates_old_files_and_refuses_newer_ones(monkeypatch):
+    assert C.validate({}, check_paths=False).version == C.CURRENT_VERSION  # files without `version` are version 1
+    assert C.validate({"version": 1}, check_paths=False).to_dict()["version"] == C.CURRENT_VERSION
+    for bad, fragment in ((99, "newer BP Train"), ("x", "whole number"), (0, "whole number")):
+        with pytest.raises(ConfigError, match=fragment):
+            C.validate({"version": bad}, check_paths=False)
+    # the migration path: a format change registers version N -> N+1, and old files are carried forward
+    monkeypatch.setattr(C, "CURRENT_VERSION", 2)
+    def v1_to_v2(raw):  # e.g. a key renamed between formats
+        raw = dict(raw)
+        raw["training"] = {**raw.get("training", {}), "epochs": raw.pop("old_epochs", 10)}
+        return raw
+
+    monkeypatch.setitem(C.MIGRATIONS, 1, v1_to_v2)
+    assert C.validate({"version": 1, "old_epochs": 3}, check_paths=False).training.epochs == 3
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: write_model_header(p / "vae.safetensors", kind="vae"), "holds a VAE, not a full checkpoint"),
+    (lambda p: write_model_header(p / "unet.safetensors", kind="unet"), "a UNet alone"),
+    (lambda p: write_model_header(p / "xl.safetensors", arch="sdxl"), "SDXL"),
+    (lambda p: (p / "notes.txt").write_text("hello") and p / "notes.txt", "not a model file"),
+    (lambda p: (p / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{") and p / "broken.safetensors",
+     "cannot be read as a model"),
+    (lambda p: (p / "folder").mkdir() or p / "folder", "not a diffusers model"),
+])
+def test_a_base_model_of_the_wrong_kind_is_refused_by_the_config_check(tmp_path, make, fragment):
+    """Read from the header only, before anything heavy (inside the WebUI: before its model leaves the GPU)."""
+    base = make(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ConfigError, match=fragment) as err:
+        C.validate({"model": {"base": str(base)}, "dataset": {"path": str(tmp_path / "data")}})
+    assert "model.base" in str(err.value)
+
+
+def test_real_models_pass_the_base_model_check(tiny_model_dir, tiny_components, tmp_path):
+    from bp_trainer.tiny_model import save_webui_file
+
+    webui_file = save_webui_file(tiny_components, tmp_path / "tiny.safetensors", ema_seed=None)["out"]
+    (tmp_path / "data").mkdir()
+    for base in (tiny_model_dir, webui_file):
+        C.validate({"model": {"base": str(base)}, "dataset": {"path": str(tmp_path / "data")}})
