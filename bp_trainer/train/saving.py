@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from bp_trainer.errors import BPError
-from bp_trainer.fsutil import atomic_write_text, read_json_object
+from bp_trainer.fsutil import atomic_write_text, read_json_object, write_errors
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -127,25 +127,16 @@ def _record(res: Dict[str, Any]) -> Dict[str, Any]:
 
 def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
                     scheduler_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    from diffusers import PNDMScheduler
-    from bp_trainer.checkpoint.convert import write_pipeline_index
     from bp_trainer.checkpoint.hashes import file_hashes
-    from bp_trainer.clip_vocab import write_vocab_files
 
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, (module, state) in parts.items():
-        cpu_copy(module, state).save_pretrained(tmp / name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        if not (tmp / "tokenizer" / "merges.txt").exists():  # transformers 5 writes tokenizer.json only
-            try:
-                write_vocab_files(tmp / "tokenizer")  # vocab.json/merges.txt for transformers 4.x readers
-            except BPError:  # no offline BPE file in this environment: tokenizer.json serves new readers
-                pass
-    PNDMScheduler.from_config({k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
-                              ).save_pretrained(tmp / "scheduler")
-    write_pipeline_index(tmp)
+    try:
+        with write_errors(target):  # a full disk: one line, and no half folder is left
+            _write_pipeline(tmp, parts, tokenizer, scheduler_config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # Re-saving a step (after a resume): move the old folder aside first, so a crash never leaves neither.
     old = target.with_name(target.name + ".old")
     if target.exists():
@@ -158,6 +149,27 @@ def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
     if weights.exists():
         rec.update({f"unet_{k}": v for k, v in file_hashes(weights).items()})
     return rec
+
+
+def _write_pipeline(tmp: Path, parts: Dict[str, Any], tokenizer: Any, scheduler_config: Optional[Dict[str, Any]]
+                    ) -> None:
+    from diffusers import PNDMScheduler
+
+    from bp_trainer.checkpoint.convert import write_pipeline_index
+    from bp_trainer.clip_vocab import write_vocab_files
+
+    for name, (module, state) in parts.items():
+        cpu_copy(module, state).save_pretrained(tmp / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        if not (tmp / "tokenizer" / "merges.txt").exists():  # transformers 5 writes tokenizer.json only
+            try:
+                write_vocab_files(tmp / "tokenizer")  # vocab.json/merges.txt for transformers 4.x readers
+            except BPError:  # no offline BPE file in this environment: tokenizer.json serves new readers
+                pass
+    PNDMScheduler.from_config({k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
+                              ).save_pretrained(tmp / "scheduler")
+    write_pipeline_index(tmp)
 
 
 def _append_hashes(out_dir: Path, files: Dict[str, Dict[str, Any]]) -> None:
