@@ -76,7 +76,7 @@ def status(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any
         "version": __version__,
         "host": getattr(host, "name", "?"),
         "runs_dir": host.runs_dir(),
-        "active": ctl.active,
+        "active": ctl.busy,
         "run": ctl.snapshot(),
         "trainer_env": env,
         "gpu": gpu,
@@ -118,7 +118,7 @@ def _load_start_config(host: Any, request: Dict[str, Any]) -> tuple:
 def start(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
     ctl = _controller(host)
     ctl.attach_existing()
-    if ctl.active:
+    if ctl.busy:
         raise Conflict("a training run is already running", path=ctl.run_dir, hint="stop it first (POST /stop)")
     cfg, resume_dir = _load_start_config(host, request)
     try:

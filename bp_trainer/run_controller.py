@@ -114,6 +114,11 @@ class RunController:
         with self.lock:
             return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def busy(self) -> bool:
+        """A run is starting (waiting for the GPU, launching) or running."""
+        return self.active or self._starting
+
     def gpu_note(self) -> str:
         if getattr(self.host, "name", "") == "standalone":
             return ""

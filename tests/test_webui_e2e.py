@@ -42,6 +42,8 @@ def test_api_training_run_hands_the_gpu_over_and_back(webui, tiny_model_dir, tmp
     data = tmp_path / "ds"
     write_demo_dataset(data, count=4, seed=3)
     webui.opts.bp_train_python = sys.executable  # the dev venv has the trainer's libraries
+    # the API's path rule: the model and the dataset live outside the WebUI's folders, so the user allows them
+    webui.opts.bp_train_api_roots = f"{tiny_model_dir.parent}, {data}"
     model = webui.sd_models.FakeSdModel()
     webui.sd_models.model_data.set_sd_model(model, already_loaded=True)
     app = FastAPI()
@@ -57,8 +59,14 @@ def test_api_training_run_hands_the_gpu_over_and_back(webui, tiny_model_dir, tmp
         "logging": {"tensorboard": False, "progress_bar": "false"},
     }
     code, body = _request(app, "POST", "/bp-train/v1/start", json={"config": config})
-    assert code == 200, body
-    assert model.device == "cpu" and webui.call_queue.queue_lock.locked()
+    assert code == 202, body  # answered at once; the hand-off happens behind it
+    deadline = time.monotonic() + 60
+    while not (model.device == "cpu" and webui.call_queue.queue_lock.locked()):
+        assert time.monotonic() < deadline, "the GPU was not handed over"
+        time.sleep(0.05)
+    while not _request(app, "GET", "/bp-train/v1/status")[1]["gpu"]["released"]:
+        assert time.monotonic() < deadline, "the hand-off did not finish"
+        time.sleep(0.05)
     code, status = _request(app, "GET", "/bp-train/v1/status")
     assert status["active"] and status["gpu"]["released"] is True
     deadline = time.monotonic() + 240

@@ -53,6 +53,7 @@ def gpu_capability() -> "tuple[int, int] | None":
 
 def make_accelerator(cfg: RunConfig, rd: RunDir) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     from bp_trainer.launcher import choose_precision
@@ -71,6 +72,9 @@ def make_accelerator(cfg: RunConfig, rd: RunDir) -> Any:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ (no effect elsewhere)
         torch.backends.cudnn.allow_tf32 = True
+    # a run in a process that trained before (tests, a foreground UI run) chooses its own precision; the
+    # distributed state (PartialState: the process group) is kept
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed, log_with=log_with,
                        project_config=ProjectConfiguration(project_dir=str(rd.path), logging_dir=str(rd.logs)),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
