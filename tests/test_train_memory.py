@@ -24,6 +24,13 @@ SLACK = 64 * 1024  # input/hidden activations, loss, AdamW's step counters
 METHODS = ["tally"] + (["memtracker"] if memory.memtracker_available() else [])
 
 
+def foreach_temporary(param_bytes: int) -> int:
+    """AdamW traced without torch's fused CPU kernel (torch < 2.4) adds _foreach_sqrt(exp_avg_sq)."""
+    from torch.optim import optimizer as torch_optimizer
+
+    return 0 if "cpu" in torch_optimizer._get_fused_kernels_supported_devices() else param_bytes
+
+
 def mlp_build(spec: OptimizerSpec, width: int = 1024, dtype=torch.float32):
     def build(device):
         model = torch.nn.Sequential(torch.nn.Linear(width, width, bias=False),
@@ -45,9 +52,10 @@ def mlp_step(traced: Traced) -> torch.Tensor:
 def test_adamw_step_is_weights_two_states_and_all_gradients(method):
     # two 4 MiB weights: parameters 8, exp_avg + exp_avg_sq 16, both gradients 8 (fused AdamW: no temporaries)
     est = estimate_peak(mlp_build(OptimizerSpec()), mlp_step, method=method)
+    extra = foreach_temporary(8 * MiB)
     assert est.parts.parameters == 8 * MiB
-    assert 16 * MiB <= est.parts.optimizer <= 16 * MiB + SLACK
-    assert 32 * MiB <= est.peak_bytes <= 32 * MiB + SLACK
+    assert 16 * MiB + extra <= est.parts.optimizer <= 16 * MiB + extra + SLACK
+    assert 32 * MiB + extra <= est.peak_bytes <= 32 * MiB + extra + SLACK
     assert est.peak_bytes == sum(vars(est.parts).values())
 
 
@@ -56,12 +64,14 @@ def test_fused_backward_holds_one_gradient_and_bf16_halves_the_weights(method):
     fused = OptimizerSpec(fused_backward=True, max_grad_norm=0)
     est = estimate_peak(mlp_build(fused), mlp_step, method=method)
     assert est.parts.gradients == 0  # the one gradient alive is still in flight (filed under "other")
-    assert 28 * MiB <= est.peak_bytes <= 28 * MiB + SLACK  # 8 weights + 16 states + ONE 4 MiB gradient
+    extra = foreach_temporary(4 * MiB)  # one parameter's
+    assert 28 * MiB + extra <= est.peak_bytes <= 28 * MiB + extra + SLACK  # 8 weights + 16 states + ONE gradient
     bf16 = estimate_peak(mlp_build(OptimizerSpec(name="adafactor", fused_backward=True, max_grad_norm=0,
                                                  weights="bf16"), dtype=torch.bfloat16), mlp_step, method=method)
     assert bf16.parts.parameters == 4 * MiB
 
 
+@pytest.mark.skipif(foreach_temporary(1) == 1, reason="this torch has no fused CPU AdamW to compare with")
 def test_foreach_adamw_is_traced_with_its_temporary_and_says_so(monkeypatch):
     from torch.optim import optimizer as torch_optimizer
 
