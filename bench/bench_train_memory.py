@@ -9,7 +9,7 @@ checkpointing, bf16 autocast, one steady-state step (optimizer states created fi
 text encoder, CUDA context, workspaces and allocator fragmentation are not in these figures.
 
     .venv/bin/python bench/bench_train_memory.py [--out results.jsonl] [--method auto|memtracker|tally]
-        [--only SUBSTRING ...] [--table results.jsonl]
+        [--only SUBSTRING ...] [--reproduce] [--table results.jsonl]
 
 Each estimate takes about 2 minutes on 2 cores (MemTracker; the tally is faster). Results are appended to
 --out as JSON lines as they finish; a rerun skips the ones already there. --table prints the markdown table.
@@ -39,6 +39,7 @@ MODES = {  # label -> (OptimizerSpec keyword arguments, bf16 weights)
                                                   "weights": "bf16"},
 }
 ORIENTATION = ("AdamW fp32 (baseline)", "Adafactor + fused backward")
+FOREACH_ADAMW = "AdamW fp32, torch foreach"  # the orientation run: torch.optim.AdamW(foreach=True)
 
 
 def largest_bucket(preset: str) -> "tuple[int, int]":
@@ -51,7 +52,10 @@ def largest_bucket(preset: str) -> "tuple[int, int]":
     return max(buckets, key=lambda b: b[0] * b[1])  # the first of the largest area (ties have equal pixels)
 
 
-def cases() -> "list[dict]":
+def cases(reproduce: bool = False) -> "list[dict]":
+    if reproduce:  # the figures: the FIRST step (no optimizer states yet during forward/backward)
+        return [{"preset": "1024x1024", "bucket": [1024, 1024], "batch": 1, "mode": m, "first_step": True}
+                for m in (FOREACH_ADAMW, ORIENTATION[1])]
     out = [{"preset": "1024x1024", "bucket": [1024, 1024], "batch": 1, "mode": m} for m in ORIENTATION]
     for batch in (1, 4):
         for preset in ("1024", "768"):
@@ -68,7 +72,7 @@ def estimate(case: dict, method: str) -> dict:
     from bp_trainer.train import memory
     from bp_trainer.train.optim import OptimizerSpec, build_optimizer, check_available
 
-    spec = OptimizerSpec(**MODES[case["mode"]])
+    spec = OptimizerSpec(**MODES.get(case["mode"], {}))
     problem = check_available(spec, "cpu")
     if problem:
         return {**case, "skipped": problem}
@@ -81,7 +85,9 @@ def estimate(case: dict, method: str) -> dict:
         if spec.weights == "bf16":
             unet.to(torch.bfloat16)
         unet.train()
-        opt = build_optimizer([{"params": list(unet.parameters()), "lr": 5e-6}], spec, device)
+        groups = [{"params": list(unet.parameters()), "lr": 5e-6}]
+        opt = torch.optim.AdamW(groups, foreach=True) if case["mode"] == FOREACH_ADAMW else \
+            build_optimizer(groups, spec, device)
         batch = memory.make_unet_batch(config, case["batch"], (h // 8, w // 8), device)
         return memory.Traced(modules=(unet,), optimizer=opt, payload=batch)
 
@@ -90,20 +96,21 @@ def estimate(case: dict, method: str) -> dict:
                                          autocast_dtype=torch.bfloat16)
 
     t0 = time.perf_counter()
-    est = memory.estimate_peak(build, step, method=method)
+    est = memory.estimate_peak(build, step, method=method, prime_optimizer=not case.get("first_step"))
     return {**case, **est.to_dict(), "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
 
 
 def key(r: dict) -> str:
-    return f"{r['preset']}|{r['batch']}|{r['mode']}"
+    return f"{r['preset']}|{r['batch']}|{r['mode']}" + ("|first step" if r.get("first_step") else "")
 
 
 def table(rows: "list[dict]") -> str:
-    lines = ["| preset | bucket (latent) | batch | mode | peak GiB | params | grads | optimizer | activations | other |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | bucket (latent) | batch | mode | tracker | peak GiB | params | grads | optimizer | activations "
+             "| other |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w, h = r["bucket"]
-        head = f"| {r['preset']} | {w}x{h} ({w // 8}x{h // 8}) | {r['batch']} | {r['mode']} |"
+        mode = r["mode"] + (" (first step)" if r.get("first_step") else "")
+        head = f"| {r['preset']} | {w}x{h} ({w // 8}x{h // 8}) | {r['batch']} | {mode} | {r.get('method', '')} |"
         if "skipped" in r:
             lines.append(f"{head} not run: {r['skipped']} ||||||")
             continue
@@ -119,6 +126,8 @@ def main() -> int:
     ap.add_argument("--method", default="auto", choices=("auto", "memtracker", "tally"))
     ap.add_argument("--only", nargs="*", default=[], help="run the cases whose preset|batch|mode has all of these")
     ap.add_argument("--table", help="print the markdown table of a results file and exit")
+    ap.add_argument("--reproduce", action="store_true",
+                    help="only the issue's orientation runs: first step, foreach AdamW / fused-backward Adafactor")
     args = ap.parse_args()
     if args.table:
         print(table([json.loads(x) for x in Path(args.table).read_text(encoding="utf-8").splitlines() if x.strip()]))
@@ -127,7 +136,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {key(json.loads(x)) for x in out.read_text(encoding="utf-8").splitlines() if x.strip()} \
         if out.exists() else set()
-    for case in cases():
+    for case in cases(args.reproduce):
         if key(case) in done or not all(s in key(case) for s in args.only):
             continue
         result = estimate(case, args.method)
