@@ -7,6 +7,8 @@ returns the peak with what it was made of:
 
 - `build(device) -> Traced`: the modules whose tensors live on the training device, the optimizer, and a
   payload for the step (the TrainLoop, say). Build the optimizer after the model is on `device` (optim.py).
+  List every module that stays on the device (a frozen text encoder or VAE too): only those and the tensors
+  made during the step are counted. `module.to(...)` works inside `build` (see `_modules_movable`), not later.
 - `step(traced)`: one training step, exactly as training runs it. It must not read tensor VALUES
   (`.item()`, `float(loss)`, `if loss > ...`): fake tensors have none. Return the loss tensor instead.
 
