@@ -70,7 +70,8 @@ def estimate(case: dict, method: str) -> dict:
 
     from bp_trainer.checkpoint.convert import shipped_config
     from bp_trainer.train import memory
-    from bp_trainer.train.optim import OptimizerSpec, build_optimizer, check_available
+    from bp_trainer.train.optim import build_optimizer, check_available
+    from bp_trainer.train.optim_spec import OptimizerSpec
 
     spec = OptimizerSpec(**MODES.get(case["mode"], {}))
     problem = check_available(spec, "cpu")

@@ -114,10 +114,12 @@ def _loop_for_update(skipped: bool):
 
 def test_an_fp16_overflow_skipped_update_advances_neither_step_schedule_nor_ema():
     loop = _loop_for_update(skipped=True)
+    loop.set_lr()
     assert loop.update() is False
     assert (loop.step, loop.skipped_updates, loop.ema.updates) == (3, 1, 0)
     lr_skipped = loop.optimizer.param_groups[0]["lr"]
     loop.optimizer.step_was_skipped = False
+    loop.set_lr()
     assert loop.update() is True  # the retried update uses the same point of the schedule
     assert loop.optimizer.param_groups[0]["lr"] == lr_skipped == pytest.approx(0.3)
     assert (loop.step, loop.ema.updates) == (4, 1)

@@ -15,7 +15,8 @@ import torch
 from bp_trainer.tiny_model import UNET_CONFIG
 from bp_trainer.train import memory
 from bp_trainer.train.memory import Traced, estimate_peak, make_unet_batch, unet_training_step
-from bp_trainer.train.optim import OptimizerSpec, build_optimizer
+from bp_trainer.train.optim import build_optimizer
+from bp_trainer.train.optim_spec import OptimizerSpec
 
 from conftest import load_fixture
 

@@ -16,8 +16,8 @@ import torch
 
 from bp_trainer.tiny_model import UNET_CONFIG
 from bp_trainer.train.memory import make_unet_batch, unet_training_step
-from bp_trainer.train.optim import (OptimizerSpec, PerParameterOptimizer, build_optimizer, check_available,
-                                    config_problems, stochastic_round_)
+from bp_trainer.train.optim import PerParameterOptimizer, build_optimizer, check_available, stochastic_round_
+from bp_trainer.train.optim_spec import OptimizerSpec, config_problems
 
 LRS = (1e-3, 5e-4, 2.5e-4)  # a decaying schedule, one value per step
 

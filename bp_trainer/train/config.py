@@ -107,8 +107,19 @@ class TrainingSection:
     lr_scheduler: str = _f("constant", "learning-rate schedule after warm-up", "str",
                            choices=("constant", "cosine", "linear"))
     lr_warmup_steps: int = _f(0, "linear warm-up steps", "int", min=0, max=10**9)
-    optimizer: str = _f("adamw", "adamw, or adamw8bit (bitsandbytes; falls back to adamw when missing)", "str",
-                        choices=("adamw", "adamw8bit"))
+    optimizer: str = _f("adamw", "adamw (torch, fused on a GPU), adamw8bit (bitsandbytes; the config check says when it "
+                        "cannot run here) or adafactor (transformers', with this LR schedule)", "str",
+                        choices=("adamw", "adamw8bit", "adafactor"))
+    fused_backward: bool = _f(False, "step each parameter's optimizer as soon as its gradient is ready, so all "
+                              "gradients never exist at once (needs gradient_accumulation 1, max_grad_norm 0, one "
+                              "process)", "bool")
+    weights: str = _f("fp32", "precision of the UNet's weights: fp32, or bf16 (updated in fp32 with stochastic "
+                      "rounding; needs mixed_precision bf16; the EMA stays fp32)", "str", choices=("fp32", "bf16"))
+    memory: str = _f("manual", "manual (the options as written), fast, lean (the least memory), or auto (the fastest "
+                     "set that fits vram_gb, by the pre-flight estimate)", "str",
+                     choices=("manual", "fast", "lean", "auto"))
+    vram_gb: Optional[float] = _f(None, "GPU memory budget for memory: auto (empty: the free memory of the GPU)",
+                                  "float", optional=True, min=0.5, max=10000.0)
     adam_beta1: float = _f(0.9, "AdamW beta1", "float", min=0.0, max=1.0)
     adam_beta2: float = _f(0.999, "AdamW beta2", "float", min=0.0, max=1.0)
     adam_epsilon: float = _f(1e-8, "AdamW epsilon", "float", min=0.0, max=1.0)
@@ -403,8 +414,15 @@ def _section(name: str, body: Any, problems: List[str]) -> Any:
 
 
 def _cross_checks(cfg: RunConfig, problems: List[str]) -> RunConfig:
+    from bp_trainer.train.memory_plan import named_plan
+    from bp_trainer.train.optim_spec import config_problems, spec_of
+
     if not cfg.ema.enabled and cfg.saving.main_unet == "ema":
         cfg = cfg.with_values(saving={"main_unet": "trained"})  # the default follows the EMA switch
+    cfg = named_plan(cfg)  # training.memory: fast / lean set their options here (auto: in the trainer)
+    if cfg.training.memory in ("manual", "fast", "lean"):
+        problems.extend(config_problems(spec_of(cfg.training), world_size=cfg.run.num_processes,
+                                        mixed_precision=cfg.training.mixed_precision))
     for key in ("width", "height"):
         value = getattr(cfg.sampling, key)
         if value is not None and value % 8:

@@ -74,8 +74,12 @@ class TrainLoop:
             self._resume()
 
     def _setup_models(self) -> None:
+        self.configure_models(self.family.load(self.cfg.model))
+
+    def configure_models(self, m: TrainModels) -> None:
+        """Precision, trainable parts, attention, checkpointing and devices of loaded (or, for the memory
+        estimate, empty) models."""
         t = self.cfg.training
-        m: TrainModels = self.family.load(self.cfg.model)
         self.models = m
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.acc.mixed_precision,
                                                                                 torch.float32)
@@ -93,10 +97,14 @@ class TrainLoop:
             from diffusers.models.attention_processor import AttnProcessor
 
             m.unet.set_attn_processor(AttnProcessor())
+            if max(w * h for w, h in _buckets(self.cfg)) >= 1024 * 1024:
+                self.warn("training.attention: default materialises the full attention matrix: at 1024 buckets "
+                          "that is several GiB per layer; sdpa computes the same without it")
         if t.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()  # diffusers passes use_reentrant=False itself
             if self.train_te:  # explicit: transformers 4.x defaults to the reentrant variant, 5.x does not
                 m.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.vae.enable_slicing()  # encode a batch image by image: same latents, a fraction of the activations
         m.vae.to(self.device, dtype=self.weight_dtype if self.weight_dtype != torch.float16 else torch.float32)
         if self.train_te:
             self._freeze_skipped_layers(m.text_encoder)
@@ -137,20 +145,30 @@ class TrainLoop:
 
     def _setup_optimizer(self) -> None:
         from bp_trainer.train.ema import EMA
+        from bp_trainer.train.optim import build_optimizer, check_available
+        from bp_trainer.train.optim_spec import spec_of
 
         t, m = self.cfg.training, self.models
+        spec = spec_of(t)
+        problem = check_available(spec, self.device.type)  # e.g. bitsandbytes missing: said, never replaced
+        if problem:
+            raise BPError(problem)
+        self.ema = None
+        if self.cfg.ema.enabled and self.main:  # only the main process saves and samples it: no copy elsewhere
+            self.ema = EMA(m.unet, decay=self.cfg.ema.decay,  # from the fp32 weights, before any bf16 cast
+                           device="cpu" if self.cfg.ema.device == "cpu" else self.device)
+        m.unet.to(self.device, dtype=torch.bfloat16 if t.weights == "bf16" else torch.float32)
+        if self.train_te:
+            m.text_encoder.to(self.device)
         groups = [{"params": [p for p in m.unet.parameters() if p.requires_grad], "lr": t.learning_rate,
                    "base_lr": t.learning_rate}]
         if self.train_te:
             te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
             groups.append({"params": [p for p in m.text_encoder.parameters() if p.requires_grad], "lr": te_lr,
                            "base_lr": te_lr})
-        self.optimizer = _make_optimizer(groups, t, self.warn)
+        # built after the model is on its device: fused AdamW on a GPU (torch 2.1 refuses it for CPU parameters)
+        self.optimizer = build_optimizer(groups, spec, self.device)
         _configure_deepspeed(self.acc, int(t.batch_size), self.accum)
-        self.ema = None
-        if self.cfg.ema.enabled and self.main:  # only the main process saves and samples it: no copy elsewhere
-            self.ema = EMA(m.unet, decay=self.cfg.ema.decay,
-                           device="cpu" if self.cfg.ema.device == "cpu" else self.device)
         if self.train_te:
             self.unet, self.text_encoder, self.optimizer = self.acc.prepare(m.unet, m.text_encoder, self.optimizer)
         else:
@@ -221,13 +239,17 @@ class TrainLoop:
         self.acc.backward(loss * loss_scale)
         return loss.detach()
 
-    def update(self) -> bool:
-        """One optimizer update with the accumulated gradients; False when the fp16 grad scaler skipped it (an
-        overflow): then neither the step counter, the LR schedule nor the EMA advance."""
+    def set_lr(self) -> None:
+        """The learning rate of the coming update (diffusers' schedule at the current step)."""
         t = self.cfg.training
         factor = lr_factor(self.step, schedule=t.lr_scheduler, warmup=int(t.lr_warmup_steps), total=self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
+
+    def update(self) -> bool:
+        """One optimizer update with the accumulated gradients; False when the fp16 grad scaler skipped it (an
+        overflow): then neither the step counter, the LR schedule nor the EMA advance."""
+        t = self.cfg.training
         if t.max_grad_norm > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             self.acc.clip_grad_norm_(params, t.max_grad_norm)
@@ -284,6 +306,7 @@ class TrainLoop:
             group_size = min(self.accum, self.batches_per_epoch - (index - index % self.accum))
             sync = (index + 1) % self.accum == 0 or last_in_epoch
             self._record_batch(batch, index)
+            self.set_lr()  # before backward: fused backward steps parameters during it
             no_sync = not sync and self.world > 1
             with self._no_sync() if no_sync else contextlib.nullcontext():
                 self._group_losses.append(self.train_step(batch, loss_scale=1.0 / group_size))
@@ -449,16 +472,10 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _make_optimizer(params: List[Dict[str, Any]], t: Any, warn: Any) -> Any:
-    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
+def _buckets(cfg: RunConfig) -> List[Any]:
+    from bp_trainer.buckets import generate_buckets
 
-            return bnb.optim.AdamW8bit(params, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - missing or broken bitsandbytes: plain AdamW
-            warn(f"8-bit AdamW unavailable ({type(exc).__name__}: {exc}); using torch AdamW")
-    return torch.optim.AdamW(params, **kwargs)
+    return generate_buckets(cfg.arb) if cfg.arb.enabled else [tuple(cfg.arb.base_res)]
 
 
 def _configure_deepspeed(accelerator: Any, batch_size: int, accum: int) -> None:
