@@ -4,6 +4,7 @@ user as one line with exit code 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,35 @@ def test_an_error_inside_the_trainer_is_one_line_with_exit_code_2(tiny_model_dir
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and "no usable images" in errors[0] and str(data) in errors[0]
     assert "Traceback" not in proc.stderr and "CalledProcessError" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [{"memory": "lean"}, {"optimizer": "adafactor"}], ids=["lean", "adafactor"])
+def test_lean_options_train_and_resume_bit_exactly(tiny_model_dir, small_dataset, tmp_path, training):
+    """Adafactor, fused backward and bf16 weights through the real loop: a run stopped after its first save and
+    resumed ends with the same weights as an uninterrupted one."""
+    from bp_trainer.train.run import train
+
+    def final_digest(run_dir):
+        lines = (run_dir / "batches-rank0.jsonl").read_text().splitlines()
+        return [json.loads(x)["weights"] for x in lines if '"final"' in x][-1]
+
+    def cfg_for(runs, **saving):
+        raw = _raw(tiny_model_dir, small_dataset, runs, training={**training, "max_steps": 4, "mixed_precision": "bf16"},
+                   logging={"record_batches": True}, saving={"every_n_steps": 2, **saving})
+        return C.validate(raw)
+
+    full = train(cfg_for(tmp_path / "a"), tmp_path / "a" / "run", install_signals=False)
+    assert full["step"] == 4
+    part_dir = tmp_path / "b" / "run"
+    cfg = cfg_for(tmp_path / "b")
+    if training.get("memory") == "lean":
+        assert (cfg.training.optimizer, cfg.training.fused_backward, cfg.training.weights) == ("adafactor", True, "bf16")
+    (part_dir).mkdir(parents=True)
+    (part_dir / "STOP").write_text("x")  # stops after the first update: saved at step 1
+    stopped = train(cfg, part_dir, install_signals=False)
+    assert stopped["reason"] == "stopped" and stopped["step"] == 1
+    (part_dir / "STOP").unlink()
+    resumed = train(cfg, part_dir, resume=True, install_signals=False)
+    assert resumed["step"] == 4
+    assert final_digest(part_dir) == final_digest(tmp_path / "a" / "run")

@@ -23,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-processes", type=int, help="override run.num_processes")
     parser.add_argument("--preset", help="lay a preset (512, 768, 1024) under the config's own values")
     parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    parser.add_argument("--memory", choices=("manual", "fast", "lean", "auto"), help="override training.memory")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="estimate the run's peak GPU memory (its real step on empty models, no GPU) and exit")
     parser.add_argument("--show-defaults", action="store_true", help="print a complete default config and exit")
     parser.add_argument("--json", action="store_true", help="machine-readable result")
 
@@ -43,6 +46,8 @@ def _load(args: argparse.Namespace) -> Any:
         raw = C.merge(C.preset(args.preset), raw)
     if args.num_processes is not None:
         raw = C.merge(raw, {"run": {"num_processes": args.num_processes}})
+    if args.memory:
+        raw = C.merge(raw, {"training": {"memory": args.memory}})
     return C.validate(raw, base_dir=path.parent, source=path)
 
 
@@ -61,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.check:
         emit(cfg.to_dict(), args.json, lambda c: C.dump_config(cfg).rstrip())
+        return 0
+    if args.estimate_memory:
+        from bp_trainer.train.estimate import estimate_run
+
+        emit(estimate_run(cfg), args.json, _human_estimate)
         return 0
     if args.foreground:
         from bp_trainer.train.run import train
@@ -94,6 +104,14 @@ def run(args: argparse.Namespace) -> int:
         result.update(reason=done[-1].get("reason"), step=done[-1].get("step"), outputs=done[-1].get("outputs"))
     emit(result, args.json, _human)
     return code
+
+
+def _human_estimate(r: Dict[str, Any]) -> str:
+    o = r["options"]
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r["parts"].items())
+    return (f"estimated peak {r['peak_gib']:.2f} GiB at bucket {r['bucket'][0]}x{r['bucket'][1]}, batch {r['batch_size']} "
+            f"({parts} GiB)\noptions: {', '.join(f'{k}={v}' for k, v in o.items())}\n"
+            + "\n".join(f"note: {n}" for n in r["notes"]))
 
 
 def _human(r: Dict[str, Any]) -> str:
