@@ -1,7 +1,10 @@
 """The pre-flight memory estimate of a run config: the TrainLoop's own `train_step` and `update`, on models built
 empty from the base model's configs (read from its header or config files, no weights), at the largest bucket of the
 config's `arb:` block and its batch size, optimizer, precision, checkpointing and caching, traced under torch's
-`FakeTensorMode` (bp_trainer.train.memory): no GPU, nothing computed.
+`FakeTensorMode` (bp_trainer.train.memory): no GPU, nothing computed. Counted with memory.py's StorageTally, which
+works on the trainer environment's torch 2.1 as on newer ones (torch's MemTracker, torch >= 2.5, agrees with it on
+the UNet step — tests/test_train_memory.py — but refuses modules whose parameters are frozen, as the text
+encoder's are here).
 
     bp-train train --config run.yaml [--preset 1024] [--memory lean] --estimate-memory --json
 
@@ -123,7 +126,7 @@ def _batch(cfg: RunConfig, bucket: Tuple[int, int], cached: bool) -> Dict[str, A
             "cache_key": ["latent"] * n if cached else [None] * n, "size": (w, h)}
 
 
-def estimate_run(cfg: RunConfig, *, method: str = "auto") -> Dict[str, Any]:
+def estimate_run(cfg: RunConfig, *, method: str = "tally") -> Dict[str, Any]:
     """Peak tensor memory of one training step of `cfg` on its GPU, and what it consists of (JSON-able)."""
     from bp_trainer.train.loop import TrainLoop
     from bp_trainer.train.memory import Traced, estimate_peak
