@@ -263,6 +263,19 @@ class WebUIHost:
     def has_gpu(self) -> bool:
         return _has_gpu()
 
+    def gpu_free_bytes(self) -> "int | None":
+        """What the trainer will have: the GPU's free memory, plus what the WebUI's model frees at the hand-off
+        (unless generation keeps running during training)."""
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return None
+            free = int(torch.cuda.mem_get_info()[0])
+            return free if self.generation_may_run_during_training() else free + int(torch.cuda.memory_allocated())
+        except Exception:  # noqa: BLE001 - a reading must never break the tab
+            return None
+
     def release_gpu(self) -> None:
         if self.generation_may_run_during_training():
             # opted out: the WebUI keeps its model on the GPU and keeps generating (both share the memory)

@@ -263,3 +263,23 @@ def test_a_run_config_given_to_the_app_that_cannot_be_read_is_one_clear_error(ho
     with pytest.raises(BPError, match="cannot read the run config") as err:
         TrainCallbacks(host).initial(str(bad))
     assert str(bad) in str(err.value)
+
+
+def test_estimate_beside_start_and_starts_warning(host, tmp_path, monkeypatch):
+    from bp_trainer.ui import estimate as E
+
+    calls = []
+
+    def fake_estimate(cfg, python):  # the real one runs `bp-train train --estimate-memory` (tests/test_train_estimate)
+        calls.append((cfg.training.memory, python))
+        return {"peak_bytes": 9 * 2**30, "bucket": [1024, 1536], "batch_size": 1}
+
+    monkeypatch.setattr(E, "run_estimate", fake_estimate)
+    monkeypatch.setattr(host, "gpu_free_bytes", lambda: 8 * 2**30, raising=False)
+    monkeypatch.setattr(host, "release_gpu", lambda: None, raising=False)
+    cb = TrainCallbacks(host)
+    init, form = _form(cb, "base.safetensors", str(tmp_path / "data"))
+    msg = cb.estimate(form)["message"]
+    assert "estimated peak 9.0 GiB at 1024x1536, batch 1" in msg and "8.0 GiB free" in msg and "will not fit" in msg
+    assert calls == [("manual", host.trainer_python())]
+    assert E.fits({"peak_bytes": 7 * 2**30}, 8 * 2**30) is True and E.fits({"peak_bytes": 1}, None) is None

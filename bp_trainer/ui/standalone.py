@@ -127,6 +127,15 @@ class StandaloneHost:
                 self._has_gpu = bool(torch.cuda.is_available() or mps())
         return self._has_gpu
 
+    def gpu_free_bytes(self) -> "int | None":
+        """Free memory of the CUDA GPU the trainer will use (None without one)."""
+        try:
+            import torch
+
+            return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - a reading must never break the tab
+            return None
+
 
 def create_app(host: Any, *, initial_config: "str | os.PathLike[str] | None" = None):
     """The gradio Blocks app serving the tab (JS/CSS injected like the WebUI does)."""

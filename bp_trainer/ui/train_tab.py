@@ -38,6 +38,15 @@ def _merged(form: Mapping[str, Any], *, base: Optional[str], dataset: Optional[s
     return train_form.merge_form(form["yaml"], base=base, dataset=dataset, arb_text=arb, values=values)
 
 
+def _gpu_free_bytes(host: Any) -> Optional[int]:
+    """The host's GPU's free memory (`host.gpu_free_bytes()`), None when it has none or cannot tell."""
+    fn = getattr(host, "gpu_free_bytes", None)
+    try:
+        return int(fn()) if callable(fn) and fn() else None
+    except Exception:  # noqa: BLE001 - a reading must never break the tab
+        return None
+
+
 class TrainCallbacks:
     def __init__(self, host: Any):
         self.host = host
@@ -170,6 +179,29 @@ class TrainCallbacks:
 
     # ------------------------------------------------------------------------------------ run
 
+    def estimate(self, form: Mapping[str, Any]) -> Dict[str, Any]:
+        """The run's pre-flight memory estimate beside the GPU's free memory (remembered for Start's warning)."""
+        from bp_trainer.ui import estimate as E
+
+        try:
+            cfg = self.config_from_form(form)
+            result = E.run_estimate(cfg, self.host.trainer_python())
+        except BPError as exc:
+            return {"message": render.error_html(exc)}
+        free = _gpu_free_bytes(self.host)
+        self._estimate = (train_form.dump_yaml(cfg), result, free)
+        return {"message": render.message_html(E.summary(result, free), "ok" if E.fits(result, free) is not False
+                                               else "warn")}
+
+    def _fit_warning(self, cfg: Any) -> str:
+        """Start's warning when this very config was estimated not to fit."""
+        from bp_trainer.ui import estimate as E
+
+        last = getattr(self, "_estimate", None)
+        if last is None or last[0] != train_form.dump_yaml(cfg) or E.fits(last[1], last[2]) is not False:
+            return ""
+        return " Warning: " + E.summary(last[1], last[2])
+
     def start(self, form: Mapping[str, Any]) -> Dict[str, Any]:
         try:
             cfg = self.config_from_form(form)
@@ -177,7 +209,9 @@ class TrainCallbacks:
             run_dir = self.controller.start(cfg)
         except BPError as exc:
             return {"message": render.error_html(exc)}
-        return {"message": render.message_html(f"started {Path(run_dir).name} (folder {run_dir})", "ok")}
+        warning = self._fit_warning(cfg)
+        return {"message": render.message_html(f"started {Path(run_dir).name} (folder {run_dir}).{warning}",
+                                               "warn" if warning else "ok")}
 
     def resumable_runs(self) -> List[str]:
         """Runs of the runs folder that ended before finishing and saved a state to resume from (newest first)."""
@@ -387,6 +421,7 @@ def _run_column(gr: Any, cb: TrainCallbacks, first_message: str) -> Dict[str, An
         with gr.Row():
             c["start"] = gr.Button("Start training", variant="primary", elem_id="bp_train_start")
             c["stop"] = gr.Button(STOP_LABEL, variant="stop", elem_id="bp_train_stop", interactive=False)
+            c["estimate"] = gr.Button("Estimate memory", elem_id="bp_train_estimate", scale=0, min_width=150)
             c["poll"] = gr.Button("Refresh", elem_id="bp_train_poll", elem_classes=["bp-small-btn"], scale=0,
                                   min_width=90)
         gr.HTML(f'<div class="bp-muted bp-stop-note">{render.esc(STOP_NOTE)}</div>', elem_id="bp_train_stop_note")
@@ -465,6 +500,7 @@ def _wire(gr: Any, cb: TrainCallbacks, c: Mapping[str, Any]) -> None:
     message = {"message": c["message"]}
     started = render.bind(c["start"].click, cb.start, form, message, show_progress="minimal")
     stopped = render.bind(c["stop"].click, lambda v: cb.stop(), None, message, show_progress="hidden")
+    render.bind(c["estimate"].click, cb.estimate, form, message, show_progress="minimal")
     resumed = render.bind(c["resume"].click, lambda v: cb.resume(v["run"]), {"run": c["resume_run"]}, message,
                           show_progress="minimal")
     for dependency in (started, stopped, resumed):
