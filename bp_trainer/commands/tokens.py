@@ -14,7 +14,8 @@ from bp_trainer.errors import BPError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="a prompt to inspect (quote it)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps for [a:b:N] schedules (default 20)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="sampling steps for [a:b:N] schedules, 1..150 (default 20)")
     parser.add_argument("--negative", action="store_true", help="count as a negative prompt (no AND split)")
     parser.add_argument("--hires-steps", type=int, metavar="N", help="schedules as in a hires-fix pass of N steps")
     parser.add_argument("--old-scheduling", action="store_true",
@@ -56,13 +57,18 @@ def run(args: argparse.Namespace) -> int:
         raise BPError("nothing to inspect", hint='pass a prompt in quotes, or --dataset DIR')
     if args.focus or args.pattern:
         raise BPError("--focus and --pattern apply to --dataset")
-    from bp_trainer.tokens.inspect import inspect_prompt
+    import dataclasses
 
-    if args.steps < 1:
-        raise BPError("--steps must be at least 1")
+    from bp_trainer.tokens.inspect import inspect_prompt
+    from bp_trainer.tokens.limits import DEFAULT_LIMITS, parse_steps
+
+    parse_steps(args.steps, "--steps")  # the same rule as the API and the tab: 1..150
+    if args.hires_steps is not None:
+        parse_steps(args.hires_steps, "--hires-steps")
     result = inspect_prompt(args.prompt, steps=args.steps, negative=args.negative, backtrack=args.backtrack,
                             emphasis=not args.no_emphasis, embeddings=_embeddings(args.embedding), with_ids=args.ids,
-                            hires_steps=args.hires_steps, use_old_scheduling=args.old_scheduling)
+                            hires_steps=args.hires_steps, use_old_scheduling=args.old_scheduling,
+                            limits=dataclasses.replace(DEFAULT_LIMITS, field="prompt"))
     emit(result, args.json, _human_prompt)
     return 0
 

@@ -34,13 +34,19 @@ class TokensCallbacks:
         return prompt_settings_of(self.host)
 
     def inspect(self, prompt: str, steps: Any = 20, negative: bool = False) -> str:
+        """The prompt's chips, counted as `/tokens` counts (same step rule and limits, one of its slots)."""
         from bp_trainer.tokens import inspect_prompt
+        from bp_trainer.tokens.limits import parse_steps
+        from bp_trainer.tokens.request import TokensBusy, counting_slot
 
         try:
-            result = inspect_prompt(prompt or "", self.host.tokenizer(), steps=int(steps or 20), negative=bool(negative),
-                                    **self.prompt_settings())
+            with counting_slot():
+                result = inspect_prompt(prompt or "", self.host.tokenizer(), steps=parse_steps(steps),
+                                        negative=bool(negative), **self.prompt_settings())
         except BPError as exc:
             return render.error_html(exc)
+        except TokensBusy as exc:
+            return render.message_html(str(exc), "warn")
         return render.token_chips_html(result)
 
     # ------------------------------------------------------------------------------------ audit
