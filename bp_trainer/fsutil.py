@@ -42,15 +42,17 @@ def fsync_dir(path: "str | os.PathLike[str]") -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: "str | os.PathLike[str]", *, mode: int | None = 0o644) -> Iterator[Path]:
+def atomic_path(target: "str | os.PathLike[str]", *, mode: int | None = 0o644,
+                tmp_dir: "str | os.PathLike[str] | None" = None) -> Iterator[Path]:
     """Yield a temporary file path next to `target`; rename it over `target` when the block succeeds.
 
     The caller writes the temporary path (any library may write it). On an exception the temporary file
-    is removed and `target` is untouched.
+    is removed and `target` is untouched. `tmp_dir` puts the temporary file elsewhere on the same filesystem
+    (so a kill -9 leaves nothing beside `target`; the caller cleans `tmp_dir`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=tmp_dir or target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

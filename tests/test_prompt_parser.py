@@ -90,6 +90,29 @@ def test_and_split_and_extra_networks():
     assert counter_prompts("x [y:z:5]", 20) == ["x y", "x z"]
 
 
+def test_linear_helpers_equal_the_webui_regexes():
+    """BREAK splitting, AND weights and extra-network removal are done in linear time (the WebUI's regexes are
+    quadratic on long whitespace: 32,000 spaces took a minute); on every string they must give what the WebUI's
+    own regexes (modules/prompt_parser.py re_break / re_weight, extra_networks.re_extra_net) give."""
+    import random
+    import re
+
+    from bp_trainer.tokens.attention import split_breaks
+    from bp_trainer.tokens.schedules import and_weight
+
+    re_break = re.compile(r"\s*\bBREAK\b\s*", re.S)
+    re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+    re_extra_net = re.compile(r"<(\w+):([^>]+)>")
+    rng = random.Random(5)
+    alphabet = list("ab:1.2-+ \n\t<>x_") + ["BREAK", " BREAK ", "BREAKx", ":0.5", " : 2", "<lora:x:1>", "\u00a0",
+                                             "\u2003", ".5", "3.", "AND"]
+    for _ in range(30_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert split_breaks(text) == re_break.split(text), text
+        assert and_weight(text) == re_weight.search(text).groups(), text
+        assert strip_extra_networks(text)[0] == re_extra_net.sub("", text), text
+
+
 def test_split_independent_pieces():
     from bp_trainer.tokens.schedules import split_independent
 

@@ -2,7 +2,7 @@
 
     tags rename --dataset DIR --from OLD --to NEW            dry run: every change, nothing written
     tags rename --dataset DIR --from OLD --to NEW --apply    apply with backup + undo journal (re-run to resume)
-    tags rename --undo JOURNAL                               restore the files of that rename
+    tags rename --undo JOURNAL                               restore the files of that rename (re-run to resume)
     tags suggest --dataset DIR --tag TAG                     rare single-token replacements, with reasons
     tags journals --dataset DIR                              renames recorded in this dataset
 """
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         result = {"journals": [journal_summary(p, j) for p, j in journals(args.dataset)]}
         emit(result, args.json, lambda r: "\n".join(
             f"{j['created']}  {j['state']:<22} {j['from']!r} -> {j['to']!r} ({j['files']} files)  {j['journal']}"
+            + (f"\n  unfinished: {j['finish']}" if j.get("finish") else "")
             for j in r["journals"]) or "no tag renames recorded")
         return 0
     raise BPError("choose a tags subcommand", hint="tags rename | tags suggest | tags journals (see --help)")
@@ -107,7 +108,8 @@ def _human_plan(r: dict) -> str:
     if r["duplicates"]:
         lines.append(f"note: {len(r['duplicates'])} caption(s) already have {r['to']!r}; it will appear twice there")
     for j in r.get("unfinished_journals", []):
-        lines.append(f"unfinished rename {j['from']!r} -> {j['to']!r}: {j['journal']} (re-run its --apply, or --undo)")
+        lines.append(f"unfinished {'undo of ' if j['state'] == 'undoing' else ''}rename {j['from']!r} -> {j['to']!r}: "
+                     f"{j['journal']} ({j['finish']})")
     return "\n".join(lines)
 
 
