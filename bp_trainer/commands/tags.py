@@ -127,6 +127,10 @@ def _human_applied(r: dict) -> str:
 def _human_suggest(r: dict) -> str:
     lines = [f"{r['tag']!r} is {len(r['tag_ids'])} CLIP piece(s): {' | '.join(r['tag_pieces'])}; "
              f"in {r['tag_count']} of {r['captions']} captions"]
+    if r["mangled"]:
+        lines.append("CLIP cuts " + "; ".join(m["shown"] for m in r["mangled"]))
+    else:
+        lines.append("note: CLIP reads every word of this tag (not flagged by the audit); a new name may not help")
     if not r["suggestions"]:
         lines.append("no candidate passed every check (try --min-len 3 or --max-len 16)")
     for i, s in enumerate(r["suggestions"], 1):

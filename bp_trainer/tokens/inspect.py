@@ -22,6 +22,7 @@ from bp_trainer.errors import BPError
 from bp_trainer.tokens.attention import is_break, parse_prompt_attention
 from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, EmbeddingUse, chunk_segments, target_token_count
 from bp_trainer.tokens.limits import DEFAULT_LIMITS, PromptLimits, parse_steps
+from bp_trainer.tokens.mangled import mangled_by_tag
 from bp_trainer.tokens.schedules import counter_prompts, strip_extra_networks, unique
 from bp_trainer.tokens.tokenizer import TokenizerView, readable_pieces
 
@@ -263,6 +264,14 @@ def _variants(text: str, tokenizer: Any, steps: int, negative: bool, hires_steps
     return lines
 
 
+def _mark_mangled(tags: list, tokenizer: Any) -> None:
+    """Give each tag `mangled`: the words CLIP cuts into meaningless pieces (none for textual inversions)."""
+    plain = [t["text"] for t in tags if not t.get("embeddings")]
+    verdicts = mangled_by_tag(plain, tokenizer)
+    for tag in tags:
+        tag["mangled"] = [m.to_dict() for m in verdicts.get(tag["text"], [])] if not tag.get("embeddings") else []
+
+
 def token_chips(line: LineTokens) -> list[dict]:
     """One entry per token of the stream, for drawing chips: position, id, BPE piece, display text (a character
     cut across pieces shows on each with `…`), weight, chunk, and the index of its tag in `tags` (None for the
@@ -301,6 +310,7 @@ def inspect_prompt(text: str, tokenizer: Any = None, *, steps: int = 20, negativ
     if limits is not None:
         limits.check_time()  # before the per-token chips
     best = max(variants, key=lambda v: v.count)
+    _mark_mangled(best.tags, tokenizer)
     _, networks = strip_extra_networks(text)
     return {
         "prompt": text,
