@@ -110,7 +110,7 @@ def main() -> int:
         probe = audit_dataset(root, TokenizerView(tokenizer))
         report = {
             "dataset": {"captions": probe["captions"], "tag_uses": uses, "distinct_tags": probe["distinct_tags"],
-                        "flagged_3plus_pieces": probe["flagged"]},
+                        "flagged_mangled": probe["flagged"]},
             "tokenizer_load_s": round(load_s, 3),
             # A new TokenizerView each run: nothing cached, every distinct tag is tokenized.
             "audit_cold": timed(lambda: audit_dataset(root, TokenizerView(tokenizer)), args.repeat),
@@ -159,7 +159,7 @@ def hostile_prompts() -> dict:
         "16 KB '[a|b], ' at 150 steps": fill("[a|b], "),
         "16 KB Japanese tags": fill("初音ミク, "),
         "16 KB '<a:' (extra-network look-alikes)": fill("<a:"),
-        "16 KB of spaces after 'a:'": "a:" + " " * (16 * 1024 - 2),
+        "16 KB of spaces between two words": "a" + " " * (16 * 1024 - 2) + "b",
         "4,000 x '(a)' (one 4,000-letter word)": "(a)" * 4000,
     }
 

@@ -67,19 +67,45 @@ def reads_as_kana(letters: str) -> bool:
 
 def judge_word(word: str, tokenizer: Any = None) -> Optional[MangledWord]:
     """The verdict on one word (see the module doc): a MangledWord, or None when CLIP reads it fine."""
+    split = _split_word(word.lower())
+    if split is None:
+        return None
     view = TokenizerView.of(tokenizer)
-    lower = word.lower()
+    return _verdict(word, split[0], split[1], view.pieces(view.encode(split[0])))
+
+
+def mangled_words(tag: str, tokenizer: Any = None) -> list:
+    """Every word of `tag` that CLIP cuts into meaningless pieces, in order (empty: the tag reads fine)."""
+    return mangled_by_tag([tag], tokenizer)[tag]
+
+
+def mangled_by_tag(tags: Iterable[str], tokenizer: Any = None) -> dict:
+    """{tag: mangled_words(tag)} for many tags: each distinct word judged once, all tokenized in one batch."""
+    view = TokenizerView.of(tokenizer)
+    tags = list(dict.fromkeys(tags))
+    splits = {w: _split_word(w.lower()) for tag in tags for w in tag_words(tag)}
+    parts = sorted({split[0] for split in splits.values() if split is not None})
+    pieces_of = {part: view.pieces(ids) for part, ids in zip(parts, view.encode_many(parts))}
+    verdicts = {w: _verdict(w, split[0], split[1], pieces_of[split[0]]) if split is not None else None
+                for w, split in splits.items()}
+    return {tag: [verdicts[w] for w in tag_words(tag) if verdicts[w] is not None] for tag in tags}
+
+
+def _split_word(lower: str) -> Optional[tuple]:
+    """(the text to tokenize, whether the word is a letters-and-digits code); None for a number. A number then
+    letters (`1girl`) is judged by its letters."""
     if lower.isdigit():
         return None
     m = _NUMBER_THEN_LETTERS.fullmatch(lower)
-    if m is None:  # letters then digits, or mixed: a code
-        pieces = view.pieces(view.encode(lower))
+    return (m.group(1), False) if m else (lower, True)
+
+
+def _verdict(word: str, part: str, is_code: bool, pieces: list) -> Optional[MangledWord]:
+    if is_code:
         return MangledWord(word, _shown(pieces), "letters and digits") if len(pieces) >= 3 else None
-    letters = m.group(1)
-    pieces = view.pieces(view.encode(letters))
     if len(pieces) < 2:
         return None
-    if reads_as_kana(letters):
+    if reads_as_kana(part):
         return MangledWord(word, _shown(pieces), "romanized Japanese")
     sizes = sorted(len(p[:-4] if p.endswith("</w>") else p) for p in pieces)
     if len(pieces) >= 4 or (len(pieces) == 3 and sizes[0] == 1 and sizes[1] <= 2):
@@ -87,28 +113,9 @@ def judge_word(word: str, tokenizer: Any = None) -> Optional[MangledWord]:
     return None
 
 
-def mangled_words(tag: str, tokenizer: Any = None) -> list:
-    """Every word of `tag` that CLIP cuts into meaningless pieces, in order (empty: the tag reads fine)."""
-    view = TokenizerView.of(tokenizer)
-    return [m for m in (judge_word(w, view) for w in tag_words(tag)) if m is not None]
-
-
-def mangled_by_tag(tags: Iterable[str], tokenizer: Any = None) -> dict:
-    """{tag: mangled_words(tag)} for many tags, their words tokenized in one batch."""
-    view = TokenizerView.of(tokenizer)
-    tags = list(dict.fromkeys(tags))
-    words = {w.lower() for tag in tags for w in tag_words(tag)}
-    view.encode_many(sorted(_tokenized_part(w) for w in words))  # fills the view's cache
-    return {tag: mangled_words(tag, view) for tag in tags}
-
-
-def _tokenized_part(lower: str) -> str:
-    """The part of a word `judge_word` tokenizes: the letters after a leading number, else the word."""
-    m = _NUMBER_THEN_LETTERS.fullmatch(lower)
-    return m.group(1) if m else lower
-
-
 def _shown(pieces: list) -> tuple:
+    if all(p.isascii() for p in pieces):  # printable ASCII is its own byte-level character
+        return tuple(p[:-4] if p.endswith("</w>") else p for p in pieces)
     return tuple(text.strip() for text in readable_pieces(pieces))
 
 

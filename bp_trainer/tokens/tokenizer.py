@@ -162,6 +162,7 @@ class TokenizerView:
         missing = list(dict.fromkeys(t for t in texts if t not in self._ids))
         if len(self._ids) + len(missing) > MAX_CACHED_TEXTS:  # bounded memory in a long-lived process
             self._ids.clear()
+            missing = list(dict.fromkeys(texts))
         if missing:
             out = self.tokenizer(missing, add_special_tokens=False, truncation=False)["input_ids"]
             for text, ids in zip(missing, out):
