@@ -164,20 +164,11 @@ def events(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any
 
 
 def tokens(host: Any, request: Dict[str, Any]) -> Dict[str, Any]:
-    from bp_trainer.tokens.inspect import inspect_prompt
-
-    text = request.get("text")
-    if not isinstance(text, str):
-        raise BPError("'text' (the prompt to inspect) is required")
-    try:
-        steps = int(request.get("steps") or 20)
-    except (TypeError, ValueError):
-        raise BPError(f"'steps' must be a whole number of sampling steps, not {request.get('steps')!r}") from None
+    from bp_trainer.tokens.request import answer_tokens
     from bp_trainer.tokens.host_settings import prompt_settings_of
 
-    return _jsonable(inspect_prompt(text, host.tokenizer(), steps=steps,
-                                    negative=bool(request.get("negative")), with_ids=bool(request.get("with_ids")),
-                                    **prompt_settings_of(host)))  # the WebUI's emphasis/back-off/embeddings
+    # fields checked, work bounded (bp_trainer.tokens.request); the WebUI's emphasis/back-off/embeddings
+    return _jsonable(answer_tokens(request, host.tokenizer, prompt_settings_of(host)))
 
 
 def presets(host: Any, request: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -295,8 +286,18 @@ def create_router(host: Any, *, credentials: Optional[Dict[str, str]] = None) ->
     async def post_tokens(request: Request) -> Any:
         from starlette.concurrency import run_in_threadpool
 
+        from fastapi.responses import JSONResponse
+
+        from bp_trainer.tokens.request import TokensBusy, oversized_body
+
+        too_big = oversized_body(request.headers.get("content-length"))
+        if too_big:
+            raise HTTPException(status_code=413, detail=too_big)
         body = await body_of(request)
-        return await run_in_threadpool(call, tokens, body)
+        try:  # the (large) JSON answer is rendered in the worker thread too, not by FastAPI on the event loop
+            return await run_in_threadpool(lambda: JSONResponse(call(tokens, body)))
+        except TokensBusy as exc:
+            raise HTTPException(status_code=429, detail=str(exc), headers={"Retry-After": "1"}) from None
 
     @router.get("/presets")
     def get_presets() -> Any:

@@ -193,14 +193,16 @@ def _lock(fd: int) -> "bool | None":
     return True
 
 
-def _new_partial(target: Path, make_dir: bool) -> "tuple[Path, int]":
-    """A new temporary file or folder for `target`, and the open descriptor that holds its lock (-1: none)."""
+def _new_partial(target: Path, make_dir: bool, folder: "Path | None" = None) -> "tuple[Path, int]":
+    """A new temporary file or folder for `target` (in `folder`, default beside it: the same file system), and the
+    open descriptor that holds its lock (-1: none)."""
+    where = folder if folder is not None else target.parent
     while True:
         if make_dir:
-            name = tempfile.mkdtemp(prefix=partial_prefix(target), suffix=PARTIAL_SUFFIX, dir=target.parent)
+            name = tempfile.mkdtemp(prefix=partial_prefix(target), suffix=PARTIAL_SUFFIX, dir=where)
             fd = os.open(name, os.O_RDONLY) if fcntl is not None else -1
         else:
-            fd, name = tempfile.mkstemp(prefix=partial_prefix(target), suffix=PARTIAL_SUFFIX, dir=target.parent)
+            fd, name = tempfile.mkstemp(prefix=partial_prefix(target), suffix=PARTIAL_SUFFIX, dir=where)
             if fcntl is None:  # Windows: an open handle would block the rename
                 os.close(fd)
                 fd = -1
@@ -210,15 +212,17 @@ def _new_partial(target: Path, make_dir: bool) -> "tuple[Path, int]":
 
 
 @contextlib.contextmanager
-def atomic_path(target: "str | os.PathLike[str]", *, mode: int | None = 0o644) -> Iterator[Path]:
+def atomic_path(target: "str | os.PathLike[str]", *, mode: int | None = 0o644,
+                tmp_dir: "str | os.PathLike[str] | None" = None) -> Iterator[Path]:
     """Yield a temporary file path next to `target`; rename it over `target` when the block succeeds.
 
     The caller writes the temporary path (any library may write it). On an exception the temporary file
-    is removed and `target` is untouched.
+    is removed and `target` is untouched. `tmp_dir` puts the temporary file elsewhere on the same filesystem
+    (so a kill -9 leaves nothing beside `target`; the caller cleans `tmp_dir`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp, fd = _new_partial(target, make_dir=False)
+    tmp, fd = _new_partial(target, make_dir=False, folder=Path(tmp_dir) if tmp_dir else None)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

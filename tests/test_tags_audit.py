@@ -9,7 +9,7 @@ import pytest
 
 from bp_trainer.cli import main
 from bp_trainer.errors import BPError
-from bp_trainer.tokens.audit import audit_dataset, read_focus_file, split_word_count
+from bp_trainer.tokens.audit import audit_dataset, read_focus_file
 from bp_trainer.tokens.suggest import BYTE_TOKENS, suggest_replacements
 from bp_trainer.tokens.tokenizer import TokenizerView
 
@@ -41,16 +41,17 @@ def test_audit_counts_pieces_and_flags(dataset, clip_tokenizer):
     assert rows["1girl"]["count"] == 3 and rows["smile"]["count"] == 2 and rows["sakimichan"]["count"] == 2
     # Pieces as the real WebUI's tokenizer gives them (fixture words).
     assert rows["sakimichan"]["pieces"] == ["sa", "kim", "ic", "han</w>"] and rows["sakimichan"]["flagged"]
-    assert rows["long_hair"]["pieces"] == ["long</w>", "_</w>", "hair</w>"] and rows["long_hair"]["flagged"]
+    assert rows["sakimichan"]["mangled"][0]["shown"] == "sakimichan \u2192 sa·kim·ic·han"
+    # 3 pieces, but of words CLIP knows: not flagged (the piece count stays a column).
+    assert rows["long_hair"]["pieces"] == ["long</w>", "_</w>", "hair</w>"] and not rows["long_hair"]["flagged"]
     assert rows["wlop"]["n_pieces"] == 2 and not rows["wlop"]["flagged"]
-    assert rows["sakimichan"]["split_words"] == 1 and rows["long_hair"]["split_words"] == 0
-    assert r["flagged"] == sum(x["flagged"] for x in r["tags"]) == 4  # sakimichan, long_hair, hatsune miku, greg rutkowski
+    assert r["flagged"] == sum(x["flagged"] for x in r["tags"]) == 2  # sakimichan, hatsune miku (hat·sune)
     assert [x["tag"] for x in r["tags"]][:1] == ["1girl"]  # default sort: most frequent first
 
     by_pieces = audit_dataset(dataset, clip_tokenizer, sort="pieces")["tags"]
     assert [x["n_pieces"] for x in by_pieces] == sorted((x["n_pieces"] for x in by_pieces), reverse=True)
-    flagged = audit_dataset(dataset, clip_tokenizer, flagged_only=True, min_pieces=4)["tags"]
-    assert [x["tag"] for x in flagged] == ["sakimichan"]
+    flagged = audit_dataset(dataset, clip_tokenizer, flagged_only=True)["tags"]
+    assert sorted(x["tag"] for x in flagged) == ["hatsune miku", "sakimichan"]
     spaced = {x["tag"]: x for x in audit_dataset(dataset, clip_tokenizer, spaces=True)["tags"]}
     assert spaced["long_hair"]["pieces"] == ["long</w>", "hair</w>"] and spaced["long_hair"]["trained_as"] == "long hair"
 
@@ -68,13 +69,6 @@ def test_audit_focus_file_and_pattern(dataset, clip_tokenizer, tmp_path):
         audit_dataset(dataset, clip_tokenizer, pattern="(")
     with pytest.raises(BPError, match="does not exist"):
         audit_dataset(dataset / "missing", clip_tokenizer)
-
-
-def test_split_word_count():
-    assert split_word_count(["sa", "kim", "ic", "han</w>"]) == 1
-    assert split_word_count(["hat", "sune</w>", "miku</w>"]) == 1
-    assert split_word_count(["yo", "sh", "it", "aka</w>", "am", "ano</w>"]) == 2
-    assert split_word_count(["long</w>", "_</w>", "hair</w>"]) == 0
 
 
 def test_suggestions_are_single_rare_unused_tokens(dataset, clip_tokenizer):

@@ -115,11 +115,11 @@ def _crash_on_call(monkeypatch, n: int) -> list:
     real = rn._write_caption
     calls = []
 
-    def flaky(path, data, mode):
+    def flaky(path, data, mode, tmp_dir):
         calls.append(path)
         if len(calls) == n:
             raise KeyboardInterrupt("simulated crash")
-        real(path, data, mode)
+        real(path, data, mode, tmp_dir)
 
     monkeypatch.setattr(rn, "_write_caption", flaky)
     return calls
@@ -211,3 +211,116 @@ def test_cli_rename_dry_run_apply_undo(dataset, capsys):
     # Bad input: one line, exit 2.
     assert main(["tags", "rename", "--dataset", str(dataset / "nope"), "--from", "a", "--to", "b"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- a real kill -9
+
+KILLED_CHILD = r"""
+import os, sys, time
+from bp_trainer.tokens import rename as rn
+from bp_trainer.tokens.audit import JOURNAL_DIR
+
+stop_at, marker = int(os.environ["BP_TEST_STOP_AT"]), os.environ["BP_TEST_MARKER"]
+real_replace, seen = os.replace, []
+
+def replace(src, dst, *a, **k):  # every atomic write ends with this rename: stop before the chosen caption's
+    if str(dst).endswith(".txt") and JOURNAL_DIR not in str(dst):
+        seen.append(dst)
+        if len(seen) == stop_at:
+            with open(marker, "w") as fh:
+                fh.write(str(src))  # the temporary file, written and not yet renamed
+            time.sleep(600)  # killed here
+    return real_replace(src, dst, *a, **k)
+
+os.replace = replace
+if sys.argv[1] == "undo":
+    rn.undo_rename(sys.argv[2])
+else:
+    rn.apply_rename(sys.argv[2], sys.argv[3], sys.argv[4])
+"""
+
+
+def _kill_during(args: list, stop_at: int, tmp_path: Path) -> str:
+    """Run apply/undo in a child process and SIGKILL it while its `stop_at`-th caption write is half done;
+    returns the temporary file it had written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / f"marker-{stop_at}-{args[0]}"
+    env = dict(os.environ, BP_TEST_STOP_AT=str(stop_at), BP_TEST_MARKER=str(marker),
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, *args], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() or not marker.read_text():
+            assert child.poll() is None, "the child ended before the chosen write"
+            assert time.monotonic() < deadline, "the child never reached the chosen write"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    return marker.read_text()
+
+
+def dataset_files(root: Path) -> set:
+    """Every file of the dataset outside the rename journals."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and JOURNAL_DIR not in p.parts}
+
+
+def test_kill_during_undo_is_journaled_blocks_renames_and_resumes(dataset, tmp_path, capsys):
+    files = dataset_files(dataset)
+    applied = rn.apply_rename(dataset, "sakimichan", "sakim")
+    temporary = _kill_during(["undo", applied["journal"]], 2, tmp_path)
+
+    assert JOURNAL_DIR in Path(temporary).parts  # the temporary file was never written beside the captions
+    assert dataset_files(dataset) == files  # no .partial (or anything else) left in the dataset
+    (jpath, journal), = rn.unfinished_journals(dataset)
+    assert journal["state"] == "undoing" and str(jpath) == applied["journal"]
+    now = contents(dataset)
+    assert now["a.txt"] == before(dataset)["a.txt"] and now["b.txt"] == after(dataset)["b.txt"]  # half undone
+
+    # A new rename (or the same one again) is refused until the undo is finished, saying how.
+    for old, new in (("solo", "alone"), ("sakimichan", "sakim")):
+        with pytest.raises(BPError, match="undo of the rename 'sakimichan' -> 'sakim' was interrupted") as err:
+            rn.apply_rename(dataset, old, new)
+        assert f"tags rename --undo {jpath}" in str(err.value)
+    assert main(["tags", "rename", "--dataset", str(dataset), "--from", "solo", "--to", "alone", "--apply"]) == 2
+    assert "--undo" in capsys.readouterr().err
+    assert main(["tags", "rename", "--dataset", str(dataset), "--from", "solo", "--to", "alone"]) == 0
+    assert f"finish it with: tags rename --undo {jpath}" in capsys.readouterr().out  # the dry run says so too
+
+    finished = rn.undo_rename(jpath)  # running the undo again completes it
+    assert finished["state"] == "undone" and finished["restored"] == 3 and finished["already_original"] == 1
+    assert contents(dataset) == before(dataset)
+    assert not list(dataset.rglob("*.partial"))  # the journal's own temporary file is gone too
+    assert rn.unfinished_journals(dataset) == []
+    assert rn.apply_rename(dataset, "solo", "alone")["applied"] == 2  # b.txt, e.txt
+
+
+def test_kill_during_apply_leaves_no_temporary_file_and_resumes(dataset, tmp_path):
+    files = dataset_files(dataset)
+    temporary = _kill_during(["apply", str(dataset), "sakimichan", "sakim"], 3, tmp_path)
+    assert JOURNAL_DIR in Path(temporary).parts and Path(temporary).exists()
+    assert dataset_files(dataset) == files
+    (_, journal), = rn.unfinished_journals(dataset)
+    assert journal["state"] == "applying"
+    resumed = rn.apply_rename(dataset, "sakimichan", "sakim")
+    assert resumed["resumed"] is True and resumed["applied"] == 2 and resumed["already"] == 2
+    assert contents(dataset) == after(dataset) and not Path(temporary).exists()
+    assert not list(dataset.rglob("*.partial"))
+
+
+def test_partial_files_left_beside_captions_by_older_versions_are_removed(dataset):
+    applied = rn.apply_rename(dataset, "sakimichan", "sakim")
+    legacy = [dataset / ".a.txt.k2j3h4.partial", dataset / "sub" / ".d.txt.x9y8.partial"]
+    for p in legacy:
+        p.write_bytes(b"half a caption")
+    keep = dataset / ".a.txt.notes"  # not an atomic-write temporary: left alone
+    keep.write_bytes(b"x")
+    rn.undo_rename(applied["journal"])
+    assert not any(p.exists() for p in legacy) and keep.exists()
+    assert contents(dataset) == before(dataset)

@@ -181,3 +181,16 @@ def test_textual_inversion_embeddings_count_as_their_vectors(clip_tokenizer):
     # Without the embedding database the name is plain text.
     assert token_counter("lowres, EasyNegative", clip_tokenizer)[0] == lowres + 1 + len(
         TokenizerView.of(clip_tokenizer).encode("EasyNegative"))
+
+
+def test_the_tokenizer_cache_is_bounded(clip_tokenizer, monkeypatch):
+    """A long-lived process (the WebUI) caches ids per distinct text: the cache is emptied when it would pass
+    its bound, and answers stay right across the clearing."""
+    from bp_trainer.tokens import tokenizer as tk
+
+    monkeypatch.setattr(tk, "MAX_CACHED_TEXTS", 5)
+    view = TokenizerView(clip_tokenizer)
+    first = view.encode_many(["1girl", "solo", "smile"])
+    assert view.encode_many(["1girl", "long hair", "blue eyes", "red eyes"]) == [
+        first[0], *(clip_tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("long hair", "blue eyes", "red eyes"))]
+    assert len(view._ids) <= 5

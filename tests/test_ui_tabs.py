@@ -183,7 +183,7 @@ def test_bucket_list_without_a_dataset_and_bad_blocks(host):
 
 
 def test_token_chips_one_per_clip_piece(host, clip_tokenizer):
-    html = TokensCallbacks(host).inspect("masterpiece, (by_sakimichan:1.2), BREAK, <b>bold</b>")
+    html = TokensCallbacks(host).inspect("masterpiece, (by_sakimichan:1.2), BREAK, <b>bold</b>")["chips"]
     ids = clip_tokenizer("by_sakimichan", add_special_tokens=False)["input_ids"]
     tag = re.search(r'<span class="bp-tag[^"]*" title="[^"]*" data-tag="by_sakimichan">(.*?)</span></span>', html)
     assert tag is not None and tag.group(1).count('class="bp-chip ') == len(ids) >= 3
@@ -194,15 +194,15 @@ def test_token_chips_one_per_clip_piece(host, clip_tokenizer):
 
 
 def test_audit_rows_match_the_captions(host, demo):
-    rows, msg = TokensCallbacks(host).audit(str(demo / "data"))
+    rows = TokensCallbacks(host).audit(str(demo / "data"))["table"]
     counts: dict[str, int] = {}
     for text in _captions(demo / "data").values():
         for tag in {t.strip() for t in text.split(",") if t.strip()}:
             counts[tag] = counts.get(tag, 0) + 1
     assert {r[0]: r[1] for r in rows} == counts
-    flagged = [r for r in rows if r[4]]
-    assert flagged and all(r[3] >= 3 for r in flagged)
-    only, _ = TokensCallbacks(host).audit(str(demo / "data"), "^by_", only_flagged=True)
+    flagged = [r for r in rows if r[4]]  # the words CLIP cuts apart: only the demo's artist names
+    assert flagged and all(r[0].startswith("by_") and "\u2192" in r[4] for r in flagged)
+    only = TokensCallbacks(host).audit(str(demo / "data"), "^by_", only_flagged=True)["table"]
     assert only and all(r[0].startswith("by_") and r[4] for r in only)
 
 
@@ -213,22 +213,25 @@ def test_rename_preview_apply_undo(host, demo, tmp_path):
     shutil.copytree(demo / "data", data)
     before = _captions(data)
     cb = TokensCallbacks(host)
-    rows, msg = cb.rename_preview(str(data), "solo", "alone")
+    out = cb.rename_preview(str(data), "solo", "alone")
+    rows, msg = out["changes"], out["rename_msg"]
     users = [p for p, t in before.items() if "solo" in [x.strip() for x in t.split(",")]]
     assert len(rows) == len(users) > 0 and "dry run" in msg
     assert _captions(data) == before  # the preview writes nothing
-    msg, journal = cb.rename_apply(str(data), "solo", "alone")
+    out = cb.rename_apply(str(data), "solo", "alone")
+    msg, journal = out["rename_msg"], out["journal"]
     assert "bp-msg-ok" in msg and Path(journal).is_file()
     after = _captions(data)
     assert all("alone" in after[p] and "solo" not in [x.strip() for x in after[p].split(",")] for p in users)
-    msg = cb.rename_undo(journal)
+    msg = cb.rename_undo(journal)["rename_msg"]
     assert "restored" in msg
     assert {p: p.read_bytes() for p in before} == {p: t.encode() for p, t in before.items()}
-    assert "bp-msg-warn" in cb.rename_undo("")
+    assert "bp-msg-warn" in cb.rename_undo("")["rename_msg"]
 
 
 def test_suggestions_are_single_unused_tokens(host, demo, clip_tokenizer):
-    rows, msg = TokensCallbacks(host).suggest(str(demo / "data"), "by_sakimichan", 5)
+    out = TokensCallbacks(host).suggest(str(demo / "data"), "by_sakimichan", 5)
+    rows, msg = out["sug_table"], out["sug_msg"]
     assert 0 < len(rows) <= 5 and "CLIP pieces" in msg
     text = " ".join(_captions(demo / "data").values()).lower()
     for word, token_id, reason in rows:
@@ -364,14 +367,14 @@ def test_a_broken_run_yaml_does_not_break_the_tab(host, tmp_path):
 
 
 def test_table_clicks_fill_rename_and_suggest(host):
-    from bp_trainer.ui.tokens_tab import NO_PICK
-
     cb = TokensCallbacks(host)
-    rows = [["by_sakimichan", 3, "by _ sa kim ic han", 6, "6 pieces"], ["solo", 5, "solo", 1, ""]]
-    assert cb.pick_audit_row(rows, [1, 2]) == ("solo", "solo")
-    assert cb.pick_audit_row([["", 0, "", 0, ""]], [0, 0]) == (NO_PICK, NO_PICK)  # the empty table's blank row
-    assert cb.pick_suggestion([["sakura", 4888, "rare"]], [0, 2], " by_sakimichan ") == ("by_sakimichan", "sakura")
-    assert cb.pick_suggestion([], [3, 0], "x") == (NO_PICK, NO_PICK)
+    rows = [["by_sakimichan", 3, "by _ sa kim ic han", 6, "sakimichan → sa·kim·ic·han"], ["solo", 5, "solo", 1, ""]]
+    assert cb.pick_audit_row(rows, [1, 2], "a", "b") == {"old": "solo", "sug_tag": "solo"}
+    blank = cb.pick_audit_row([["", 0, "", 0, ""]], [0, 0], "a", "b")  # the empty table's blank row: kept
+    assert blank == {"old": "a", "sug_tag": "b"}
+    picked = cb.pick_suggestion([["sakura", 4888, "rare"]], [0, 2], " by_sakimichan ", "a", "b")
+    assert picked == {"old": "by_sakimichan", "new": "sakura"}
+    assert cb.pick_suggestion([], [3, 0], "x", "a", "b") == {"old": "a", "new": "b"}
 
 
 def test_trainer_env_button_only_when_the_env_is_not_ready(host, monkeypatch):
@@ -424,13 +427,13 @@ def test_token_counter_uses_the_hosts_prompt_settings(host, demo):
     count = re.compile(r'id="bp_train_token_count">(\d+)/')
     for settings in ({}, {"emphasis": False}, {"embeddings": {"bpstyle": 4}}, {"backtrack": 0, "ignored": 1}):
         h = SettingsHost(demo / "models", host.runs_dir(), settings=settings)
-        html = TokensCallbacks(h).inspect(prompt)
+        html = TokensCallbacks(h).inspect(prompt)["chips"]
         kwargs = {k: v for k, v in settings.items() if k != "ignored"}
         expected = inspect_prompt(prompt, h.tokenizer(), **kwargs)["count"]
         assert int(count.search(html).group(1)) == expected, settings
-    plain = int(count.search(TokensCallbacks(host).inspect(prompt)).group(1))
+    plain = int(count.search(TokensCallbacks(host).inspect(prompt)["chips"]).group(1))
     no_emphasis = int(count.search(TokensCallbacks(SettingsHost(demo / "models", host.runs_dir(),
-                                                                settings={"emphasis": False})).inspect(prompt)).group(1))
+                                                                settings={"emphasis": False})).inspect(prompt)["chips"]).group(1))
     assert no_emphasis > plain  # brackets become tokens when emphasis is off
 
 

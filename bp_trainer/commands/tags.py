@@ -2,7 +2,7 @@
 
     tags rename --dataset DIR --from OLD --to NEW            dry run: every change, nothing written
     tags rename --dataset DIR --from OLD --to NEW --apply    apply with backup + undo journal (re-run to resume)
-    tags rename --undo JOURNAL                               restore the files of that rename
+    tags rename --undo JOURNAL                               restore the files of that rename (re-run to resume)
     tags suggest --dataset DIR --tag TAG                     rare single-token replacements, with reasons
     tags journals --dataset DIR                              renames recorded in this dataset
 """
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         result = {"journals": [journal_summary(p, j) for p, j in journals(args.dataset)]}
         emit(result, args.json, lambda r: "\n".join(
             f"{j['created']}  {j['state']:<22} {j['from']!r} -> {j['to']!r} ({j['files']} files)  {j['journal']}"
+            + (f"\n  unfinished: {j['finish']}" if j.get("finish") else "")
             for j in r["journals"]) or "no tag renames recorded")
         return 0
     raise BPError("choose a tags subcommand", hint="tags rename | tags suggest | tags journals (see --help)")
@@ -107,7 +108,8 @@ def _human_plan(r: dict) -> str:
     if r["duplicates"]:
         lines.append(f"note: {len(r['duplicates'])} caption(s) already have {r['to']!r}; it will appear twice there")
     for j in r.get("unfinished_journals", []):
-        lines.append(f"unfinished rename {j['from']!r} -> {j['to']!r}: {j['journal']} (re-run its --apply, or --undo)")
+        lines.append(f"unfinished {'undo of ' if j['state'] == 'undoing' else ''}rename {j['from']!r} -> {j['to']!r}: "
+                     f"{j['journal']} ({j['finish']})")
     return "\n".join(lines)
 
 
@@ -125,6 +127,10 @@ def _human_applied(r: dict) -> str:
 def _human_suggest(r: dict) -> str:
     lines = [f"{r['tag']!r} is {len(r['tag_ids'])} CLIP piece(s): {' | '.join(r['tag_pieces'])}; "
              f"in {r['tag_count']} of {r['captions']} captions"]
+    if r["mangled"]:
+        lines.append("CLIP cuts " + "; ".join(m["shown"] for m in r["mangled"]))
+    else:
+        lines.append("note: CLIP reads every word of this tag (not flagged by the audit); a new name may not help")
     if not r["suggestions"]:
         lines.append("no candidate passed every check (try --min-len 3 or --max-len 16)")
     for i, s in enumerate(r["suggestions"], 1):

@@ -2,7 +2,8 @@
 
 Prompt: the WebUI v1.10.1 token counter (`count`/`limit` for `--steps`), its 75-token chunks, and every tag
 with its weight, CLIP pieces and ids. Dataset: every distinct caption tag with its frequency and pieces,
-tags of `--min-pieces` (3) or more pieces flagged.
+flagged when CLIP cuts one of its words into meaningless pieces (`kyousuke -> k·you·suke`,
+`bp_trainer.tokens.mangled`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from bp_trainer.errors import BPError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="a prompt to inspect (quote it)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps for [a:b:N] schedules (default 20)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="sampling steps for [a:b:N] schedules, 1..150 (default 20)")
     parser.add_argument("--negative", action="store_true", help="count as a negative prompt (no AND split)")
     parser.add_argument("--hires-steps", type=int, metavar="N", help="schedules as in a hires-fix pass of N steps")
     parser.add_argument("--old-scheduling", action="store_true",
@@ -30,8 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--focus", metavar="FILE", help="only these tags (one per line or comma-separated)")
     parser.add_argument("--pattern", metavar="RE", help="only tags matching this regular expression")
     parser.add_argument("--sort", choices=("count", "pieces", "tag"), default="count", help="row order (default count)")
-    parser.add_argument("--min-pieces", type=int, default=3, help="flag tags of at least this many pieces (default 3)")
-    parser.add_argument("--flagged", action="store_true", help="list only flagged tags")
+    parser.add_argument("--flagged", action="store_true",
+                        help="list only flagged tags (a word CLIP cuts into meaningless pieces)")
     parser.add_argument("--spaces", action="store_true", help="tokenize tags with underscores as spaces (as trained "
                                                               "with that caption option)")
     parser.add_argument("--limit", type=int, default=50, help="rows in the human-readable table (default 50; JSON has all)")
@@ -48,21 +50,25 @@ def run(args: argparse.Namespace) -> int:
 
         focus = read_focus_file(args.focus) if args.focus else None
         result = audit_dataset(args.dataset, caption_ext=args.caption_ext, focus=focus, pattern=args.pattern,
-                               min_pieces=args.min_pieces, sort=args.sort, spaces=args.spaces,
-                               flagged_only=args.flagged)
+                               sort=args.sort, spaces=args.spaces, flagged_only=args.flagged)
         emit(result, args.json, lambda r: _human_audit(r, args.limit))
         return 0
     if args.prompt is None:
         raise BPError("nothing to inspect", hint='pass a prompt in quotes, or --dataset DIR')
     if args.focus or args.pattern:
         raise BPError("--focus and --pattern apply to --dataset")
-    from bp_trainer.tokens.inspect import inspect_prompt
+    import dataclasses
 
-    if args.steps < 1:
-        raise BPError("--steps must be at least 1")
+    from bp_trainer.tokens.inspect import inspect_prompt
+    from bp_trainer.tokens.limits import DEFAULT_LIMITS, parse_steps
+
+    parse_steps(args.steps, "--steps")  # the same rule as the API and the tab: 1..150
+    if args.hires_steps is not None:
+        parse_steps(args.hires_steps, "--hires-steps")
     result = inspect_prompt(args.prompt, steps=args.steps, negative=args.negative, backtrack=args.backtrack,
                             emphasis=not args.no_emphasis, embeddings=_embeddings(args.embedding), with_ids=args.ids,
-                            hires_steps=args.hires_steps, use_old_scheduling=args.old_scheduling)
+                            hires_steps=args.hires_steps, use_old_scheduling=args.old_scheduling,
+                            limits=dataclasses.replace(DEFAULT_LIMITS, field="prompt"))
     emit(result, args.json, _human_prompt)
     return 0
 
@@ -90,8 +96,6 @@ def _pieces(pieces: list) -> str:
 
 
 def _human_prompt(r: dict) -> str:
-    from bp_trainer.tokens.audit import split_word_count
-
     lines = [f"{r['count']}/{r['limit']} tokens ({'negative' if r['negative'] else 'positive'} prompt, "
              f"{r['steps']} steps), {len(r['chunks'])} chunk(s)"]
     if len(r["variants"]) > 1:
@@ -107,7 +111,7 @@ def _human_prompt(r: dict) -> str:
         for t in tags_by_chunk.get(c["index"], []):
             weight = "" if t["weight"] == 1.0 and not t["mixed_weights"] else f"x{t['weight']:.3g}" + (
                 "*" if t["mixed_weights"] else "")
-            mark = "  ! word split" if not t.get("embeddings") and split_word_count(t["pieces"]) else ""
+            mark = "".join(f"  ! {m['shown']}" for m in t.get("mangled", []))
             cross = " (crosses into the next chunk)" if t["crosses_chunk"] else ""
             lines.append(f"  {t['text'][:width]:<{width}} {weight:>7} {len(t['ids']):>2}  {_pieces(t['pieces'])}"
                          f"{mark}{cross}")
@@ -119,12 +123,12 @@ def _human_prompt(r: dict) -> str:
 
 def _human_audit(r: dict, limit: int) -> str:
     lines = [f"{r['root']}: {r['captions']} captions, {r['tag_occurrences']} tag uses, {r['distinct_tags']} distinct "
-             f"tags; {r['flagged']} of {r['selected_tags']} shown tags split into {r['min_pieces']}+ pieces"]
+             f"tags; {r['flagged']} of {r['selected_tags']} shown tags flagged (! = {r['flag_rule']})"]
     rows = r["tags"][: max(0, limit)]
     width = min(max([len(x["tag"]) for x in rows] + [3]), 40)
     lines.append(f"  {'tag':<{width}} {'count':>6} {'pcs':>3}  pieces")
     for x in rows:
-        flag = " !" if x["flagged"] else ""
+        flag = "".join(f"  ! {m['shown']}" for m in x["mangled"])
         lines.append(f"  {x['tag'][:width]:<{width}} {x['count']:>6} {x['n_pieces']:>3}  {_pieces(x['pieces'])}{flag}")
     if len(r["tags"]) > len(rows):
         lines.append(f"  … {len(r['tags']) - len(rows)} more (--limit N, or --json for all)")

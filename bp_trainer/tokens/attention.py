@@ -32,7 +32,26 @@ _UNIT = re.compile(
     """,
     re.X,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+
+
+def split_breaks(text: str) -> list[str]:
+    """`re.split(r"\s*\bBREAK\b\s*", text)` (the WebUI's `re_break`) in linear time: that regex retries its
+    leading `\s*` at every position of a long whitespace run (quadratic: 32,000 spaces took a minute)."""
+    parts: list[str] = []
+    prev_end = 0
+    for m in _BREAK_WORD.finditer(text):
+        start, end = m.start(), m.end()
+        if start < prev_end:  # inside the previous match's trailing whitespace: impossible, BREAK is not space
+            continue
+        while start > prev_end and text[start - 1].isspace():
+            start -= 1
+        while end < len(text) and text[end].isspace():
+            end += 1
+        parts.append(text[prev_end:start])
+        prev_end = end
+    parts.append(text[prev_end:])
+    return parts
 
 
 def parse_prompt_attention(text: str) -> list[Segment]:
@@ -61,7 +80,7 @@ def parse_prompt_attention(text: str) -> list[Segment]:
         elif unit == "]" and open_square:
             scale(open_square.pop(), SQUARE)
         else:
-            for i, part in enumerate(_BREAK.split(unit)):
+            for i, part in enumerate(split_breaks(unit)):
                 if i:
                     out.append(["BREAK", BREAK_WEIGHT])
                 out.append([part, 1.0])
@@ -81,6 +100,32 @@ def parse_prompt_attention(text: str) -> list[Segment]:
         else:
             merged.append(item)
     return merged
+
+
+def bracket_depth(text: str) -> int:
+    """The most brackets open at once, as `parse_prompt_attention` tracks them: its round and square stacks
+    together, escapes skipped, a closing bracket with none open ignored, unclosed ones counted to the end.
+    Linear; the parser's own cost is (items x this depth), so callers bound it first."""
+    depth = best = 0
+    open_round = open_square = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2 if i + 1 < n and text[i + 1] in "()[]\\" else 1
+            continue
+        if c == "(":
+            open_round += 1
+        elif c == "[":
+            open_square += 1
+        elif c == ")" and open_round:
+            open_round -= 1
+        elif c == "]" and open_square:
+            open_square -= 1
+        depth = open_round + open_square
+        best = max(best, depth)
+        i += 1
+    return best
 
 
 def is_break(segment: Segment) -> bool:

@@ -4,10 +4,11 @@ A tag is a comma-separated piece of a caption, stripped (as the trainer splits c
 written, as the trainer feeds it to CLIP (emphasis brackets in captions are not parsed by trainers);
 `spaces=True` shows the tags as they are trained when the run converts underscores to spaces.
 
-Tags that split into `min_pieces` (default 3) or more BPE pieces are flagged; `split_words` counts the words
-of a tag that CLIP cuts into sub-word pieces (romanized names such as artist tags are the usual victims:
-`sakimichan` -> `sa kim ic han`). Tokenization is cached per distinct tag, so 5,000 captions of 30 tags take
-well under a second (bench/bench_tokens.py).
+A tag is flagged when CLIP cuts one of its words into meaningless pieces (`bp_trainer.tokens.mangled`: romanized
+Japanese such as artist names, `kyousuke` -> `k·you·suke`, and other fragments, `fuzichoco`, `as109`), not for
+its number of pieces: `multiple_girls` is 3 pieces of words CLIP knows. Each row lists the words cut
+(`mangled`) and keeps the piece count. Tokenization is cached per distinct tag and word, so 5,000 captions of
+30 tags take well under a second (bench/bench_tokens.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional
 
 from bp_trainer.errors import BPError
+from bp_trainer.tokens.mangled import mangled_by_tag, mangled_words  # noqa: F401 - mangled_words: the rule, re-exported
 from bp_trainer.tokens.tokenizer import TokenizerView
 
 SORT_KEYS = ("count", "pieces", "tag")
-DEFAULT_MIN_PIECES = 3
+FLAG_RULE = "a word CLIP cuts into meaningless pieces (romanized Japanese, fragments, letter-digit codes)"
 JOURNAL_DIR = ".bp_tag_journal"  # hidden: dataset scans skip it
 
 
@@ -83,35 +85,23 @@ def compile_pattern(pattern: str) -> "re.Pattern[str]":
                       hint="Python `re` syntax, e.g. --pattern '^artist:|_\\(artist\\)$'") from exc
 
 
-def split_word_count(pieces: Sequence[str]) -> int:
-    """How many words CLIP cut into two or more pieces (a piece without `</w>` continues into the next)."""
-    n, run = 0, 0
-    for p in pieces:
-        run += 1
-        if p.endswith("</w>"):
-            if run >= 2:
-                n += 1
-            run = 0
-    return n + (1 if run >= 2 else 0)
-
-
-def tag_rows(counts: "Counter[str]", view: TokenizerView, *, min_pieces: int = DEFAULT_MIN_PIECES,
-             spaces: bool = False) -> list[dict]:
-    """One row per distinct tag: count, pieces, ids, flags (tokenized once per tag, in one batch)."""
+def tag_rows(counts: "Counter[str]", view: TokenizerView, *, spaces: bool = False) -> list[dict]:
+    """One row per distinct tag: count, pieces, ids, the words CLIP cuts apart (tokenized in batches)."""
     tags = list(counts)
     texts = [underscores_to_spaces(t) for t in tags] if spaces else tags
     all_ids = view.encode_many(texts)
+    mangled = mangled_by_tag(tags, view)
     rows = []
     for tag, text, ids in zip(tags, texts, all_ids):
-        pieces = view.pieces(ids)
+        words = [m.to_dict() for m in mangled[tag]]
         rows.append({
             "tag": tag,
             "count": counts[tag],
             "n_pieces": len(ids),
-            "pieces": pieces,
+            "pieces": view.pieces(ids),
             "ids": ids,
-            "split_words": split_word_count(pieces),
-            "flagged": len(ids) >= min_pieces,
+            "mangled": words,
+            "flagged": bool(words),
             **({"trained_as": text} if spaces else {}),
         })
     return rows
@@ -139,8 +129,7 @@ def count_tags(captions: Iterable[str]) -> tuple["Counter[str]", int]:
 
 def audit_dataset(root: "str | os.PathLike[str]", tokenizer: Any = None, *, caption_ext: str = ".txt",
                   focus: Optional[Iterable[str]] = None, pattern: Optional[str] = None,
-                  min_pieces: int = DEFAULT_MIN_PIECES, sort: str = "count", spaces: bool = False,
-                  flagged_only: bool = False) -> dict:
+                  sort: str = "count", spaces: bool = False, flagged_only: bool = False) -> dict:
     """The tag audit of a dataset folder as a JSON-ready dict (see module doc).
 
     `focus` (tags) and/or `pattern` (regex searched in each tag) restrict the rows: a tag is kept when it is
@@ -149,16 +138,13 @@ def audit_dataset(root: "str | os.PathLike[str]", tokenizer: Any = None, *, capt
     view = TokenizerView.of(tokenizer)
     counts, n_captions = count_tags(text for _, text in iter_caption_files(root, caption_ext))
     return audit_counts(counts, n_captions, view, root=os.fspath(root), focus=focus, pattern=pattern,
-                        min_pieces=min_pieces, sort=sort, spaces=spaces, flagged_only=flagged_only)
+                        sort=sort, spaces=spaces, flagged_only=flagged_only)
 
 
 def audit_counts(counts: "Counter[str]", n_captions: int, tokenizer: Any = None, *, root: str = "",
                  focus: Optional[Iterable[str]] = None, pattern: Optional[str] = None,
-                 min_pieces: int = DEFAULT_MIN_PIECES, sort: str = "count", spaces: bool = False,
-                 flagged_only: bool = False) -> dict:
+                 sort: str = "count", spaces: bool = False, flagged_only: bool = False) -> dict:
     """`audit_dataset` on already counted tags (the UI can count once and re-filter)."""
-    if min_pieces < 1:
-        raise BPError("min_pieces must be at least 1")
     view = TokenizerView.of(tokenizer)
     focus_list = list(dict.fromkeys(focus)) if focus is not None else None
     regex = compile_pattern(pattern) if pattern else None
@@ -167,7 +153,7 @@ def audit_counts(counts: "Counter[str]", n_captions: int, tokenizer: Any = None,
         wanted = set(focus_list or ())
         selected = Counter({t: c for t, c in counts.items()
                             if t in wanted or (regex is not None and regex.search(t))})
-    rows = tag_rows(selected, view, min_pieces=min_pieces, spaces=spaces)
+    rows = tag_rows(selected, view, spaces=spaces)
     flagged = sum(r["flagged"] for r in rows)
     if flagged_only:
         rows = [r for r in rows if r["flagged"]]
@@ -177,7 +163,7 @@ def audit_counts(counts: "Counter[str]", n_captions: int, tokenizer: Any = None,
         "tag_occurrences": sum(counts.values()),
         "distinct_tags": len(counts),
         "selected_tags": len(selected),
-        "min_pieces": min_pieces,
+        "flag_rule": FLAG_RULE,
         "flagged": flagged,
         "sort": sort,
         "tags": sort_rows(rows, sort),

@@ -13,13 +13,16 @@ tokenized on its own, as `tokenize_line` does.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from bp_trainer.errors import BPError
 from bp_trainer.tokens.attention import is_break, parse_prompt_attention
-from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, Chunk, EmbeddingUse, chunk_segments, target_token_count
+from bp_trainer.tokens.chunks import DEFAULT_BACKTRACK, EmbeddingUse, chunk_segments, target_token_count
+from bp_trainer.tokens.limits import DEFAULT_LIMITS, PromptLimits, parse_steps
+from bp_trainer.tokens.mangled import mangled_by_tag
 from bp_trainer.tokens.schedules import counter_prompts, strip_extra_networks, unique
 from bp_trainer.tokens.tokenizer import TokenizerView, readable_pieces
 
@@ -53,11 +56,13 @@ def _segment_tags(text: str, weight: float, ids: list[int], view: TokenizerView)
     """Split one emphasis segment at its commas: [(piece text, piece ids)], the pieces' ids plus one comma
     token between neighbours making up exactly `ids`.
 
-    Each comma-separated piece is tokenized alone and checked against the segment's own tokenization. Where
-    a comma is glued to other punctuation (',,' or ',(' is one BPE token, not the comma token), neighbouring
-    pieces are joined until their text tokenizes to the stream up to a real comma token.
+    Each comma-separated piece is tokenized alone and checked against the segment's own tokenization. A comma
+    glued to other punctuation (',,' or ',(' is one BPE word, not the comma token) does not separate pieces;
+    where a piece still does not align (text the tokenizer's clean-up changes), up to `_MAX_JOIN` neighbours
+    are joined until their text tokenizes to the stream up to a real comma token, else the rest of the
+    segment is one piece. Linear in the segment: each piece is tokenized a bounded number of times.
     """
-    pieces = text.split(",")
+    pieces = _comma_pieces(text)
     if len(pieces) == 1:
         return [(text, ids)]
     out: list[tuple[str, list[int]]] = []
@@ -71,7 +76,8 @@ def _segment_tags(text: str, weight: float, ids: list[int], view: TokenizerView)
             if ids[off:end] == t_ids and ((j == last and end == len(ids))
                                           or (j < last and end < len(ids) and ids[end] == view.comma_id)):
                 break
-            if j == last:  # no alignment: the rest of the segment is one piece
+            if j == last or j - i >= _MAX_JOIN:  # no alignment: the rest of the segment is one piece
+                joined, j = ",".join(pieces[i:]), last
                 t_ids, end = ids[off:], len(ids)
                 break
             j += 1
@@ -79,6 +85,24 @@ def _segment_tags(text: str, weight: float, ids: list[int], view: TokenizerView)
         out.append((joined, t_ids))
         off, i = end + 1, j + 1
     return out
+
+
+_MAX_JOIN = 8
+
+
+def _comma_pieces(text: str) -> list[str]:
+    """`text` split at the commas CLIP reads as the comma token: those without punctuation next to them."""
+    def glued(ch: str) -> bool:  # CLIP's pre-tokenizer keeps a run of [^\s\p{L}\p{N}] together
+        return not (ch.isspace() or ch.isalnum())
+
+    pieces: list[str] = []
+    start = 0
+    for k, ch in enumerate(text):
+        if ch == "," and not (k > 0 and glued(text[k - 1])) and not (k + 1 < len(text) and glued(text[k + 1])):
+            pieces.append(text[start:k])
+            start = k + 1
+    pieces.append(text[start:])
+    return pieces
 
 
 def embedding_lookup(view: TokenizerView, embeddings: Optional[Mapping[str, int]]) -> dict[int, list]:
@@ -115,7 +139,8 @@ def _with_embeddings(ids: list[int], lookup: dict[int, list]) -> list[Union[int,
 
 
 def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_BACKTRACK,
-                  emphasis: bool = True, embeddings: Optional[Mapping[str, int]] = None) -> LineTokens:
+                  emphasis: bool = True, embeddings: Optional[Mapping[str, int]] = None,
+                  limits: Optional[PromptLimits] = None) -> LineTokens:
     """Chunks, count and tags of one prompt line (no schedule expansion), as `tokenize_line` in the WebUI.
 
     `emphasis=False` is the WebUI's emphasis mode "None" (brackets are literal text). `embeddings` maps the
@@ -126,6 +151,8 @@ def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_
     lookup = embedding_lookup(view, embeddings)
     parsed = _parse(text, emphasis)
     texts = [t for t, w in parsed if not is_break([t, w])]
+    if limits is not None:
+        limits.check_words(texts, view.clean)
     seg_ids = iter(view.encode_many(texts))
     comma_piece = view.pieces([view.comma_id])[0]
 
@@ -176,19 +203,18 @@ def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_
 
     chunks, count = chunk_segments(segments, backtrack=backtrack, comma_id=view.comma_id,
                                    bos_id=view.bos_id, eos_id=view.eos_id)
+    chunk_ends = [c.end for c in chunks]
     for tag in tags:
-        _finish_tag(tag, chunks)
+        _finish_tag(tag, chunk_ends)
     return LineTokens(text=text, parsed=parsed, chunks=chunks, count=count, tags=tags, pieces=stream_pieces)
 
 
-def _chunk_at(chunks: list[Chunk], position: int) -> int:
-    for c in chunks:
-        if c.start <= position < c.end:
-            return c.index
-    return chunks[-1].index if chunks else 0
+def _chunk_at(chunk_ends: list[int], position: int) -> int:
+    """Index of the chunk holding a stream position (chunks are contiguous; past the end: the last chunk)."""
+    return min(bisect.bisect_right(chunk_ends, position), max(len(chunk_ends) - 1, 0))
 
 
-def _finish_tag(tag: dict, chunks: list[Chunk]) -> None:
+def _finish_tag(tag: dict, chunk_ends: list[int]) -> None:
     weights = tag["weights"]
     tag["text"] = tag["text"].strip()
     tag["end"] = tag["start"] + len(tag["ids"])
@@ -199,8 +225,8 @@ def _finish_tag(tag: dict, chunks: list[Chunk]) -> None:
     else:
         tag["weight"] = 1.0
     tag["mixed_weights"] = len(set(weights)) > 1
-    tag["chunk"] = _chunk_at(chunks, tag["start"])
-    tag["crosses_chunk"] = bool(tag["ids"]) and _chunk_at(chunks, tag["end"] - 1) != tag["chunk"]
+    tag["chunk"] = _chunk_at(chunk_ends, tag["start"])
+    tag["crosses_chunk"] = bool(tag["ids"]) and _chunk_at(chunk_ends, tag["end"] - 1) != tag["chunk"]
     order = ["text", "weight", "pieces", "ids", "weights", "mixed_weights", "start", "end", "chunk", "crosses_chunk"]
     items = {k: tag[k] for k in order}
     if tag["embeddings"]:
@@ -211,18 +237,39 @@ def _finish_tag(tag: dict, chunks: list[Chunk]) -> None:
 
 def token_counter(text: str, tokenizer: Any = None, *, steps: int = 20, negative: bool = False,
                   backtrack: int = DEFAULT_BACKTRACK, emphasis: bool = True, hires_steps: int | None = None,
-                  use_old_scheduling: bool = False, embeddings: Optional[Mapping[str, int]] = None) -> tuple[int, int]:
+                  use_old_scheduling: bool = False, embeddings: Optional[Mapping[str, int]] = None,
+                  limits: Optional[PromptLimits] = DEFAULT_LIMITS) -> tuple[int, int]:
     """(count, limit) exactly as the WebUI's prompt box shows them for `steps` sampling steps."""
-    best = max(_variants(text, tokenizer, steps, negative, hires_steps, use_old_scheduling,
+    best = max(_variants(text, tokenizer, steps, negative, hires_steps, use_old_scheduling, limits,
                          backtrack=backtrack, emphasis=emphasis, embeddings=embeddings), key=lambda v: v.count)
     return best.count, best.limit
 
 
 def _variants(text: str, tokenizer: Any, steps: int, negative: bool, hires_steps: int | None,
-              use_old_scheduling: bool, **line_options: Any) -> list[LineTokens]:
+              use_old_scheduling: bool, limits: Optional[PromptLimits], **line_options: Any) -> list[LineTokens]:
+    """Every distinct text the counter measures, tokenized; within `limits` (None: unbounded)."""
+    parse_steps(steps)
+    if hires_steps is not None:
+        parse_steps(hires_steps, "hires_steps")
+    if limits is not None:
+        limits = limits.started()
+        limits.check_prompt(text)
     texts = unique(counter_prompts(text, steps, negative=negative, hires_steps=hires_steps,
-                                   use_old_scheduling=use_old_scheduling))
-    return [tokenize_line(t, tokenizer, **line_options) for t in texts]
+                                   use_old_scheduling=use_old_scheduling, limits=limits))
+    lines = []
+    for t in texts:
+        if limits is not None:
+            limits.check_time()
+        lines.append(tokenize_line(t, tokenizer, limits=limits, **line_options))
+    return lines
+
+
+def _mark_mangled(tags: list, tokenizer: Any) -> None:
+    """Give each tag `mangled`: the words CLIP cuts into meaningless pieces (none for textual inversions)."""
+    plain = [t["text"] for t in tags if not t.get("embeddings")]
+    verdicts = mangled_by_tag(plain, tokenizer)
+    for tag in tags:
+        tag["mangled"] = [m.to_dict() for m in verdicts.get(tag["text"], [])] if not tag.get("embeddings") else []
 
 
 def token_chips(line: LineTokens) -> list[dict]:
@@ -248,19 +295,22 @@ def token_chips(line: LineTokens) -> list[dict]:
 def inspect_prompt(text: str, tokenizer: Any = None, *, steps: int = 20, negative: bool = False,
                    backtrack: int = DEFAULT_BACKTRACK, emphasis: bool = True, hires_steps: int | None = None,
                    use_old_scheduling: bool = False, embeddings: Optional[Mapping[str, int]] = None,
-                   with_ids: bool = False) -> dict:
+                   with_ids: bool = False, limits: Optional[PromptLimits] = DEFAULT_LIMITS) -> dict:
     """Everything the inspector shows for a prompt, as a JSON-ready dict.
 
     `count`/`limit` are the WebUI's counter (the largest over `AND` parts and schedule variants at `steps`).
     `chunks` and `tags` describe the variant that gives that count (`text`); `variants` lists each distinct
     text the counter measured with its own count. `embeddings`: the WebUI's loaded textual inversions
-    (name -> vectors), see `tokenize_line`.
+    (name -> vectors), see `tokenize_line`. `steps` (and `hires_steps`) are 1..150; `limits` bounds the work a
+    hostile prompt can cause (`bp_trainer.tokens.limits`; None: unbounded, for trusted local use).
     """
-    if steps < 1:
-        raise BPError("steps must be at least 1", hint="pass --steps N with N >= 1")
-    variants = _variants(text, tokenizer, steps, negative, hires_steps, use_old_scheduling,
+    limits = limits.started() if limits is not None else None
+    variants = _variants(text, tokenizer, steps, negative, hires_steps, use_old_scheduling, limits,
                          backtrack=backtrack, emphasis=emphasis, embeddings=embeddings)
+    if limits is not None:
+        limits.check_time()  # before the per-token chips
     best = max(variants, key=lambda v: v.count)
+    _mark_mangled(best.tags, tokenizer)
     _, networks = strip_extra_networks(text)
     return {
         "prompt": text,

@@ -16,11 +16,20 @@ Apply is journaled so that nothing is lost:
    power loss) completes it; a file edited by someone since the plan is left alone and reported;
 4. the state becomes "applied".
 `undo_rename(journal)` restores every file that still has the renamed content from its backup (and leaves
-files edited since then alone, reporting them), for a finished or an interrupted apply.
+files edited since then alone, reporting them), for a finished or an interrupted apply. It is journaled the
+same way: the state becomes "undoing" before the first file is restored and "undone" after the last, so an
+interrupted undo is completed by running it again, and blocks any rename of the dataset until then.
+
+Temporary files are written in the journal's own `tmp/` folder and renamed over the captions, so a kill at
+any moment leaves none beside the captions; each run removes what an interrupted one left (also the
+`.NAME.*.partial` files that versions before this one wrote beside the captions).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -36,7 +45,7 @@ from bp_trainer.tokens.audit import JOURNAL_DIR, iter_caption_files
 
 JOURNAL_KIND = "bp_train.tag_rename"
 JOURNAL_VERSION = 1
-UNFINISHED = ("planned", "applying")
+UNFINISHED = ("planned", "applying", "undoing")
 BOM = b"\xef\xbb\xbf"
 
 # `(tag)`, `((tag))`, `[tag]`, `(tag:1.2)`: brackets around the whole piece (a closing bracket must not be escaped).
@@ -229,10 +238,34 @@ def _similar_tags(tag: str, texts: list[str], limit: int = 5) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- journal
 
 
-def _write_caption(path: Path, data: bytes, mode: Optional[int]) -> None:
-    """Atomically replace one caption file, keeping its permissions (tests patch this to inject a crash)."""
-    with atomic_path(path, mode=mode) as tmp:
-        tmp.write_bytes(data)
+def _write_caption(path: Path, data: bytes, mode: Optional[int], tmp_dir: Path) -> None:
+    """Atomically replace one caption file, keeping its permissions; the temporary file is made in the
+    journal's `tmp_dir`, never beside the caption (tests patch this to inject a crash)."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(path, mode=mode, tmp_dir=tmp_dir) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_path(path, mode=mode) as tmp:  # a caption on another filesystem: temporary file beside it
+            tmp.write_bytes(data)
+
+
+def _remove_temporaries(jpath: Path, journal: dict, root: Path) -> None:
+    """What an interrupted run left: the journal folder's temporary files, and `.NAME.*.partial` files beside
+    the journal's captions (written there by versions before temporary files moved into the journal)."""
+    for leftover in [*jpath.parent.rglob("*.partial"), *_caption_partials(journal, root)]:
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
+def _caption_partials(journal: dict, root: Path) -> list[Path]:
+    found = []
+    for f in journal.get("files", []):
+        caption = root / f["path"]
+        found.extend(p for p in caption.parent.glob(f".{glob.escape(caption.name)}.*.partial") if p.is_file())
+    return found
 
 
 def _save(journal_path: Path, journal: dict) -> None:
@@ -303,13 +336,16 @@ def apply_rename(root: "str | os.PathLike[str]", old: str, new: str, *, caption_
         raise BPError("the dataset folder does not exist", path=root_path)
     pending = unfinished_journals(root_path)
     for jpath, journal in pending:
+        if journal["state"] == "undoing":
+            raise BPError(f"the undo of the rename {journal['from']!r} -> {journal['to']!r} was interrupted",
+                          path=jpath, hint=finish_hint(jpath, journal))
+    for jpath, journal in pending:
         if journal["from"] == old and journal["to"] == new:
             return dict(_run(jpath, journal), resumed=True)
     if pending:
         jpath, journal = pending[0]
         raise BPError(f"an interrupted rename {journal['from']!r} -> {journal['to']!r} is unfinished",
-                      path=jpath, hint=f"run it again with --from {journal['from']!r} --to {journal['to']!r} "
-                                       f"--apply to complete it, or --undo {jpath}")
+                      path=jpath, hint=finish_hint(jpath, journal))
 
     plan = plan_rename(root_path, old, new, caption_ext=caption_ext, emphasis=emphasis)
     if not plan.files:
@@ -343,6 +379,7 @@ def journal_root(jpath: Path, journal: dict) -> Path:
 def _run(jpath: Path, journal: dict) -> dict:
     root = journal_root(jpath, journal)
     backup = jpath.parent / "backup"
+    _remove_temporaries(jpath, journal, root)
     conflicts: list[dict] = []
     blocked: set[str] = set()
 
@@ -383,7 +420,7 @@ def _run(jpath: Path, journal: dict) -> dict:
         if sha256(renamed) != f["new_sha256"]:  # pragma: no cover - same input, same function
             conflicts.append({"path": f["path"], "reason": "the rename gives another result than planned"})
             continue
-        _write_caption(src, renamed, mode)
+        _write_caption(src, renamed, mode, jpath.parent / "tmp")
         applied += 1
 
     journal["state"] = "applied"
@@ -397,41 +434,30 @@ def _run(jpath: Path, journal: dict) -> dict:
 
 
 def undo_rename(journal: "str | os.PathLike[str]") -> dict:
-    """Restore the files of a rename (finished or interrupted) from its backups.
+    """Restore the files of a rename (finished or interrupted) from its backups; completes an interrupted undo.
 
     A file that still has the renamed content is restored; one that has its original content is left (an
-    interrupted apply never reached it); one edited since is left alone and reported as a conflict.
+    interrupted apply or undo never reached it, or already restored it); one edited since is left alone and
+    reported as a conflict. The journal says "undoing" while files are being restored.
     """
     jpath, data = load_journal(journal)
     root = journal_root(jpath, data)
     backup = jpath.parent / "backup"
+    _remove_temporaries(jpath, data, root)
+    if data.get("state") != "undoing":
+        data["undo_from_state"] = data.get("state")
+        data["state"] = "undoing"
+        _save(jpath, data)
     restored = original = 0
     conflicts: list[dict] = []
     for f in data["files"]:
-        src, bk = root / f["path"], backup / f["path"]
-        try:
-            current = src.read_bytes()
-            mode = os.stat(src).st_mode & 0o7777
-        except OSError as exc:
-            conflicts.append({"path": f["path"], "reason": f"cannot read it ({exc.strerror or exc}); "
-                                                           f"its original is in {bk}"})
-            continue
-        digest = sha256(current)
-        if digest == f["old_sha256"]:
+        outcome = _restore_one(root / f["path"], backup / f["path"], f, jpath.parent / "tmp")
+        if outcome == "restored":
+            restored += 1
+        elif outcome == "original":
             original += 1
-            continue
-        if digest != f["new_sha256"]:
-            conflicts.append({"path": f["path"], "reason": "edited after the rename; left as it is"})
-            continue
-        try:
-            saved = bk.read_bytes()
-        except OSError:
-            saved = None
-        if saved is None or sha256(saved) != f["old_sha256"]:
-            conflicts.append({"path": f["path"], "reason": "its backup is missing or damaged"})
-            continue
-        _write_caption(src, saved, mode)
-        restored += 1
+        else:
+            conflicts.append({"path": f["path"], "reason": outcome})
     data["state"] = "undone" if not conflicts else "undone with conflicts"
     data["undone"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     data["undo_conflicts"] = conflicts
@@ -440,7 +466,40 @@ def undo_rename(journal: "str | os.PathLike[str]") -> dict:
             "already_original": original, "conflicts": conflicts, "state": data["state"]}
 
 
+def _restore_one(src: Path, bk: Path, f: dict, tmp_dir: Path) -> str:
+    """"restored", "original" (nothing to do), or the reason the file was left alone."""
+    try:
+        current = src.read_bytes()
+        mode = os.stat(src).st_mode & 0o7777
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc}); its original is in {bk}"
+    digest = sha256(current)
+    if digest == f["old_sha256"]:
+        return "original"
+    if digest != f["new_sha256"]:
+        return "edited after the rename; left as it is"
+    try:
+        saved = bk.read_bytes()
+    except OSError:
+        saved = None
+    if saved is None or sha256(saved) != f["old_sha256"]:
+        return "its backup is missing or damaged"
+    _write_caption(src, saved, mode, tmp_dir)
+    return "restored"
+
+
+def finish_hint(jpath: Path, journal: dict) -> str:
+    """How to finish an unfinished journal (what to run)."""
+    if journal.get("state") == "undoing":
+        return f"finish it with: tags rename --undo {jpath}"
+    return (f"run it again with --from {journal['from']!r} --to {journal['to']!r} --apply to complete it, "
+            f"or --undo {jpath}")
+
+
 def journal_summary(jpath: Path, journal: dict) -> dict[str, Any]:
-    return {"journal": str(jpath), "from": journal.get("from"), "to": journal.get("to"),
-            "state": journal.get("state"), "created": journal.get("created"),
-            "files": len(journal.get("files", []))}
+    summary = {"journal": str(jpath), "from": journal.get("from"), "to": journal.get("to"),
+               "state": journal.get("state"), "created": journal.get("created"),
+               "files": len(journal.get("files", []))}
+    if journal.get("state") in UNFINISHED:
+        summary["finish"] = finish_hint(jpath, journal)
+    return summary

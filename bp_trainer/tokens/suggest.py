@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from bp_trainer.errors import BPError
 from bp_trainer.tokens.audit import count_tags, iter_caption_files
+from bp_trainer.tokens.mangled import mangled_words
 from bp_trainer.tokens.tokenizer import TokenizerView
 
 BYTE_TOKENS = 512  # 256 byte tokens + the same with </w>: merges start here
@@ -115,6 +116,7 @@ def suggest_for_counts(tag: str, captions: Iterable[str], tokenizer: Any = None,
     return {
         "tag": tag,
         "tag_count": counts.get(tag, 0),
+        "mangled": [m.to_dict() for m in mangled_words(tag, view)],  # the audit's flag: why replace it
         "tag_pieces": view.pieces(tag_ids),
         "tag_ids": tag_ids,
         "captions": n_captions,

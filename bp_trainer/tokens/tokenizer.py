@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 from bp_trainer.clip_vocab import bytes_to_unicode
 
 _VIEWS: "weakref.WeakKeyDictionary[Any, TokenizerView]" = weakref.WeakKeyDictionary()
+MAX_CACHED_TEXTS = 200_000  # distinct texts whose ids a view keeps (a dataset's distinct tags, prompt pieces)
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,15 +38,35 @@ def readable_pieces(pieces: Sequence[str]) -> list[str]:
 
     CLIP's byte-level BPE can split one character (Japanese, many emoji) over several pieces; alone each part
     is no text. Here every piece shows the characters its bytes belong to, with `…` on the side where a
-    character continues in the neighbouring piece: `初` over two pieces reads `初…`, `…初`.
+    character continues in the neighbouring piece: `初` over two pieces reads `初…`, `…初`. Linear: pieces
+    that hold whole characters are decoded alone, only runs of pieces sharing a character byte by byte.
     """
-    import codecs
-
     dec = _byte_decoder()
     raw: list[bytes] = []
     for piece in pieces:
         core = piece[:-4] if piece.endswith("</w>") else piece
         raw.append(bytes(dec[c] for c in core) if all(c in dec for c in core) else core.encode("utf-8"))
+    texts: list[str] = []
+    start = 0
+    for k in range(1, len(raw) + 1):  # cut where the next piece starts a new character
+        if k == len(raw) or not _continues(raw[k]):
+            texts.extend(_readable_run(pieces[start:k], raw[start:k]))
+            start = k
+    return texts
+
+
+def _continues(chunk: bytes) -> bool:
+    """Whether these bytes start inside a character (a UTF-8 continuation byte)."""
+    return bool(chunk) and chunk[0] & 0xC0 == 0x80
+
+
+def _readable_run(pieces: Sequence[str], raw: Sequence[bytes]) -> list[str]:
+    """`readable_pieces` of a run of pieces that starts and ends on character boundaries."""
+    import codecs
+
+    ends = [" " if p.endswith("</w>") else "" for p in pieces]
+    if len(raw) == 1:
+        return [raw[0].decode("utf-8", errors="replace") + ends[0]]
     # Character spans over the concatenated bytes.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     spans: list[tuple[int, int, str]] = []
@@ -63,16 +84,19 @@ def readable_pieces(pieces: Sequence[str]) -> list[str]:
     if tail:
         spans.append((start, pos, tail))
     texts: list[str] = []
-    offset = 0
-    for piece, chunk in zip(pieces, raw):
+    offset = first = 0  # spans before `first` end before the current piece (both sorted by position)
+    for end_mark, chunk in zip(ends, raw):
         a, b = offset, offset + len(chunk)
         offset = b
+        while first < len(spans) and spans[first][1] <= a:
+            first += 1
         parts = []
-        for s0, s1, ch in spans:
-            if s1 <= a or s0 >= b:
-                continue
+        k = first
+        while k < len(spans) and spans[k][0] < b:
+            s0, s1, ch = spans[k]
             parts.append(("…" if s0 < a else "") + ch + ("…" if s1 > b else ""))
-        texts.append("".join(parts) + (" " if piece.endswith("</w>") else ""))
+            k += 1
+        texts.append("".join(parts) + end_mark)
     return texts
 
 
@@ -127,9 +151,18 @@ class TokenizerView:
             self._inverse = inverse
         return self._inverse
 
+    def clean(self, text: str) -> str:
+        """The text as the tokenizer reads it before BPE: transformers' slow CLIPTokenizer (the WebUI's) runs
+        ftfy's `fix_text` (HTML entities, control characters, mojibake) and lower-cases."""
+        fix = getattr(self.tokenizer, "fix_text", None)
+        return (fix(text) if callable(fix) else text).lower()
+
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text without BOS/EOS and without truncation (the WebUI's `tokenize`)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._ids))
+        if len(self._ids) + len(missing) > MAX_CACHED_TEXTS:  # bounded memory in a long-lived process
+            self._ids.clear()
+            missing = list(dict.fromkeys(texts))
         if missing:
             out = self.tokenizer(missing, add_special_tokens=False, truncation=False)["input_ids"]
             for text, ids in zip(missing, out):

@@ -59,13 +59,21 @@ def _piece_text(piece: str) -> str:
         return piece[:-4] if piece.endswith("</w>") else piece
 
 
+def _flagged(tag: Mapping[str, Any]) -> bool:
+    """The tokens module's "mangled" verdict when the tag has one (bp_trainer.tokens.mangled)."""
+    if "mangled" in tag:
+        return bool(tag["mangled"])
+    return len(tag.get("pieces") or []) >= 3
+
+
 def token_chips_html(inspection: Mapping[str, Any]) -> str:
     """Render a prompt inspection (see `bp_trainer.tokens`) as coloured chips.
 
     Expected shape (plain dicts): `count`, `limit`, `tags` (each `text`, `weight`, `pieces`, `ids`, and
     optionally `chunk` (index of the 75-token chunk it starts in) and `start` (token position)), and
     `chunks` (a list; its length is the number of chunks; an item may be a dict with `tokens`/`count`).
-    One chip group per tag, one chip per CLIP piece; tags of 3+ pieces are flagged; a chunk boundary is
+    One chip group per tag, one chip per CLIP piece; tags with words CLIP cuts apart (`mangled`; without it:
+    tags of 3+ pieces) are flagged; a chunk boundary is
     drawn where a tag starts a new chunk. Hovering a chip shows its id and position (CSS `data-tip`).
     """
     tags: Sequence[Mapping[str, Any]] = list(inspection.get("tags") or [])
@@ -80,9 +88,9 @@ def token_chips_html(inspection: Mapping[str, Any]) -> str:
     head.append(f"<span>{len(tags)} tag{'s' if len(tags) != 1 else ''}</span>")
     if n_chunks:
         head.append(f"<span>{n_chunks} chunk{'s' if n_chunks != 1 else ''} of 75</span>")
-    multi = sum(1 for t in tags if len(t.get("pieces") or []) >= 3)
+    multi = sum(1 for t in tags if _flagged(t))
     if multi:
-        head.append(f'<span class="bp-warn-text">{multi} tag{"s" if multi != 1 else ""} split into 3+ pieces</span>')
+        head.append(f'<span class="bp-warn-text">{multi} tag{"s" if multi != 1 else ""} with words CLIP cuts apart</span>')
     parts.append('<div class="bp-token-head">' + " · ".join(head) + "</div>")
     parts.append('<div class="bp-chips">')
     last_chunk = 0
@@ -97,9 +105,10 @@ def token_chips_html(inspection: Mapping[str, Any]) -> str:
         weight = tag.get("weight")
         n = len(pieces)
         cls = "bp-tag"
-        if n >= 3:
+        if _flagged(tag):
             cls += " bp-tag-many"
         tip = f"{tag.get('text', '')} — {n} token{'s' if n != 1 else ''}"
+        tip += "".join(f"; {m['shown']}" for m in tag.get("mangled") or [])
         if weight not in (None, 1, 1.0):
             tip += f", weight {float(weight):g}"
         parts.append(f'<span class="{cls}" title="{esc(tip)}" data-tag="{esc(tag.get("text", ""))}">')
