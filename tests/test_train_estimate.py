@@ -72,3 +72,24 @@ def test_auto_chooses_the_fastest_set_that_fits():
     assert resolved.training.memory == "manual" and which(resolved) == "adafactor-fused"
     none_fit, report = choose(cfg, budget_bytes=1, estimate=lambda c: peaks[which(c)])
     assert report["chosen"] == "lean" and not report["fits"]  # the leanest, said not to fit
+
+
+@pytest.mark.slow
+def test_auto_is_resolved_by_the_trainer_and_recorded(tiny_model_dir, tmp_path):
+    from bp_trainer.dataset.demo import write_demo_dataset
+    from bp_trainer.train.events import read_all
+    from bp_trainer.train.run import train
+
+    write_demo_dataset(tmp_path / "data", count=4, seed=2)
+    raw = {"model": {"base": str(tiny_model_dir)}, "dataset": {"path": str(tmp_path / "data")}, "arb": ARB,
+           "training": {"memory": "auto", "vram_gb": 0.5, "max_steps": 1, "batch_size": 2},
+           "saving": {"every_n_epochs": 0}, "logging": {"tensorboard": False, "progress_bar": "false"}}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(C.validate(raw), run_dir, install_signals=False)
+    start = next(e for e in read_all(run_dir) if e["type"] == "start")
+    plan = start["memory_plan"]
+    assert plan["requested"] == "auto" and plan["chosen"] == "fast" and plan["fits"]  # the tiny model fits 0.5 GiB
+    assert plan["tried"][0]["peak_bytes"] < 0.5 * 2**30 and start["options"]["memory"] == "manual"
+    saved = C.load_config(run_dir / "config.yaml")
+    assert saved.training.memory == "manual" and saved.training.gradient_checkpointing is False

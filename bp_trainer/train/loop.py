@@ -67,34 +67,12 @@ class TrainLoop:
 
     def setup(self, resume: bool = False) -> None:
         torch.manual_seed(self.cfg.training.seed)
-        self._resolve_memory_plan()
         self._setup_models()
         self._setup_data()
         self._setup_optimizer()
         self.generator = torch.Generator("cpu").manual_seed(int(self.cfg.training.seed) * 7919 + self.rank)
         if resume:
             self._resume()
-
-    def _resolve_memory_plan(self) -> None:
-        """`training.memory: auto`: the fastest option set whose pre-flight estimate fits this GPU (or
-        `training.vram_gb`); written into the run's config.yaml (a resume keeps it) and the start event."""
-        self.memory_plan: Optional[Dict[str, Any]] = None
-        if self.cfg.training.memory != "auto":
-            return
-        from bp_trainer.train.config import save_config
-        from bp_trainer.train.estimate import estimate_run
-        from bp_trainer.train.memory_plan import choose
-
-        t = self.cfg.training
-        if t.vram_gb:
-            budget = int(t.vram_gb * 2**30)
-        elif self.device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(self.device)[0])
-        else:
-            budget = 2**62  # no GPU: memory is not the limit, the fastest set is chosen
-        self.cfg, self.memory_plan = choose(self.cfg, budget, lambda c: estimate_run(c)["peak_bytes"])
-        if self.main:
-            save_config(self.cfg, self.rd.config)
 
     def _setup_models(self) -> None:
         self.configure_models(self.family.load(self.cfg.model))

@@ -102,7 +102,9 @@ def train(cfg: RunConfig, run_dir: "str | os.PathLike[str]", *, resume: bool = F
     stop = state_mod.StopFlag(rd, install_signals=install_signals)
     try:
         progress = None
+        cfg, plan = resolve_memory_plan(cfg, rd, accelerator)
         loop = TrainLoop(cfg, rd, accelerator, events, stop)
+        loop.memory_plan = plan
         loop.setup(resume=resume)
         if use_bar:
             progress = loop.progress = Progress(loop.total_steps, loop.step)
@@ -122,6 +124,28 @@ def train(cfg: RunConfig, run_dir: "str | os.PathLike[str]", *, resume: bool = F
             rd.trainer_pid_file.unlink(missing_ok=True)
         if lock_owned:
             rd.release_lock(os.getpid())
+
+
+def resolve_memory_plan(cfg: RunConfig, rd: RunDir, accelerator: Any) -> "tuple[RunConfig, Optional[Dict[str, Any]]]":
+    """`training.memory: auto`: the fastest option set whose pre-flight estimate fits this process's GPU (or
+    `training.vram_gb`), written into the run's config.yaml (a resume keeps it); the report goes into the start
+    event. Other values are resolved by the config check already."""
+    if cfg.training.memory != "auto":
+        return cfg, None
+    from bp_trainer.train.config import save_config
+    from bp_trainer.train.estimate import estimate_run
+    from bp_trainer.train.memory_plan import choose
+
+    if cfg.training.vram_gb:
+        budget = int(cfg.training.vram_gb * 2**30)
+    elif accelerator.device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(accelerator.device)[0])
+    else:
+        budget = 2**62  # no GPU: memory is not the limit, the fastest set is chosen
+    cfg, report = choose(cfg, budget, lambda c: estimate_run(c)["peak_bytes"])
+    if accelerator.is_main_process:
+        save_config(cfg, rd.config)
+    return cfg, report
 
 
 def _claim_run_dir(rd: RunDir) -> bool:
