@@ -103,3 +103,38 @@ def test_samples_are_pictures_and_the_report_measured_them(smoke):
                 pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
             assert pixels.std() == pytest.approx(sample["pixel_std"], abs=1e-3) and pixels.std() > 2.0
         assert case["memory"] == {"measured": False, "reason": "no CUDA (memory is measured on a GPU only)"}
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke_under_test", ROOT / "bench" / "gpu_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finished(script, code: str):
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return script.finish_estimate({"status": "running", "proc": proc}, timeout=60)
+
+
+def test_the_memory_estimate_is_read_from_the_cli_json_and_set_beside_the_measured_peak():
+    """Phase 4 reads `bp-train train ... --estimate-memory --json` (indented, after log lines) and divides the
+    measured training-step peak by it; an older CLI without the option is 'not available', not an error."""
+    script = _script()
+    printed = {"peak_bytes": 5 * 2**30, "bucket": [2048, 768], "batch_size": 1,
+               "parts": {"parameters": 2**30, "gradients": 0, "optimizer": 2**29}}
+    est = _finished(script, f"import json; print('loading...'); print(json.dumps({printed!r}, indent=2))")
+    assert est["status"] == "ok" and est["peak_gib"] == 5.0 and est["bucket"] == [2048, 768]
+    assert est["parts_gib"] == {"parameters": 1.0, "gradients": 0.0, "optimizer": 0.5}
+    result = {"estimate": est, "phases": {"first_step": {"peak_allocated_gib": 6.0},
+                                          "steady_steps": {"peak_allocated_gib": 5.5}}}
+    script.calibrate(result)
+    assert result["measured_over_estimate"] == 1.2
+    old = _finished(script, "import sys; sys.stderr.write('error: unrecognized arguments: --estimate-memory'); "
+                            "sys.exit(2)")
+    assert old["status"] == "not available" and "--estimate-memory" in old["reason"]
+    broken = _finished(script, "import sys; sys.stderr.write('Traceback: boom'); sys.exit(1)")
+    assert broken["status"] == "error" and "boom" in broken["reason"]
