@@ -188,14 +188,15 @@ class EventMeter:
     def phases(self) -> Dict[str, Any]:
         """Peak memory and time per stretch of the run (whatever part of it happened)."""
         steps = [m for m in self.marks if m["type"] == "step"]
+        starts = [m for m in self.marks if m["type"] == "start"]
+        saves = [m for m in self.marks if m["type"] == "checkpoint"]
         out: Dict[str, Any] = {}
-        for name, marks in (("load", [m for m in self.marks if m["type"] == "start"][:1]), ("first_step", steps[:1]),
-                            ("steady_steps", steps[1:]), ("save", [m for m in self.marks if m["type"] == "checkpoint"])):
+        for name, marks in (("load", starts[:1]), ("first_step", steps[:1]), ("steady_steps", steps[1:]),
+                            ("save", saves)):
             if marks and self.cuda:
                 out[name] = {"peak_allocated_gib": gib(max(m["peak_allocated"] for m in marks)),
                              "peak_reserved_gib": gib(max(m["peak_reserved"] for m in marks))}
         intervals = [b["t"] - a["t"] for a, b in zip(steps, steps[1:])]
-        starts = [m for m in self.marks if m["type"] == "start"]
         if steps and starts:
             out.setdefault("first_step", {})["seconds"] = round(steps[0]["t"] - starts[0]["t"], 3)
         if intervals:
@@ -958,8 +959,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ctx = Context(out=Path(args.out), work=work, cuda=cuda, deadline=time.monotonic() + args.budget_s,
                   full_steps=args.steps)
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    report = Report(ctx, {"script": "bench/gpu_smoke.py", "command": " ".join(["python bench/gpu_smoke.py"]
-                                                                               + (argv if argv is not None else sys.argv[1:])),
+    command = " ".join(["python bench/gpu_smoke.py"] + (argv if argv is not None else sys.argv[1:]))
+    report = Report(ctx, {"script": "bench/gpu_smoke.py", "command": command,
                           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "cuda": cuda,
                           "commit": git_commit(), "versions": versions(), "budget_s": args.budget_s})
     try:
