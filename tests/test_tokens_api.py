@@ -168,6 +168,21 @@ def test_work_past_the_time_budget_stops_with_a_400(client, monkeypatch):
     assert counting_threads() == [] and slots_free()
 
 
+def test_loading_the_tokenizer_is_not_part_of_the_time_budget(clip_tokenizer, monkeypatch):
+    """A host may load its tokenizer on the first request (seconds on a busy machine): that is not the count's
+    work, and must not turn a small prompt into a 'took longer' error."""
+    import time
+
+    monkeypatch.setattr(tokens_request, "DEFAULT_LIMITS", PromptLimits(time_s=1.0))
+
+    def slow_to_load():
+        time.sleep(1.5)
+        return clip_tokenizer
+
+    clip_tokenizer("warm up", add_special_tokens=False)
+    assert tokens_request.answer_tokens({"text": "1girl, solo"}, slow_to_load, {})["count"] == 4
+
+
 def test_a_count_waits_for_a_free_slot_then_gets_429(client, monkeypatch):
     test_client, _ = client
     monkeypatch.setattr(tokens_request, "WAIT_S", 0.01)

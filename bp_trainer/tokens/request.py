@@ -99,11 +99,12 @@ def answer_tokens(body: Mapping[str, Any], tokenizer: Callable[[], Any], setting
     from bp_trainer.tokens.inspect import inspect_prompt
 
     request = TokensRequest.from_json(body)
-    limits = (limits or DEFAULT_LIMITS).started()  # the time budget counts from here
+    limits = limits or DEFAULT_LIMITS
     limits.check_prompt(request.text)  # before waiting for a slot: a hopeless prompt goes at once
     with counting_slot():
-        return inspect_prompt(request.text, tokenizer(), steps=request.steps, negative=request.negative,
-                              with_ids=request.with_ids, limits=limits, **settings)
+        loaded = tokenizer()  # may load it: not part of the count's time budget, which starts now
+        return inspect_prompt(request.text, loaded, steps=request.steps, negative=request.negative,
+                              with_ids=request.with_ids, limits=limits.started(), **settings)
 
 
 __all__ = ["TokensRequest", "TokensBusy", "answer_tokens", "counting_slot", "oversized_body", "MAX_BODY_BYTES",
