@@ -81,3 +81,27 @@ def write_model_header(path, *, arch: str = "sd1", kind: str = "checkpoint") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     return path
+
+
+TINY_ARB = {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128}
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """Six drawn images with tag captions (shared, read-only)."""
+    from bp_trainer.dataset.demo import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("small") / "ds"
+    write_demo_dataset(out, count=6, seed=4)
+    return out
+
+
+def tiny_run_raw(model_dir, data, runs, **sections) -> dict:
+    """A raw run config for the tiny model at 64-px buckets: quiet logging, no saves unless asked."""
+    raw = {"run": {"name": "t", "runs_dir": str(runs)}, "model": {"base": str(model_dir)},
+           "dataset": {"path": str(data)}, "arb": dict(TINY_ARB),
+           "training": {"batch_size": 2, "learning_rate": 1e-3, "seed": 5},
+           "saving": {"every_n_epochs": 0}, "logging": {"tensorboard": False, "progress_bar": "false"}}
+    for sec, body in sections.items():
+        raw.setdefault(sec, {}).update(body)
+    return raw

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from bp_trainer.train.ema import EMA
+from conftest import tiny_run_raw
 
 
 class DeferredCopier:
@@ -128,25 +129,8 @@ def test_an_fp16_overflow_skipped_update_advances_neither_step_schedule_nor_ema(
 # ------------------------------------------------------------------------------------------------ runs
 
 
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory) -> Path:
-    from bp_trainer.dataset.demo import write_demo_dataset
-
-    out = tmp_path_factory.mktemp("cuda-defects") / "ds"
-    write_demo_dataset(out, count=6, seed=4)
-    return out
-
-
 def _raw(model_dir, data, runs, **sections):
-    raw = {"run": {"name": "g", "runs_dir": str(runs)}, "model": {"base": str(model_dir)},
-           "dataset": {"path": str(data)},
-           "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128},
-           "training": {"batch_size": 2, "learning_rate": 1e-3, "seed": 5},
-           "ema": {"enabled": False}, "saving": {"every_n_epochs": 0},
-           "logging": {"tensorboard": False, "progress_bar": "false"}}
-    for sec, body in sections.items():
-        raw.setdefault(sec, {}).update(body)
-    return raw
+    return tiny_run_raw(model_dir, data, runs, ema={"enabled": False}, **sections)
 
 
 @pytest.mark.slow

@@ -16,29 +16,17 @@ import yaml
 from bp_trainer.errors import BPError
 from bp_trainer.train import config as C
 from bp_trainer.train.events import read_all
+from conftest import tiny_run_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory) -> Path:
-    from bp_trainer.dataset.demo import write_demo_dataset
-
-    out = tmp_path_factory.mktemp("faults") / "ds"
-    write_demo_dataset(out, count=6, seed=9)
-    return out
-
-
 def _raw(model_dir, data, runs, **sections):
-    raw = {"run": {"name": "f", "runs_dir": str(runs)}, "model": {"base": str(model_dir)},
-           "dataset": {"path": str(data)},
-           "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128},
-           "training": {"batch_size": 2, "learning_rate": 1e-3, "seed": 3, "max_steps": 6},
-           "ema": {"every_n_steps": 1}, "saving": {"every_n_epochs": 0, "every_n_steps": 2},
-           "logging": {"tensorboard": False, "progress_bar": "false"}}
+    base = {"training": {"seed": 3, "max_steps": 6}, "ema": {"every_n_steps": 1},
+            "saving": {"every_n_epochs": 0, "every_n_steps": 2}}
     for sec, body in sections.items():
-        raw.setdefault(sec, {}).update(body)
-    return raw
+        base[sec] = {**base.get(sec, {}), **body}
+    return tiny_run_raw(model_dir, data, runs, **base)
 
 
 @pytest.mark.slow
