@@ -329,3 +329,20 @@ def test_sigterm_to_the_process_group_saves_and_the_handle_waits_for_the_trainer
     assert evs[-1]["type"] == "done" and evs[-1]["reason"] == "stopped"
     assert [e for e in evs if e["type"] == "checkpoint"][-1]["reason"] == "stop (SIGTERM)"
     assert not RunDir(handle.run_dir).is_active() and launcher.find_active_run(tmp_path / "runs") is None
+
+
+def test_list_runs_reads_a_runs_events_again_only_when_they_changed(tmp_path, monkeypatch):
+    from bp_trainer.train import events as E
+
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "events.jsonl").write_text(json.dumps({"type": "start", "total_steps": 5}) + "\n")
+    reads = []
+    real = E.read_all
+    monkeypatch.setattr(E, "read_all", lambda d: reads.append(str(d)) or real(d))
+    assert launcher.list_runs(tmp_path)[0]["total_steps"] == 5
+    assert launcher.list_runs(tmp_path)[0]["total_steps"] == 5
+    assert len(reads) == 1  # the second /status poll used the cached summary
+    with open(run / "events.jsonl", "a") as fh:
+        fh.write(json.dumps({"type": "step", "step": 3, "total_steps": 5}) + "\n")
+    assert launcher.list_runs(tmp_path)[0]["step"] == 3 and len(reads) == 2

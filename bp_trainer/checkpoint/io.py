@@ -171,7 +171,6 @@ def read_safetensors_header(path: "str | os.PathLike[str]") -> tuple[dict, dict[
     if not isinstance(meta, dict):
         raise BPError("corrupt .safetensors header (__metadata__ is not an object)", path=path)
     data_len = size - 8 - n
-    end_max = 0
     for key, ent in header.items():
         try:
             dtype = ent["dtype"]
@@ -189,7 +188,6 @@ def read_safetensors_header(path: "str | os.PathLike[str]") -> tuple[dict, dict[
                 path=path,
                 hint="the download or copy was interrupted; fetch the file again",
             )
-        end_max = max(end_max, end)
     return header, {str(k): str(v) for k, v in meta.items()}, 8 + n
 
 

@@ -54,7 +54,7 @@ def gpu_capability() -> "tuple[int, int] | None":
 def make_accelerator(cfg: RunConfig, rd: RunDir) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     from bp_trainer.launcher import choose_precision
 
@@ -77,7 +77,9 @@ def make_accelerator(cfg: RunConfig, rd: RunDir) -> Any:
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed, log_with=log_with,
                        project_config=ProjectConfiguration(project_dir=str(rd.path), logging_dir=str(rd.logs)),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT),
+                                        # gradients live in DDP's buckets: no second gradient copy per process
+                                        DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
 
 
 def train(cfg: RunConfig, run_dir: "str | os.PathLike[str]", *, resume: bool = False,
