@@ -204,8 +204,8 @@ class TrainCallbacks:
         if version == last_version:
             return [progress, NO_CHANGE, NO_CHANGE, NO_CHANGE, *buttons, version]
         with ctl.lock:
-            loss = render.line_chart_svg(ctl.view.losses, title="loss")
-            gallery = ctl.view.sample_gallery()
+            loss = render.loss_chart_svg(ctl.view.losses, ctl.view.validation_curve(), ctl.view.best_step)
+            gallery = render.sample_grid_update(ctl.view.sample_grid())
             log = ctl.view.log_text()
         return [progress, loss, gallery, log, *buttons, version]
 
@@ -358,7 +358,7 @@ def build(host: Any, *, initial_config: Optional[str] = None) -> TrainCallbacks:
                 message = gr.HTML(first_message, elem_id="bp_train_message")
                 progress = gr.HTML(render.progress_html({"status": "idle"}), elem_id="bp_train_progress")
                 loss = gr.HTML(render.line_chart_svg([], title="loss"), elem_id="bp_train_loss")
-                samples = gr.Gallery(label="Latest samples", elem_id="bp_train_samples", columns=4, height=220,
+                samples = gr.Gallery(label="Samples per save", elem_id="bp_train_samples", columns=4, height=220,
                                      object_fit="contain")
                 log = gr.Textbox(label="Log", lines=8, max_lines=14, interactive=False, elem_id="bp_train_log",
                                  elem_classes=["bp-log"])
