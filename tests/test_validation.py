@@ -1,0 +1,257 @@
+"""Validation, the parts without training: the held-out split, the fixed noise and timesteps, the config section,
+the events folded for the UI (curve, best step, per-save sample grid), the loss chart, the /status API and the
+publishing of the best checkpoint. The trainer side is in test_train_validation.py."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from bp_trainer.errors import ConfigError
+from bp_trainer.run_view import RunView
+from bp_trainer.train import config as C
+from bp_trainer.train import validation as V
+from bp_trainer.train.events import EventWriter
+from bp_trainer.ui import render
+from conftest import write_model_header
+
+
+# ------------------------------------------------------------------------------------------------ the split
+
+
+def _sha_rank(seed, key):
+    return hashlib.sha256(f"split:{seed}:{key}".encode()).digest()
+
+
+def test_split_is_stratified_by_bucket_ranked_by_the_documented_hash_and_order_free():
+    sizes = {(64, 64): 20, (64, 96): 7, (96, 64): 2, (32, 128): 1}
+    keys, buckets = [], []
+    for b, n in sizes.items():
+        for i in range(n):
+            keys.append(f"{b[0]}x{b[1]}/img{i:03d}.png")
+            buckets.append(b)
+    keys.append("skipped.png")
+    buckets.append(None)  # max_ar_error dropped it: never held out
+    chosen = V.choose_held_out(keys, buckets, fraction=0.1, max_images=100, seed=5)
+    held = {keys[i] for i in chosen}
+    per_bucket = {b: sum(1 for i in chosen if buckets[i] == b) for b in sizes}
+    # round(0.1 * n), at least one per bucket that has two images or more, none from a bucket of one
+    assert per_bucket == {(64, 64): 2, (64, 96): 1, (96, 64): 1, (32, 128): 0}
+    for b in sizes:  # inside a bucket: the lowest sha256("split:SEED:KEY") ranks
+        members = [k for k, bb in zip(keys, buckets) if bb == b]
+        assert {k for k in members if k in held} == set(sorted(members, key=lambda k: _sha_rank(5, k))[:per_bucket[b]])
+    # the input order does not matter; another seed picks other images
+    order = list(range(len(keys)))
+    random.Random(1).shuffle(order)
+    again = V.choose_held_out([keys[i] for i in order], [buckets[i] for i in order], fraction=0.1, max_images=100,
+                              seed=5)
+    assert {keys[order[i]] for i in again} == held
+    other = {keys[i] for i in V.choose_held_out(keys, buckets, fraction=0.1, max_images=100, seed=6)}
+    assert other != held and len(other) == len(held)
+
+
+def test_quotas_over_max_images_keep_every_bucket_then_share_in_proportion():
+    counts = {(64, 64): 100, (64, 96): 10, (96, 64): 2}
+    assert V.bucket_quotas(counts, 0.5, 1000) == {(64, 64): 50, (64, 96): 5, (96, 64): 1}
+    # 56 wanted, 10 allowed: 1 each, the other 7 by largest remainder of 49:4 (6.47, 0.53) -> 6 + 1
+    assert V.bucket_quotas(counts, 0.5, 10) == {(64, 64): 7, (64, 96): 2, (96, 64): 1}
+    assert V.bucket_quotas(counts, 0.5, 2) == {(64, 64): 1, (64, 96): 1}  # the largest buckets first
+    # a validation folder (nothing of it trains): a bucket may give all its images
+    assert V.bucket_quotas({(64, 64): 3, (96, 64): 1}, 1.0, 100, leave_one=False) == {(64, 64): 3, (96, 64): 1}
+
+
+def test_fixed_noise_follows_the_documented_derivation():
+    seed, key, K, T = 3, "subset_a/00004.png", 4, 1000
+    noise, t = V.fixed_noise(seed, key, (4, 8, 12), K, T)
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    g = torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    u = torch.rand(K, generator=g, dtype=torch.float64)
+    expect_t = [math.floor((k + float(u[k])) * T / K) for k in range(K)]
+    expect_noise = torch.randn((K, 4, 8, 12), generator=g)
+    assert t.tolist() == expect_t and torch.equal(noise, expect_noise)
+    assert all(k * T / K <= t[k] < (k + 1) * T / K for k in range(K))  # one timestep per quantile
+    n2, t2 = V.fixed_noise(seed, key, (4, 8, 12), K, T)
+    assert torch.equal(n2, noise) and torch.equal(t2, t)  # not the RNG state of anything else
+    n3, _ = V.fixed_noise(seed, "subset_a/00006.png", (4, 8, 12), K, T)
+    assert not torch.equal(n3, noise)
+
+
+def test_best_tracker_counts_evaluations_without_improvement():
+    tr = V.BestTracker()
+    for step, loss in [(2, 0.9), (4, 0.5), (6, 0.5), (8, 0.7)]:
+        tr = tr.after(step, loss)
+    assert (tr.best_step, tr.best_loss, tr.since_best, tr.evaluations) == (4, 0.5, 2, 4)
+    assert tr.patience_exhausted(2) and not tr.patience_exhausted(3) and not tr.patience_exhausted(0)
+    assert V.BestTracker.from_dict(tr.to_dict()) == tr and V.BestTracker.from_dict(None) == V.BestTracker()
+
+
+def test_summary_is_exact_and_grouped_by_bucket():
+    ims = [V.HeldOut(f"k{i}", f"/p{i}", "c", size) for i, size in enumerate([(64, 64), (64, 64), (96, 64)])]
+    res = V.summarize(ims, [0.1, 0.2, 0.4], None)
+    assert res.loss == math.fsum([0.1, 0.2, 0.4]) / 3 and res.ema_loss is None and res.images == 3
+    assert res.buckets["64x64"] == V.BucketLoss(2, math.fsum([0.1, 0.2]) / 2, None)
+    assert res.buckets["96x64"].loss == 0.4
+    assert res.scalars() == {"validation/loss": res.loss, "validation/64x64": res.buckets["64x64"].loss,
+                             "validation/96x64": 0.4}
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.fixture()
+def paths(tmp_path):
+    model = write_model_header(tmp_path / "model.safetensors")
+    data = tmp_path / "data"
+    data.mkdir()
+    return {"model": {"base": str(model)}, "dataset": {"path": str(data)}}
+
+
+def test_validation_section_defaults_and_problems(paths, tmp_path):
+    cfg = C.validate(paths)
+    v = cfg.validation
+    assert not v.enabled and (v.fraction, v.timesteps, v.at_saves, v.every_n_steps) == (0.0, 4, True, 0)
+    assert not v.due(10, True) and not cfg.saving.keep_best
+    on = C.validate({**paths, "validation": {"fraction": 0.1, "every_n_steps": 10}}).validation
+    assert on.due(20, False) and on.due(5, True) and not on.due(5, False)
+    with pytest.raises(ConfigError) as err:
+        C.validate({**paths, "saving": {"keep_best": True}, "validation": {"early_stop_patience": 3}})
+    assert "saving.keep_best: needs validation" in str(err.value)
+    assert "validation.early_stop_patience: needs validation" in str(err.value)
+    for section, message in [({"fraction": 0.1, "path": str(tmp_path)}, "give fraction or path, not both"),
+                             ({"fraction": 0.1, "at_saves": False}, "it would never run"),
+                             ({"fraction": 0.9}, "validation.fraction: 0.9 is above the maximum 0.5"),
+                             ({"path": "nowhere.txt"}, "validation.path: ")]:
+        with pytest.raises(ConfigError, match=message):
+            C.validate({**paths, "validation": section}, base_dir=tmp_path)
+    listed = tmp_path / "val.txt"
+    listed.write_text("a.png\n")
+    cfg = C.validate({**paths, "validation": {"path": "val.txt"}}, base_dir=tmp_path)
+    assert cfg.validation.path == str(listed) and cfg.validation.enabled  # relative to the config file
+
+
+def test_a_list_file_must_name_dataset_images(tmp_path):
+    from bp_trainer.dataset import CaptionProcessor, scan_dataset
+    from bp_trainer.dataset.demo import write_demo_dataset
+    from bp_trainer.errors import BPError
+
+    data = tmp_path / "ds"
+    write_demo_dataset(data, count=6, seed=1)
+    listed = tmp_path / "val.txt"
+    listed.write_text("# held out\nsubset_a/00000.png\n\nsubset_b/00003.jpg\n")
+    cfg = C.validate({"dataset": {"path": str(data)}, "validation": {"path": str(listed)},
+                      "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32,
+                              "dim_limit": 128}}, check_paths=False)
+    scan = scan_dataset(data)
+    held = V.build_validation_set(cfg, scan, CaptionProcessor())
+    assert [(im.size, im.key) for im in held.images] == sorted((im.size, im.key) for im in held.images)
+    assert set(held.keys()) == {"subset_a/00000.png", "subset_b/00003.jpg"}
+    assert held.excluded == {str((data / k).resolve()) for k in held.keys()}
+    caption = (data / "subset_a" / "00000.txt").read_text().strip()
+    assert next(im.caption for im in held.images if im.key == "subset_a/00000.png") == caption
+    listed.write_text("../elsewhere.png\n")
+    with pytest.raises(BPError, match=r"line 1: '../elsewhere.png' is not an image of the dataset"):
+        V.build_validation_set(cfg, scan, CaptionProcessor())
+
+
+# ------------------------------------------------------------------------------------------------ UI
+
+
+def _validation_event(step, loss, ema, best_step, best_loss):
+    return dict(step=step, epoch=0, metric="ema_loss", loss=loss, ema_loss=ema, images=3, buckets={},
+                seconds=0.1, improved=best_step == step, best_loss=best_loss, best_step=best_step, since_best=0,
+                evaluations=1, best_files=None, early_stop=False)
+
+
+def _write_run(run_dir: Path):
+    w = EventWriter(run_dir, echo="none")
+    w.emit("start", total_steps=6, run_dir=str(run_dir))
+    for step in range(1, 7):
+        w.emit("step", step=step, epoch=0, loss=1.0 / step, total_steps=6)
+        if step % 2 == 0:
+            for prompt in ("a", "b"):
+                for ema in (False, True):
+                    w.emit("sample", step=step, path=f"s{step}-{prompt}-{ema}.png", prompt=prompt, ema=ema)
+            w.emit("validation", **_validation_event(step, 0.5 + (step - 4) ** 2 / 100, 0.4 + (step - 4) ** 2 / 100,
+                                                      4 if step >= 4 else step, 0.4 if step >= 4 else 0.44))
+    w.emit("done", step=6, reason="early_stopped")
+    w.close()
+
+
+def test_run_view_folds_validation_and_the_sample_grid(tmp_path):
+    from bp_trainer.train.events import follow
+
+    _write_run(tmp_path)
+    view = RunView(str(tmp_path))
+    view.apply(follow(tmp_path, 0)[0])
+    assert view.validation_curve() == [(2.0, 0.44), (4.0, 0.4), (6.0, 0.44)]  # the watched loss: ema_loss
+    assert view.best_step == 4 and view.best_loss == 0.4
+    s = view.summary(now=0)
+    assert s["status"] == "done"
+    assert s["validation"] == {"step": 6, "loss": 0.44, "trained_loss": 0.54, "ema_loss": 0.44, "best_step": 4,
+                               "best_loss": 0.4, "evaluations": 3}
+    grid = view.sample_grid()
+    assert grid.columns == ("a", "a (EMA)", "b", "b (EMA)")
+    assert [step for step, _ in grid.rows] == [6, 4, 2]  # newest first
+    assert grid.rows[1][1] == ("s4-a-False.png", "s4-a-True.png", "s4-b-False.png", "s4-b-True.png")
+    cells = grid.gallery()
+    assert len(cells) == 12 and cells[4] == ("s4-a-False.png", "step 4 · a")
+    update = render.sample_grid_update(grid)
+    assert update["columns"] == 4 and update["value"] == cells and update["__type__"] == "update"
+
+
+def test_loss_chart_draws_validation_over_training_and_marks_the_best_step(tmp_path):
+    import re
+
+    train = [(float(s), 1.0 / s) for s in range(1, 7)]
+    val = [(2.0, 0.44), (4.0, 0.4), (6.0, 0.44)]
+    svg = render.loss_chart_svg(train, val, 4)
+    dots = [(float(x), float(y)) for x, y in re.findall(r'<circle class="bp-val-dot" cx="([\d.]+)" cy="([\d.]+)"', svg)]
+    assert len(dots) == 3 and "bp-line-val" in svg and svg.count("<polyline") == 3
+    best_x = float(re.search(r'<line class="bp-best" x1="([\d.]+)"', svg).group(1))
+    assert best_x == dots[1][0]  # the marker stands on the step-4 point
+    assert dots[1][1] > dots[0][1]  # lower loss, lower on the chart (SVG y grows downwards)
+    # the shared y axis spans both curves: the training loss 1.0 at step 1 is the top of the plot
+    raw = re.search(r'<polyline class="bp-line-raw" points="([^"]+)"', svg).group(1).split()
+    assert float(raw[0].split(",")[1]) == 24.0
+    assert "best 0.4 at step 4" in svg
+    assert render.loss_chart_svg(train) == render.line_chart_svg(train, title="loss")  # no validation: as before
+
+
+def test_status_api_and_the_best_checkpoint_is_published(tmp_path):
+    from bp_trainer import run_controller as runs
+    from test_api import FakeHost, call
+
+    from fastapi import FastAPI
+    from bp_trainer.api import create_router
+
+    host = FakeHost(tmp_path)
+    run_dir = Path(host.runs_dir()) / "r-1"
+    _write_run(run_dir)
+    runs._controllers.clear()
+    try:
+        ctl = runs.controller_for(host)
+        ctl.show_run(run_dir)
+        app = FastAPI()
+        app.include_router(create_router(host))
+        code, status = call(app, "GET", "/bp-train/v1/status")
+        assert code == 200 and status["run"]["validation"]["best_step"] == 4
+        assert status["run"]["validation"]["loss"] == 0.44
+
+        best = run_dir / "checkpoints" / "r-best.safetensors"
+        best.parent.mkdir()
+        best.write_bytes(b"best weights")
+        w = EventWriter(run_dir, echo="none")
+        w.emit("validation", **dict(_validation_event(8, 0.3, 0.3, 8, 0.3),
+                                    best_files={"webui": {"path": str(best)}}))
+        w.close()
+        ctl._pump()  # what the watcher does with new events
+        published = Path(host.checkpoint_dir()) / runs.PUBLISH_SUBDIR / "r-1-best.safetensors"
+        assert ctl.published == [str(published)] and published.read_bytes() == b"best weights"
+        assert ctl.snapshot()["validation"]["best_step"] == 8
+    finally:
+        runs._controllers.clear()
