@@ -231,3 +231,50 @@ def test_keep_best_keeps_the_lowest_step_and_early_stop_saves_and_stops(tiny_mod
     assert _step_of(Path(ckpts[2]["files"]["webui"]["path"])) == "2"
     hashes = json.loads((run_dir / "checkpoints" / "hashes.json").read_text())
     assert hashes["v-best.safetensors"]["sha256"] == best_files[3]["webui"]["sha256"]
+
+
+def test_two_processes_give_the_one_process_validation_bit_for_bit(tiny_model_dir, dataset, tmp_path):
+    """2 gloo processes (sharded images, one all-reduce) against one process validating the same weights (the
+    state saved at that step), both single-threaded; the held-out images are in neither rank's batches."""
+    from bp_trainer import launcher
+    from bp_trainer.rundir import RunDir
+    from bp_trainer.train.loop import TrainLoop
+    from bp_trainer.train.run import make_accelerator
+
+    cfg = make_cfg(tiny_model_dir, dataset, tmp_path / "runs", run={"num_processes": 2},
+                   training={"batch_size": 1}, logging={"record_batches": True})
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    handle = launcher.start_run(cfg, use_cpu=True, env=env)
+    assert handle.wait(timeout=600) == 0, (handle.run_dir / "train.log").read_text()[-3000:]
+    events = read_all(handle.run_dir)
+    start = next(e for e in events if e["type"] == "start")
+    assert start["world_size"] == 2
+    held = set(start["validation_images"])
+    for rank in (0, 1):
+        lines = (handle.run_dir / f"batches-rank{rank}.jsonl").read_text().splitlines()
+        trained = {i.split("#")[0] for b in map(json.loads, lines) if "items" in b for i in b["items"]}
+        assert trained and not trained & held
+    two = _validations(handle.run_dir)
+    assert sorted(two) == [2, 4]
+
+    one_cfg = cfg.with_values(run={"num_processes": 1})
+    rd = RunDir(tmp_path / "one")
+    rd.path.mkdir()
+
+    class Silent:
+        def emit(self, *args, **kw):
+            pass
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loop = TrainLoop(one_cfg, rd, make_accelerator(one_cfg, rd), Silent(), None)
+        loop.setup()
+        state = handle.run_dir / "state" / "step-00000004"
+        loop.raw_unet.load_state_dict(load_file(str(state / "model.safetensors")))
+        loop.ema.load_state_dict(load_file(str(state / "ema.safetensors")), 0)
+        assert [im.key for im in loop.validator.images] == start["validation_images"]
+        one = loop.validator.run(loop, ema=True).to_event()
+    finally:
+        torch.set_num_threads(threads)
+    assert (one["loss"], one["ema_loss"], one["buckets"]) == (two[4]["loss"], two[4]["ema_loss"], two[4]["buckets"])

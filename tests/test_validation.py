@@ -158,6 +158,28 @@ def test_a_list_file_must_name_dataset_images(tmp_path):
         V.build_validation_set(cfg, scan, CaptionProcessor())
 
 
+def test_a_validation_folder_inside_the_dataset_leaves_training(tmp_path):
+    from bp_trainer.dataset import scan_dataset
+    from bp_trainer.dataset.demo import write_demo_dataset
+    from bp_trainer.train.data import build_data
+
+    data = tmp_path / "ds"
+    write_demo_dataset(data, count=8, seed=2)
+    cfg = C.validate({"dataset": {"path": str(data), "shuffle_tags": True, "caption_dropout": 1.0},
+                      "validation": {"path": str(data / "subset_b"), "max_images": 3},
+                      "training": {"batch_size": 1}, "arb": {"base_res": [64, 64], "max_size": [96, 64],
+                                                             "divisible": 32, "min_dim": 32, "dim_limit": 128}},
+                     check_paths=False)
+    built = build_data(cfg, rank=0, world_size=1)
+    held = built["validation"]
+    subset_b = {p.name for p in (data / "subset_b").iterdir() if p.suffix != ".txt"}
+    assert len(held.images) == 3 and {im.key for im in held.images} <= subset_b  # keys relative to the folder
+    assert all(im.caption == (Path(im.path).with_suffix(".txt")).read_text().strip() for im in held.images)
+    trained = {Path(it.path).name for it in built["items"]}
+    everything = {Path(it.path).name for it in scan_dataset(data).items}
+    assert trained == everything - {im.key for im in held.images} and built["images"] == len(trained)
+
+
 # ------------------------------------------------------------------------------------------------ UI
 
 
