@@ -13,10 +13,10 @@ import random
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from bp_trainer.errors import BPError
+from bp_trainer.train.latents import pixels_of
 from bp_trainer.train.validation import build_validation_set
 
 
@@ -51,12 +51,6 @@ class BucketDataset(torch.utils.data.Dataset):
         if cache_key is None or not self.cache.has(cache_key):
             pixels = pixels_of(load_image_for_bucket(item.path, (w, h), crop, rng if crop == "random" else None))
         return {"index": index, "caption": caption, "pixels": pixels, "cache_key": cache_key, "size": (w, h)}
-
-
-def pixels_of(img: Any) -> torch.Tensor:
-    """An RGB PIL image as a (3, h, w) float tensor in [-1, 1]."""
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
-    return pixels.permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
 def collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -209,7 +209,7 @@ def image_loss(unet: Any, noise_scheduler: Any, latent: torch.Tensor, cond: torc
 def encode_latent(vae: Any, image: HeldOut) -> torch.Tensor:
     """The image's latent [C, h, w] (fp32, CPU): the VAE posterior mean of its centre crop, scaled."""
     from bp_trainer.dataset import load_image_for_bucket
-    from bp_trainer.train.data import pixels_of
+    from bp_trainer.train.latents import pixels_of
 
     pixels = pixels_of(load_image_for_bucket(image.path, image.size, "center"))
     dist = vae.encode(pixels.unsqueeze(0).to(vae.device, vae.dtype)).latent_dist
