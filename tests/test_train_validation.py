@@ -44,7 +44,7 @@ def make_cfg(model_dir: Path, data: Path, runs: Path, **sections: Dict[str, Any]
         "training": {"batch_size": 2, "learning_rate": 1e-3, "seed": 7, "max_steps": 4},
         "ema": {"decay": 0.9, "every_n_steps": 1},
         "saving": {"every_n_epochs": 0, "every_n_steps": 2, "ema_unet_fp32": True},
-        "validation": {"fraction": 0.2, "every_n_steps": 2, "seed": 9},
+        "validation": {"fraction": 0.2, "every_n_steps": 2, "seed": 9, "timesteps": 4},
         "logging": {"tensorboard": False, "progress_bar": "false"},
     }
     for sec, body in sections.items():

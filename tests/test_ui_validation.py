@@ -30,7 +30,7 @@ def paths(tmp_path):
 def test_validation_section_defaults_and_problems(paths, tmp_path):
     cfg = C.validate(paths)
     v = cfg.validation
-    assert not v.enabled and (v.fraction, v.timesteps, v.at_saves, v.every_n_steps) == (0.0, 4, True, 0)
+    assert not v.enabled and (v.fraction, v.timesteps, v.at_saves, v.every_n_steps) == (0.0, 1, True, 0)
     assert not v.due(10, True) and not cfg.saving.keep_best
     on = C.validate({**paths, "validation": {"fraction": 0.1, "every_n_steps": 10}}).validation
     assert on.due(20, False) and on.due(5, True) and not on.due(5, False)

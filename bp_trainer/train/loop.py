@@ -481,7 +481,8 @@ class TrainLoop:
                          buckets=[list(b) for b in self.data["buckets"]], batches_per_epoch=self.batches_per_epoch,
                          resumed_from_step=self.resumed_from, prediction_type=self.models.prediction_type,
                          model=str(self.cfg.model.base), mixed_precision=self.acc.mixed_precision,
-                         device=str(self.device), validation_images=[im.key for im in self.validator.images] if self.validator else None)
+                         device=str(self.device),
+                         validation_images=[im.key for im in self.validator.images] if self.validator else None)
 
     def _emit_done(self, reason: str) -> Dict[str, Any]:
         outputs = {k: v.get("path") for k, v in (self.last_files or {}).items()}

@@ -294,8 +294,9 @@ def loss_chart_svg(train: Sequence[tuple[float, float]], validation: Sequence[tu
     sm = smooth([y for _, y in pts]) if len(pts) > 2 else [y for _, y in pts]
     parts = [frame.axes()]
     if pts:
+        smoothed = [(x, y) for (x, _), y in zip(pts, sm)]
         parts.append(f'<polyline class="bp-line-raw" points="{frame.points(pts)}"></polyline>'
-                     f'<polyline class="bp-line" points="{frame.points(list(zip([x for x, _ in pts], sm)))}"></polyline>')
+                     f'<polyline class="bp-line" points="{frame.points(smoothed)}"></polyline>')
     parts.append(f'<polyline class="bp-line-val" points="{frame.points(val)}"></polyline>')
     parts.extend(f'<circle class="bp-val-dot" cx="{frame.sx(x):.1f}" cy="{frame.sy(y):.1f}" r="3">'
                  f'<title>step {esc(_num(x))}: validation {esc(_num(y))}</title></circle>' for x, y in val)
@@ -309,7 +310,7 @@ def loss_chart_svg(train: Sequence[tuple[float, float]], validation: Sequence[tu
     if pts:
         title = f"loss {_num(pts[-1][1])} (smoothed {_num(sm[-1])}) · {title}"
     return (f'<svg class="bp-chart bp-line-chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
-            f'aria-label="training and validation loss" data-best-step="{esc(best_step if best_step is not None else "")}" '
+            f'aria-label="training and validation loss" data-best-step="{esc("" if best_step is None else best_step)}" '
             f'xmlns="http://www.w3.org/2000/svg"><text class="bp-svg-title" x="4" y="16">{esc(title)}</text>'
             f'{"".join(parts)}</svg>')
 
