@@ -200,7 +200,8 @@ def test_keep_best_keeps_the_lowest_step_and_early_stop_saves_and_stops(tiny_mod
     seen: Dict[int, Dict[str, torch.Tensor]] = {}
     monkeypatch.setattr(V.Validator, "run", _scripted(losses, seen))
     cfg = make_cfg(tiny_model_dir, dataset, tmp_path, training={"max_steps": 8},
-                   validation={"every_n_steps": 1, "early_stop_patience": 2}, saving={"keep_best": True})
+                   validation={"every_n_steps": 1, "early_stop_patience": 2},
+                   saving={"keep_best": True, "diffusers": True}, logging={"tensorboard": True})
     run_dir = tmp_path / "run"
     result = _train(cfg, run_dir)
     assert result["reason"] == "early_stopped" and result["step"] == 5
@@ -231,6 +232,17 @@ def test_keep_best_keeps_the_lowest_step_and_early_stop_saves_and_stops(tiny_mod
     assert _step_of(Path(ckpts[2]["files"]["webui"]["path"])) == "2"
     hashes = json.loads((run_dir / "checkpoints" / "hashes.json").read_text())
     assert hashes["v-best.safetensors"]["sha256"] == best_files[3]["webui"]["sha256"]
+    unet = load_file(str(run_dir / "checkpoints" / "v-best-diffusers" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(unet[key], seen[3][key])  # the diffusers folder too (its UNet is the main one: the EMA)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(("v-best", ".v-best"))) == [
+        "v-best-diffusers", "v-best-ema-unet.safetensors", "v-best.safetensors"]  # nothing half-written left
+    # TensorBoard got the same values
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((run_dir / "logs").rglob("events.out.tfevents*")).parent))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("validation/ema_loss")}
+    assert logged == pytest.approx({s: losses[s] for s in range(1, 6)})
 
 
 def test_two_processes_give_the_one_process_validation_bit_for_bit(tiny_model_dir, dataset, tmp_path):
