@@ -26,6 +26,16 @@ pytestmark = pytest.mark.slow
 ARB = {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model gains nothing from a second thread, and on a busy 2-core machine two threads spin against
+    each other (up to 20x slower); the runs and the hand computations compare within one process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     from bp_trainer.dataset.demo import write_demo_dataset
@@ -277,16 +287,11 @@ def test_two_processes_give_the_one_process_validation_bit_for_bit(tiny_model_di
         def emit(self, *args, **kw):
             pass
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        loop = TrainLoop(one_cfg, rd, make_accelerator(one_cfg, rd), Silent(), None)
-        loop.setup()
-        state = handle.run_dir / "state" / "step-00000004"
-        loop.raw_unet.load_state_dict(load_file(str(state / "model.safetensors")))
-        loop.ema.load_state_dict(load_file(str(state / "ema.safetensors")), 0)
-        assert [im.key for im in loop.validator.images] == start["validation_images"]
-        one = loop.validator.run(loop, ema=True).to_event()
-    finally:
-        torch.set_num_threads(threads)
+    loop = TrainLoop(one_cfg, rd, make_accelerator(one_cfg, rd), Silent(), None)  # one thread, as the children
+    loop.setup()
+    state = handle.run_dir / "state" / "step-00000004"
+    loop.raw_unet.load_state_dict(load_file(str(state / "model.safetensors")))
+    loop.ema.load_state_dict(load_file(str(state / "ema.safetensors")), 0)
+    assert [im.key for im in loop.validator.images] == start["validation_images"]
+    one = loop.validator.run(loop, ema=True).to_event()
     assert (one["loss"], one["ema_loss"], one["buckets"]) == (two[4]["loss"], two[4]["ema_loss"], two[4]["buckets"])
