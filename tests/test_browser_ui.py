@@ -188,11 +188,11 @@ def test_train_tab_shows_the_validation_curve_and_the_sample_grid(page, app, sho
     vals = [e for e in events if e["type"] == "validation"]
     samples = [e for e in events if e["type"] == "sample"]
     assert vals and samples
-    page.wait_for_selector("#bp_train_loss svg .bp-line-val")
+    page.wait_for_selector("#bp_train_loss svg .bp-line-val", state="attached")  # flat while the EMA waits
     assert page.locator("#bp_train_loss svg .bp-val-dot").count() == len(vals)
     assert page.get_attribute("#bp_train_loss svg", "data-best-step") == str(vals[-1]["best_step"])
     assert page.locator("#bp_train_loss svg .bp-best").count() == 1
-    assert f"at step {vals[-1]['best_step']}" in page.inner_text("#bp_train_loss svg .bp-svg-title")
+    assert f"at step {vals[-1]['best_step']}" in page.text_content("#bp_train_loss svg .bp-svg-title")
     steps = sorted({e["step"] for e in samples}, reverse=True)
     images = page.locator("#bp_train_samples .grid-wrap img")
     assert images.count() == 2 * len(steps)

@@ -93,7 +93,14 @@ def test_run_view_folds_validation_and_the_sample_grid(tmp_path):
     cells = grid.gallery()
     assert len(cells) == 12 and cells[4] == ("s4-a-False.png", "step 4 · a")
     update = render.sample_grid_update(grid)
-    assert update["columns"] == 4 and update["value"] == cells and update["__type__"] == "update"
+    assert update["columns"] == 4 and update["value"] == cells
+    import gradio as gr  # the WebUI's gradio 3.41 turns it into the gallery's own update
+    from gradio.blocks import postprocess_update_dict
+
+    gallery = gr.Gallery(columns=2)
+
+    sent = postprocess_update_dict(gallery, dict(update), postprocess=False)
+    assert sent["grid_cols"] == 4 and sent["value"] == cells
 
 
 def test_loss_chart_draws_validation_over_training_and_marks_the_best_step(tmp_path):

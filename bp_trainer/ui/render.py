@@ -355,8 +355,9 @@ class _Frame:
 
 def sample_grid_update(grid: Any) -> dict:
     """The gallery's value for a `RunView.SampleGrid`: its cells row by row (step x prompt), as many columns as
-    the grid has (a gradio update; an empty grid empties the gallery)."""
+    the grid has. The dict is what `gr.update(value=..., columns=..., label=...)` returns in gradio 3.41 (gradio
+    maps `columns` to the gallery's own property); an empty grid empties the gallery."""
     cols = max(1, len(grid.columns))
-    return {"__type__": "update", "value": grid.gallery(), "columns": cols,
+    return {"__type__": "generic_update", "value": grid.gallery(), "columns": cols,
             "label": f"Samples per save: rows are steps (newest first), columns {' | '.join(grid.columns)}"
             if grid.rows else "Samples per save"}
