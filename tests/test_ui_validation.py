@@ -19,35 +19,31 @@ from conftest import write_model_header
 # ------------------------------------------------------------------------------------------------ config
 
 
-@pytest.fixture()
-def paths(tmp_path):
-    model = write_model_header(tmp_path / "model.safetensors")
-    data = tmp_path / "data"
-    data.mkdir()
-    return {"model": {"base": str(model)}, "dataset": {"path": str(data)}}
-
-
-def test_validation_section_defaults_and_problems(paths, tmp_path):
-    cfg = C.validate(paths)
+def test_validation_section_defaults_and_problems(tmp_path):
+    cfg = C.validate({}, check_paths=False)
     v = cfg.validation
     assert not v.enabled and (v.fraction, v.timesteps, v.at_saves, v.every_n_steps) == (0.0, 1, True, 0)
     assert not v.due(10, True) and not cfg.saving.keep_best
-    on = C.validate({**paths, "validation": {"fraction": 0.1, "every_n_steps": 10}}).validation
+    on = C.validate({"validation": {"fraction": 0.1, "every_n_steps": 10}}, check_paths=False).validation
     assert on.due(20, False) and on.due(5, True) and not on.due(5, False)
     with pytest.raises(ConfigError) as err:
-        C.validate({**paths, "saving": {"keep_best": True}, "validation": {"early_stop_patience": 3}})
+        C.validate({"saving": {"keep_best": True}, "validation": {"early_stop_patience": 3}}, check_paths=False)
     assert "saving.keep_best: needs validation" in str(err.value)
     assert "validation.early_stop_patience: needs validation" in str(err.value)
     for section, message in [({"fraction": 0.1, "path": str(tmp_path)}, "give fraction or path, not both"),
                              ({"fraction": 0.1, "at_saves": False}, "it would never run"),
-                             ({"fraction": 0.9}, "validation.fraction: 0.9 is above the maximum 0.5"),
-                             ({"path": "nowhere.txt"}, "validation.path: ")]:
+                             ({"fraction": 0.9}, "validation.fraction: 0.9 is above the maximum 0.5")]:
         with pytest.raises(ConfigError, match=message):
-            C.validate({**paths, "validation": section}, base_dir=tmp_path)
-    listed = tmp_path / "val.txt"
-    listed.write_text("a.png\n")
-    cfg = C.validate({**paths, "validation": {"path": "val.txt"}}, base_dir=tmp_path)
-    assert cfg.validation.path == str(listed) and cfg.validation.enabled  # relative to the config file
+            C.validate({"validation": section}, check_paths=False)
+    # with the paths checked: the list file exists, relative to the config file
+    (tmp_path / "data").mkdir()
+    raw = {"model": {"base": str(write_model_header(tmp_path / "model.safetensors"))},
+           "dataset": {"path": "data"}, "validation": {"path": "val.txt"}}
+    with pytest.raises(ConfigError, match="validation.path: .*val.txt does not exist"):
+        C.validate(raw, base_dir=tmp_path)
+    (tmp_path / "val.txt").write_text("a.png\n")
+    cfg = C.validate(raw, base_dir=tmp_path)
+    assert cfg.validation.path == str(tmp_path / "val.txt") and cfg.validation.enabled
 
 
 # ------------------------------------------------------------------------------------------------ UI
