@@ -204,7 +204,7 @@ class ValidationSection:
     at_saves: bool = _f(True, "validate whenever a checkpoint is saved", "bool")
     timesteps: int = _f(1, "fixed timesteps per image, one in each of that many quantiles of the noise schedule "
                         "(the cost grows with it: 4 costs about 4 times 1)", "int", min=1, max=64)
-    max_images: int = _f(64, "at most this many validation images", "int", min=1, max=10**6)
+    max_images: int = _f(64, "at most this many validation images", "int", min=1, max=10000)
     early_stop_patience: int = _f(0, "stop (saving) after N evaluations without a lower validation loss (0: off)",
                                   "int", min=0, max=10**6)
 
