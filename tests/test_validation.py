@@ -142,3 +142,18 @@ def test_a_validation_folder_inside_the_dataset_leaves_training(tmp_path):
     trained = {Path(it.path).name for it in built["items"]}
     everything = {Path(it.path).name for it in scan_dataset(data).items}
     assert trained == everything - {im.key for im in held.images} and built["images"] == len(trained)
+
+
+def test_a_split_with_nothing_to_hold_out_is_one_clear_error(tmp_path):
+    from bp_trainer.dataset import CaptionProcessor, ImageItem, ScanResult
+    from bp_trainer.errors import BPError
+
+    root = tmp_path / "ds"
+    scan = ScanResult(str(root), [ImageItem(str(root / "wide.png"), 96, 64, "a", None),
+                                  ImageItem(str(root / "tall.png"), 64, 96, "b", None)])
+    cfg = C.validate({"dataset": {"path": str(root)}, "validation": {"fraction": 0.5},
+                      "arb": {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32,
+                              "dim_limit": 128}}, check_paths=False)
+    with pytest.raises(BPError, match="no image can be held out for validation") as err:
+        V.build_validation_set(cfg, scan, CaptionProcessor())  # two buckets of one image each
+    assert "a bucket of one image holds none out" in str(err.value)

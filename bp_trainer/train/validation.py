@@ -150,7 +150,8 @@ def build_validation_set(cfg: Any, scan: Any, captions: Any) -> Optional[Validat
                              leave_one=leave_one)
     if not chosen:
         raise BPError("no image can be held out for validation", path=v.path or root,
-                      hint="buckets of one image are never held out: add images, or give validation.path")
+                      hint="a bucket of one image holds none out, nor does an image without a bucket "
+                           "(arb.max_ar_error): add images, or give validation.path")
     images = sorted((HeldOut(keys[i], items[i].path, captions.process(items[i].caption),
                              buckets[i]) for i in chosen), key=lambda im: (im.size, im.key))  # type: ignore[arg-type]
     return ValidationSet(tuple(images), frozenset(os.path.realpath(im.path) for im in images))
