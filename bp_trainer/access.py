@@ -6,7 +6,7 @@ names files only inside allowed roots, checked after resolving `..` and symbolic
 - `config_path`, `resume_dir`, `run_dir` (events): inside the runs folder.
 - `model.base`, `model.vae`: inside the host's model folders (the WebUI's checkpoint and VAE folders), the runs
   folder (trained checkpoints) or a root the user allowed in Settings > BP Train.
-- `dataset.path`: inside a dataset folder the user has trained from in the tab (remembered in the runs folder),
+- `dataset.path`, `validation.path`: inside a dataset folder the user has trained from in the tab (remembered in the runs folder),
   a root allowed in Settings > BP Train, or the runs folder.
 - `latents.dir`, `run.accelerate_config`: inside the runs folder. `run.runs_dir` and `run.python` are the host's
   own (a request cannot choose the folder runs go to or the program that runs).
@@ -84,6 +84,8 @@ def check_config_paths(cfg: Any, roots: AllowedRoots) -> None:
     if cfg.model.vae:
         roots.model("model.vae", cfg.model.vae)
     roots.dataset("dataset.path", cfg.dataset.path)
+    if cfg.validation.path:  # a folder of images, or a list file naming dataset images
+        roots.dataset("validation.path", cfg.validation.path)
     if cfg.latents.dir:
         roots.run_file("latents.dir", cfg.latents.dir)
     if cfg.run.accelerate_config:

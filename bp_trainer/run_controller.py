@@ -259,6 +259,8 @@ class RunController:
         for ev in events:
             if ev.get("type") == "checkpoint":
                 self._publish(ev)
+            elif ev.get("type") == "validation" and ev.get("best_files"):  # saving.keep_best: RUN-best
+                self._publish({"files": ev["best_files"], "step": "best"})
 
     def _publish(self, ev: Dict[str, Any]) -> None:
         src = _webui_file(ev)

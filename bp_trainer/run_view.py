@@ -1,6 +1,6 @@
 """Fold a run's `events.jsonl` events into what a UI shows (pure; no gradio, no files).
 
-The trainer appends JSON lines (`start`, `step`, `sample`, `checkpoint`, `warning`, `error`, `done`,
+The trainer appends JSON lines (`start`, `step`, `sample`, `checkpoint`, `validation`, `warning`, `error`, `done`,
 see `bp_trainer.train.events`); `RunView.apply(events)` accumulates them so a UI that re-attaches can
 rebuild the whole picture by replaying the file from offset 0, then keep following from the new offset.
 """
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 LOG_LINES = 200
 MAX_LOSS_POINTS = 20000
 MAX_SAMPLES = 8
+MAX_GRID_STEPS = 12  # rows of the per-save sample grid (the newest steps)
 
 
 def _first(ev: Mapping[str, Any], *names: str) -> Any:
@@ -25,6 +27,27 @@ def _first(ev: Mapping[str, Any], *names: str) -> Any:
 
 def _event_type(ev: Mapping[str, Any]) -> str:
     return str(_first(ev, "event", "type", "kind") or "")
+
+
+@dataclass(frozen=True)
+class ValidationPoint:
+    step: int
+    loss: float  # the watched loss (ema_loss when the checkpoint's UNet is the EMA, else the trained weights')
+    trained_loss: float | None
+    ema_loss: float | None
+
+
+@dataclass(frozen=True)
+class SampleGrid:
+    """Samples laid out per step (rows, newest first) x prompt and weights (columns)."""
+
+    columns: tuple[str, ...]  # "prompt" or "prompt (EMA)"
+    rows: tuple[tuple[int, tuple[str | None, ...]], ...]  # (step, one path per column; None: not sampled)
+
+    def gallery(self) -> list[tuple[str, str]]:
+        """(path, caption) cells row by row, for a gallery with `len(columns)` columns."""
+        return [(path, f"step {step} · {col}") for step, paths in self.rows for col, path in zip(self.columns, paths)
+                if path]
 
 
 class RunView:
@@ -49,6 +72,11 @@ class RunView:
         self.losses: list[tuple[float, float]] = []
         self.samples: deque[dict[str, Any]] = deque(maxlen=MAX_SAMPLES)
         self.checkpoints: list[dict[str, Any]] = []
+        self.validation: list[ValidationPoint] = []  # one per validated step
+        self.best_step: int | None = None
+        self.best_loss: float | None = None
+        self._grid: dict[int, dict[tuple[str, bool], str]] = {}  # step -> (prompt, ema) -> path
+        self._grid_columns: list[tuple[str, bool]] = []
         self.warnings: list[str] = []
         self.error: str | None = None
         self.log: deque[str] = deque(maxlen=LOG_LINES)
@@ -109,6 +137,9 @@ class RunView:
                 paths = [one] if one else []
             for p in paths if isinstance(paths, (list, tuple)) else [paths]:
                 self.samples.append({"path": str(p), "step": _int(_first(ev, "step")), "prompt": _first(ev, "prompt")})
+            self._add_to_grid(ev, paths)
+        elif kind == "validation":
+            self._apply_validation(ev)
         elif kind == "checkpoint":
             self.checkpoints.append(dict(ev))
         elif kind == "warning":
@@ -124,7 +155,47 @@ class RunView:
             self.ended_at = t
             self.eta = 0.0
 
+    def _apply_validation(self, ev: Mapping[str, Any]) -> None:
+        step = _int(_first(ev, "step"))
+        loss = _float(ev.get(str(ev.get("metric") or "loss")))
+        if step is None or loss is None:
+            return
+        point = ValidationPoint(step, loss, _float(ev.get("loss")), _float(ev.get("ema_loss")))
+        self.validation = [p for p in self.validation if p.step != step] + [point]
+        self.best_step = _int(ev.get("best_step")) if ev.get("best_step") is not None else self.best_step
+        self.best_loss = _float(ev.get("best_loss")) if ev.get("best_loss") is not None else self.best_loss
+
+    def _add_to_grid(self, ev: Mapping[str, Any], paths: Any) -> None:
+        step = _int(_first(ev, "step"))
+        if step is None or not paths:
+            return
+        column = (str(_first(ev, "prompt") or ""), bool(ev.get("ema")))
+        if column not in self._grid_columns:
+            self._grid_columns.append(column)
+        self._grid.setdefault(step, {})[column] = str(paths[0] if isinstance(paths, (list, tuple)) else paths)
+        for old in sorted(self._grid)[:-MAX_GRID_STEPS]:
+            del self._grid[old]
+
     # ----------------------------------------------------------------------------------------- output
+
+    def validation_curve(self) -> list[tuple[float, float]]:
+        """(step, watched validation loss) points, by step."""
+        return [(float(p.step), p.loss) for p in sorted(self.validation, key=lambda p: p.step)]
+
+    def validation_summary(self) -> dict[str, Any] | None:
+        """The latest validation and the best so far (None before the first validation)."""
+        if not self.validation:
+            return None
+        last = max(self.validation, key=lambda p: p.step)
+        return {"step": last.step, "loss": last.loss, "trained_loss": last.trained_loss, "ema_loss": last.ema_loss,
+                "best_step": self.best_step, "best_loss": self.best_loss, "evaluations": len(self.validation)}
+
+    def sample_grid(self) -> SampleGrid:
+        """The samples of the last MAX_GRID_STEPS sampled steps: one row per step (newest first), one column per
+        prompt and weights, so the same seed's image is seen changing from save to save."""
+        cols = self._grid_columns
+        rows = tuple((step, tuple(self._grid[step].get(c) for c in cols)) for step in sorted(self._grid, reverse=True))
+        return SampleGrid(tuple(f"{p} (EMA)" if ema else p for p, ema in cols), rows)
 
     @property
     def finished(self) -> bool:
@@ -168,6 +239,7 @@ class RunView:
             "elapsed": elapsed,
             "error": self.error,
             "checkpoints": len(self.checkpoints),
+            "validation": self.validation_summary(),
         }
 
     def sample_gallery(self) -> list[tuple[str, str]]:

@@ -52,7 +52,8 @@ def app(tmp_path_factory, tiny_components):
         "ema": {"enabled": True, "decay": 0.9},
         "latents": {"cache": "memory"},
         "saving": {"every_n_epochs": 0, "every_n_steps": 2, "at_end": True},
-        "sampling": {"prompts": ["1girl, solo"], "steps": 2, "width": 64, "height": 64, "ema": False},
+        "sampling": {"prompts": ["1girl, solo", "2girls"], "steps": 2, "width": 64, "height": 64, "ema": False},
+        "validation": {"fraction": 0.25, "every_n_steps": 2},
         "logging": {"tensorboard": False},
     }), encoding="utf-8")
     runs._controllers.clear()
@@ -227,6 +228,31 @@ def test_train_watch_progress_and_stop(page, app, shots):
     host.refresh_models()
     assert any(n.startswith("bp-train/browser-") for n in host.list_checkpoints())  # the run's checkpoints are listed
     assert not host.gpu_released  # the GPU went back to the host
+
+
+def test_train_tab_shows_the_validation_curve_and_the_sample_grid(page, app, shots):
+    """After the run above: its validation curve over the loss with the best step marked, and the samples laid
+    out per save (rows: steps, columns: the two prompts), as the events say."""
+    from bp_trainer.train.events import read_all
+
+    run_dir = max((app["root"] / "runs").iterdir(), key=lambda d: d.stat().st_mtime)
+    events = read_all(run_dir)
+    vals = [e for e in events if e["type"] == "validation"]
+    samples = [e for e in events if e["type"] == "sample"]
+    assert vals and samples
+    page.wait_for_selector("#bp_train_loss svg .bp-line-val", state="attached")  # flat while the EMA waits
+    assert page.locator("#bp_train_loss svg .bp-val-dot").count() == len(vals)
+    assert page.get_attribute("#bp_train_loss svg", "data-best-step") == str(vals[-1]["best_step"])
+    assert page.locator("#bp_train_loss svg .bp-best").count() == 1
+    assert f"at step {vals[-1]['best_step']}" in page.text_content("#bp_train_loss svg .bp-svg-title")
+    steps = sorted({e["step"] for e in samples}, reverse=True)
+    images = page.locator("#bp_train_samples .grid-wrap img")
+    assert images.count() == 2 * len(steps)
+    columns = page.evaluate("getComputedStyle(document.querySelector('#bp_train_samples .grid-container'))"
+                            ".gridTemplateColumns.split(' ').length")
+    assert columns == 2
+    assert "Samples per save" in page.inner_text("#bp_train_samples")
+    _shot(page, shots, "train-validation")
 
 
 def test_merge_a_vae(page, app, shots):

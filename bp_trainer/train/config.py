@@ -169,6 +169,8 @@ class SavingSection:
     ema_unet_fp32: bool = _f(True, "also write the EMA UNet in fp32 (for continued training)", "bool")
     diffusers: bool = _f(False, "also write a diffusers folder", "bool")
     keep_states: int = _f(2, "resumable training states kept (older ones are deleted)", "int", min=1, max=1000)
+    keep_best: bool = _f(False, "keep the checkpoint with the lowest validation loss as NAME-best.safetensors "
+                         "(needs validation)", "bool")
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,36 @@ class SamplingSection:
 
 
 @dataclass(frozen=True)
+class ValidationSection:
+    fraction: float = _f(0.0, "share of the dataset held out for validation, stratified by bucket (0: off)",
+                         "float", min=0.0, max=0.5)
+    path: Optional[str] = _f(None, "validation images instead of a fraction: a folder (images with captions) or a "
+                             "list file of dataset images (one per line, relative to dataset.path)", "path",
+                             optional=True)
+    seed: int = _f(0, "seed of the split and of each image's fixed noise and timesteps", "int", min=0,
+                   max=MAX_SEED)
+    every_n_steps: int = _f(0, "validate every N steps (0: only at saves)", "int", min=0, max=10**9)
+    at_saves: bool = _f(True, "validate whenever a checkpoint is saved", "bool")
+    timesteps: int = _f(1, "fixed timesteps per image, one in each of that many quantiles of the noise schedule "
+                        "(the cost grows with it: 4 costs about 4 times 1)", "int", min=1, max=64)
+    max_images: int = _f(64, "at most this many validation images", "int", min=1, max=10000)
+    early_stop_patience: int = _f(0, "stop (saving) after N evaluations without a lower validation loss (0: off)",
+                                  "int", min=0, max=10**6)
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0 or bool(self.path)
+
+    def due(self, step: int, saved: bool) -> bool:
+        """Whether to validate at `step` (`saved`: a checkpoint is saved at this step)."""
+        if not self.enabled:
+            return False
+        if saved and self.at_saves:
+            return True
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     every_n_steps: int = _f(1, "write a step event every N steps", "int", min=1, max=10**9)
     tensorboard: bool = _f(True, "TensorBoard scalars in RUN_DIR/logs", "bool")
@@ -213,7 +245,7 @@ class LoggingSection:
 SECTIONS: Dict[str, type] = {
     "run": RunSection, "model": ModelSection, "dataset": DatasetSection, "arb": ArbConfig,
     "training": TrainingSection, "ema": EmaSection, "latents": LatentsSection, "saving": SavingSection,
-    "sampling": SamplingSection, "logging": LoggingSection,
+    "sampling": SamplingSection, "validation": ValidationSection, "logging": LoggingSection,
 }
 
 
@@ -230,6 +262,7 @@ class RunConfig:
     latents: LatentsSection = field(default_factory=LatentsSection)
     saving: SavingSection = field(default_factory=SavingSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     version: int = CURRENT_VERSION
 
@@ -430,11 +463,25 @@ def _cross_checks(cfg: RunConfig, problems: List[str]) -> RunConfig:
     s = cfg.saving
     if s.every_n_epochs == 0 and s.every_n_steps == 0 and not s.at_end:
         problems.append("saving: every_n_epochs, every_n_steps and at_end are all off; the run would save nothing")
+    problems.extend(_validation_problems(cfg))
     return cfg
 
 
+def _validation_problems(cfg: RunConfig) -> List[str]:
+    v = cfg.validation
+    if v.fraction > 0 and v.path:
+        return ["validation: give fraction or path, not both"]
+    if not v.enabled:
+        return [f"{key}: needs validation (set validation.fraction or validation.path)" for key, on in
+                (("saving.keep_best", cfg.saving.keep_best),
+                 ("validation.early_stop_patience", v.early_stop_patience)) if on]
+    if not v.every_n_steps and not v.at_saves:
+        return ["validation: every_n_steps is 0 and at_saves is off; it would never run"]
+    return []
+
+
 _PATH_KEYS = (("model", "base"), ("model", "vae"), ("dataset", "path"), ("run", "runs_dir"), ("latents", "dir"),
-              ("run", "accelerate_config"))
+              ("run", "accelerate_config"), ("validation", "path"))
 
 
 def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
@@ -468,6 +515,8 @@ def _path_problems(cfg: RunConfig) -> List[str]:
         problems.append(f"dataset.path: {cfg.dataset.path} is not a folder")
     if cfg.run.accelerate_config and not os.path.isfile(cfg.run.accelerate_config):
         problems.append(f"run.accelerate_config: {cfg.run.accelerate_config} does not exist")
+    if cfg.validation.path and not os.path.exists(cfg.validation.path):
+        problems.append(f"validation.path: {cfg.validation.path} does not exist (a folder of images or a list file)")
     return problems
 
 

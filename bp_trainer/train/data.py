@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from bp_trainer.errors import BPError
+from bp_trainer.train.latents import pixels_of
+from bp_trainer.train.validation import build_validation_set
 
 
 class BucketDataset(torch.utils.data.Dataset):
@@ -47,9 +49,7 @@ class BucketDataset(torch.utils.data.Dataset):
         cache_key = self.cache.key(item.path, (w, h), crop) if self.cache is not None else None
         pixels = None
         if cache_key is None or not self.cache.has(cache_key):
-            img = load_image_for_bucket(item.path, (w, h), crop, rng if crop == "random" else None)
-            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
-            pixels = pixels.permute(2, 0, 1).div_(127.5).sub_(1.0)
+            pixels = pixels_of(load_image_for_bucket(item.path, (w, h), crop, rng if crop == "random" else None))
         return {"index": index, "caption": caption, "pixels": pixels, "cache_key": cache_key, "size": (w, h)}
 
 
@@ -76,7 +76,10 @@ def auto_workers(requested: Optional[int], *, on_gpu: bool, world_size: int) -> 
 
 def build_data(cfg: Any, *, rank: int, world_size: int, cache: Any = None, warn: Any = None,
                pin_memory: bool = False) -> Dict[str, Any]:
-    """Scan the dataset and build the per-process sampler, dataset and DataLoader (`cfg`: a RunConfig)."""
+    """Scan the dataset and build the per-process sampler, dataset and DataLoader (`cfg`: a RunConfig).
+
+    The held-out validation images (`validation`: a ValidationSet or None) are taken out of the training items
+    first; `items` are the training items (times `dataset.repeats`), `images` the distinct training images."""
     from bp_trainer.dataset import BucketBatchSampler, CaptionProcessor, scan_dataset
 
     d, t, arb = cfg.dataset, cfg.training, cfg.arb
@@ -88,7 +91,17 @@ def build_data(cfg: Any, *, rank: int, world_size: int, cache: Any = None, warn:
     if not scan.items:
         raise BPError("no usable images in the dataset", path=d.path,
                       hint="images (png/jpg/webp) with .txt captions next to them")
-    items = list(scan.items) * int(d.repeats)
+    captions = CaptionProcessor(shuffle=bool(d.shuffle_tags), keep_first=int(d.keep_tokens),
+                                tag_dropout=float(d.tag_dropout), caption_dropout=float(d.caption_dropout),
+                                underscores_to_spaces=bool(d.underscores_to_spaces),
+                                escape_brackets=bool(d.escape_brackets))
+    validation = build_validation_set(cfg, scan, replace(captions, shuffle=False, tag_dropout=0.0,
+                                                         caption_dropout=0.0))
+    unique = [it for it in scan.items if validation is None or os.path.realpath(it.path) not in validation.excluded]
+    if not unique:
+        raise BPError("every image is held out for validation; none is left to train on", path=d.path,
+                      hint="lower validation.fraction or give validation.path outside the dataset")
+    items = unique * int(d.repeats)
     base_res = (int(arb.base_res[0]), int(arb.base_res[1]))
     common = dict(seed=int(t.seed), rank=rank, world_size=world_size, leftover="pool", base_res=base_res)
     if arb.enabled:
@@ -105,10 +118,6 @@ def build_data(cfg: Any, *, rank: int, world_size: int, cache: Any = None, warn:
         plan = plan_buckets(items, arb, problems=scan.problems, batch_size=int(t.batch_size),
                             world_size=world_size)
         warn("bucket plan (arb.debug):\n" + format_plan(plan.to_dict()))
-    captions = CaptionProcessor(shuffle=bool(d.shuffle_tags), keep_first=int(d.keep_tokens),
-                                tag_dropout=float(d.tag_dropout), caption_dropout=float(d.caption_dropout),
-                                underscores_to_spaces=bool(d.underscores_to_spaces),
-                                escape_brackets=bool(d.escape_brackets))
     dataset = BucketDataset(items, seed=int(t.seed), captions=captions, center_crop=bool(d.center_crop),
                             cache=cache)
     workers = auto_workers(d.num_workers, on_gpu=pin_memory, world_size=world_size)
@@ -116,7 +125,7 @@ def build_data(cfg: Any, *, rank: int, world_size: int, cache: Any = None, warn:
                                          num_workers=workers, pin_memory=pin_memory,
                                          persistent_workers=False)
     return {"scan": scan, "items": items, "sampler": sampler, "dataset": dataset, "loader": loader,
-            "buckets": sampler.buckets, "images": len(scan.items)}
+            "buckets": sampler.buckets, "images": len(unique), "validation": validation}
 
 
 def relpath(path: str, root: str) -> str:

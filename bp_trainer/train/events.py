@@ -6,9 +6,12 @@ One JSON object per line, each with `type` and `time` (Unix seconds):
 - `step`: step, epoch, loss, lr, images_per_second, eta_seconds, total_steps
 - `sample`: step, path, prompt, ema
 - `checkpoint`: step, epoch, reason, files {kind: {path, sha256, autov2, legacy}}, state
+- `validation`: step, epoch, loss, ema_loss, buckets {"WxH": {images, loss, ema_loss}}, images, seconds, metric
+  (the loss watched: ema_loss when the checkpoint's UNet is the EMA, else loss), improved, best_loss, best_step,
+  since_best, evaluations, best_files (the new NAME-best files, with saving.keep_best), early_stop
 - `warning`: message
 - `error`: message
-- `done`: step, reason (finished | stopped), outputs
+- `done`: step, reason (finished | stopped | early_stopped), outputs
 
 The file is append-only, so a UI follows a run by remembering a byte offset (`follow`) and re-attaches
 after a restart by reading from 0. Only complete lines are returned, so a line being written is picked up
@@ -25,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bp_trainer.rundir import RunDir
 
-TYPES = ("start", "step", "sample", "checkpoint", "warning", "error", "done")
+TYPES = ("start", "step", "sample", "checkpoint", "validation", "warning", "error", "done")
 
 
 class EventWriter:
@@ -87,6 +90,10 @@ def human_line(event: Dict[str, Any]) -> str:
         files = event.get("files", {})
         main = files.get("webui", {}).get("path") if isinstance(files, dict) else None
         return f"checkpoint at step {event.get('step')} ({event.get('reason')}): {main or event.get('state')}"
+    if t == "validation":
+        ema = f" (EMA {event['ema_loss']:.5f})" if event.get("ema_loss") is not None else ""
+        return (f"validation at step {event.get('step')}: loss {event.get('loss', float('nan')):.5f}{ema} on "
+                f"{event.get('images')} images; best at step {event.get('best_step')}")
     if t == "done":
         return f"done ({event.get('reason')}) at step {event.get('step')}"
     return f"{t}: {event.get('message', '')}"

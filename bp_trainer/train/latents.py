@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -109,3 +109,11 @@ def encode(vae: torch.nn.Module, pixels: torch.Tensor, generators: "list[torch.G
     mean, std = dist.mean.float(), dist.std.float()
     eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(mean.device)
     return (mean + std * eps) * scaling_factor
+
+
+def pixels_of(img: Any) -> torch.Tensor:
+    """An RGB PIL image as the VAE's input: a (3, h, w) float tensor in [-1, 1]."""
+    import numpy as np
+
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    return pixels.permute(2, 0, 1).div_(127.5).sub_(1.0)

@@ -4,7 +4,8 @@
     loop = TrainLoop(cfg, run_dir, accelerator, events, stop)
     loop.setup(resume=...)     models -> data (buckets) -> optimizer / EMA -> prepare -> resume
     loop.run()                 for each epoch, for each bucketed batch: train_step(batch); after each optimizer
-                               update: log, stop check, save(), sample(); at the end: save("end")
+                               update: log, stop check, save() (with validate() when due), validate() when
+                               due, sample(); at the end: save("end")
 
 Run state lives in attributes: `step` (optimizer updates done), `epoch`, `batch_in_epoch` (batches of this
 epoch this process has consumed). `train_step(batch)` is the forward + backward of one batch, callable on its
@@ -30,6 +31,7 @@ from bp_trainer.train import state as state_mod
 from bp_trainer.train.config import RunConfig
 from bp_trainer.train.family import TrainModels, family_for
 from bp_trainer.train.loss import diffusion_loss, lr_factor
+from bp_trainer.train.validation import BestTracker, Validator
 
 
 class NonFiniteLoss(BPError):
@@ -59,6 +61,11 @@ class TrainLoop:
         self._window = (time.perf_counter(), 0, 0)  # (start, images, updates) since the last step event
         self._step_times: List[float] = []
         self.memory_plan: Optional[Dict[str, Any]] = None
+        self.validator: Optional[Validator] = None
+        self.best = BestTracker()  # the validation watch (saved in the state)
+        self._validated = -1  # the step validated last
+        self._early_stop = False  # the validation loss stopped improving for early_stop_patience evaluations
+        self.end_reason = "stopped"  # why run() ends before the last step: stopped | early_stopped
 
     def warn(self, message: str) -> None:
         self.events.emit("warning", message=message)
@@ -134,6 +141,10 @@ class TrainLoop:
                                         warn=self.warn if self.main else None,
                                         pin_memory=self.device.type == "cuda")
         self.sampler, self.loader, self.dataset = self.data["sampler"], self.data["loader"], self.data["dataset"]
+        held_out = self.data["validation"]
+        if held_out is not None:
+            self.validator = Validator(held_out.images, seed=cfg.validation.seed, timesteps=cfg.validation.timesteps,
+                                       rank=self.rank, world_size=self.world)
         self.accum = int(cfg.training.gradient_accumulation)
         self.batches_per_epoch = len(self.sampler)
         self.updates_per_epoch = updates_per_epoch = math.ceil(self.batches_per_epoch / self.accum)
@@ -191,6 +202,7 @@ class TrainLoop:
         self.sampler.load_state_dict(samplers[self.rank] if self.rank < len(samplers) else samplers[0])
         self.epoch, self.batch_in_epoch = self.sampler.epoch, self.sampler.state_dict()["position"]
         self.skipped_updates = int(trainer_state.get("skipped_updates", 0))
+        self.best = BestTracker.from_dict(trainer_state.get("validation"))
         self.resumed_from = self.saved_at = self.step  # a resumed state was saved at its step
 
     # ------------------------------------------------------------------------------------------ one step
@@ -280,12 +292,13 @@ class TrainLoop:
                 self._record = open(self.rd.batches(self.rank), "a", encoding="utf-8")
             while not self.finished:
                 if self._run_epoch():
-                    reason = "stopped"
+                    reason = self.end_reason
                     break
                 if not self.finished:
                     self.epoch += 1
             if reason == "finished" and self.saved_at != self.step:
-                self.save("end", outputs=bool(self.cfg.saving.at_end))
+                at_end = bool(self.cfg.saving.at_end)
+                self.save("end", outputs=at_end, validate=self.cfg.validation.due(self.step, at_end))
                 if self.cfg.sampling.due(self.step, bool(self.cfg.saving.at_end)):
                     self.sample()
             self._write_final_record()
@@ -329,29 +342,55 @@ class TrainLoop:
         every = int(self.cfg.saving.every_n_epochs)
         if every and (self.epoch + 1) % every == 0 and self.step < self.total_steps and self.saved_at != self.step:
             self.batch_in_epoch = self.batches_per_epoch
-            self.save("every_n_epochs", outputs=True)
+            self.save("every_n_epochs", outputs=True, validate=self.cfg.validation.due(self.step, True))
             if self.cfg.sampling.due(self.step, True):
                 self.sample()
-        return False
+        return self._stop_early()
 
     def _no_sync(self) -> Any:
         models = [self.unet] + ([self.text_encoder] if self.train_te else [])
         return self.acc.no_sync(*models) if len(models) > 1 else self.acc.no_sync(self.unet)
 
     def _after_update(self) -> bool:
-        """Events, stop check, periodic save and samples; True when stopping (saved)."""
+        """Events, stop check, periodic save, validation and samples; True when stopping (saved)."""
         self._log_step()
-        if self.stop.requested(self.acc):
-            self.save(f"stop ({self.stop.reason()})", outputs=bool(self.cfg.saving.on_stop))
+        v = self.cfg.validation
+        if self.stop.requested(self.acc):  # validated when an uninterrupted run would validate at this step
+            self.save(f"stop ({self.stop.reason()})", outputs=bool(self.cfg.saving.on_stop),
+                      validate=v.due(self.step, self._save_due()))
             return True
         s = self.cfg.saving
         saved = False
         if s.every_n_steps and self.step % int(s.every_n_steps) == 0 and self.step < self.total_steps:
-            self.save("every_n_steps", outputs=True)
+            self.save("every_n_steps", outputs=True, validate=v.due(self.step, True))
             saved = True
+        elif v.due(self.step, False) and self.step < self.total_steps:
+            self.validate()
         if self.cfg.sampling.due(self.step, saved) and self.step < self.total_steps:
             self.sample()
-        return False
+        return self._stop_early()
+
+    def _save_due(self) -> bool:
+        """Whether an uninterrupted run saves its outputs at this step (every N steps or epochs, or at the end)."""
+        s = self.cfg.saving
+        if self.step >= self.total_steps:
+            return bool(s.at_end)
+        if s.every_n_steps and self.step % int(s.every_n_steps) == 0:
+            return True
+        epoch_done = self.batch_in_epoch >= self.batches_per_epoch
+        return bool(epoch_done and s.every_n_epochs and (self.epoch + 1) % int(s.every_n_epochs) == 0)
+
+    def _stop_early(self) -> bool:
+        """When the validation loss stopped improving (early_stop_patience): save (if not saved at this step),
+        sample, and end the run; True then."""
+        if not self._early_stop:
+            return False
+        if self.saved_at != self.step:
+            self.save("early stop", outputs=True)
+            if self.cfg.sampling.due(self.step, True):
+                self.sample()
+        self.end_reason = "early_stopped"
+        return True
 
     def _check_loss(self) -> None:
         """The mean loss of the coming update (all processes); a NaN/inf loss stops the run before the update and
@@ -389,24 +428,23 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------------------ save / sample
 
-    def save(self, reason: str, *, outputs: bool) -> Optional[Dict[str, Any]]:
-        """The resumable state (always) and, with `outputs`, the checkpoints; every process calls it."""
-        from bp_trainer.train.saving import save_outputs
-
+    def save(self, reason: str, *, outputs: bool, validate: bool = False) -> Optional[Dict[str, Any]]:
+        """The resumable state (always) and, with `outputs`, the checkpoints; every process calls it. With
+        `validate`, the validation runs between the two (so the state holds its result)."""
         files = None
         self.acc.wait_for_everyone()
         if outputs and self.main:
-            files = save_outputs(cfg=self.cfg, family=self.family, run_dir=self.rd, step=self.step,
-                                 epoch=self.epoch, unet=self.raw_unet, models=self.models,
-                                 text_encoder=self.acc.unwrap_model(self.text_encoder), ema=self.ema,
-                                 frozen=self.frozen_originals)
+            files = self._write_outputs()
+        if validate:
+            self.validate(files)
         mine = self.sampler.state_dict()
         mine["epoch"], mine["position"] = self.epoch, self.batch_in_epoch
         if self.batch_in_epoch >= self.batches_per_epoch:
             mine["epoch"], mine["position"] = self.epoch + 1, 0
         gathered = _gather_objects(self.acc, mine)
         trainer_state = {"step": self.step, "epoch": mine["epoch"], "sampler": gathered[0], "samplers": gathered,
-                         "world_size": self.world, "reason": reason, "skipped_updates": self.skipped_updates}
+                         "world_size": self.world, "reason": reason, "skipped_updates": self.skipped_updates,
+                         "validation": self.best.to_dict()}
         with write_errors(self.rd.state_dir):  # a full disk is a one-line error; the last complete state stays
             path = state_mod.save_state(self.acc, self.rd, step=self.step, trainer=trainer_state, ema=self.ema,
                                         generator=self.generator, keep=int(self.cfg.saving.keep_states))
@@ -417,6 +455,37 @@ class TrainLoop:
             self.last_files = files
         self._sample_model_hash = files
         return files
+
+    def _write_outputs(self, stem: Optional[str] = None) -> Dict[str, Any]:
+        from bp_trainer.train.saving import save_outputs
+
+        return save_outputs(cfg=self.cfg, family=self.family, run_dir=self.rd, step=self.step, epoch=self.epoch,
+                            unet=self.raw_unet, models=self.models,
+                            text_encoder=self.acc.unwrap_model(self.text_encoder), ema=self.ema,
+                            frozen=self.frozen_originals, stem=stem)
+
+    def validate(self, files: Optional[Dict[str, Any]] = None) -> None:
+        """The validation loss of the trained (and EMA) weights at this step (once per step; every process calls
+        it): a `validation` event, TensorBoard scalars, the best checkpoint kept (`saving.keep_best`; `files`:
+        the outputs saved at this step), and the early-stop check."""
+        from bp_trainer.train.saving import keep_best
+
+        if self.validator is None or self._validated == self.step:
+            return
+        self._validated = self.step
+        result = self.validator.run(self, ema=bool(self.cfg.ema.enabled))
+        metric = "ema_loss" if result.ema_loss is not None and self.cfg.saving.main_unet == "ema" else "loss"
+        self.best = self.best.after(self.step, getattr(result, metric))
+        improved = self.best.best_step == self.step
+        best_files = None
+        if improved and self.cfg.saving.keep_best and self.main:
+            best_files = keep_best(files, cfg=self.cfg, run_dir=self.rd, step=self.step, write=self._write_outputs)
+        self._early_stop = self.best.patience_exhausted(int(self.cfg.validation.early_stop_patience))
+        self.events.emit("validation", step=self.step, epoch=self.epoch, metric=metric, **result.to_event(),
+                         improved=improved, **self.best.to_dict(), best_files=best_files,
+                         early_stop=self._early_stop)
+        self.acc.log(result.scalars(), step=self.step)
+        self.acc.wait_for_everyone()
 
     def sample(self) -> None:
         """Sample the prompts with the trained (and EMA) weights; once per step (again only to add the Model hash
@@ -445,7 +514,8 @@ class TrainLoop:
                              "optimizer", "fused_backward", "weights", "gradient_checkpointing", "memory")},
                          memory_plan=self.memory_plan,
                          model=str(self.cfg.model.base), mixed_precision=self.acc.mixed_precision,
-                         device=str(self.device))
+                         device=str(self.device),
+                         validation_images=[im.key for im in self.validator.images] if self.validator else None)
 
     def _emit_done(self, reason: str) -> Dict[str, Any]:
         outputs = {k: v.get("path") for k, v in (self.last_files or {}).items()}

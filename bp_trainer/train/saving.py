@@ -5,6 +5,8 @@
 (b) `NAME-sSTEP-ema-unet.safetensors`: the EMA UNet in fp32 (LDM keys, `model.diffusion_model.*`), for
     continued training or `merge`.
 (c) optionally `NAME-sSTEP-diffusers/`: a diffusers folder (written to a temporary folder, then renamed).
+(d) with `saving.keep_best`: the same files of the step with the lowest validation loss as `NAME-best*`
+    (`keep_best`: hard links to that step's files, or written anew when the step saved none).
 
 Each file's full SHA-256, AutoV2 (10 hex, the infotext "Model hash") and old 8-hex hash are returned and
 appended to `checkpoints/hashes.json`.
@@ -16,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -65,8 +67,10 @@ def model_configs_metadata(unet: Any, vae: Any, text_encoder: Any, scheduler_con
 
 def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, unet: torch.nn.Module,
                  models: Any, text_encoder: torch.nn.Module, ema: Any = None,
-                 frozen: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Dict[str, Dict[str, Any]]:
+                 frozen: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+                 stem: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     """Write (a), (b), (c) for the current weights; returns {kind: {path, sha256, autov2, old}}.
+    `stem`: the files' name stem (default `step_stem(cfg, step)`).
 
     Frozen parts (the VAE; the text encoder unless trained) are written from `frozen`, their weights as loaded:
     the copies on the device may be cast to bf16/fp16 for training, and a save must never round them.
@@ -77,7 +81,7 @@ def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, 
     s, frozen = cfg.saving, frozen or {}
     out_dir = RunDir(run_dir).checkpoints
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{cfg.run.name}-s{step:06d}"
+    stem = stem or step_stem(cfg, step)
     trained = _cpu_state(unet)
     ema_sd = ema.full_state_dict(unet) if ema is not None else None
     use_ema = s.main_unet == "ema" and ema_sd is not None
@@ -109,6 +113,68 @@ def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, 
     return files
 
 
+def step_stem(cfg: Any, step: int) -> str:
+    return f"{cfg.run.name}-s{step:06d}"
+
+
+def keep_best(saved: Optional[Dict[str, Dict[str, Any]]], *, cfg: Any, run_dir: Any, step: int,
+              write: Callable[[str], Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """The new best checkpoint under stable names (`NAME-best.safetensors`, `NAME-best-ema-unet.safetensors`,
+    `NAME-best-diffusers/`): links to (or copies of) the files `saved` at this step, else written by
+    `write(stem)`. Each name is replaced atomically; the step's own files stay as they are."""
+    from bp_trainer.rundir import RunDir
+
+    best = f"{cfg.run.name}-best"
+    if not saved:
+        return write(best)
+    out_dir, source = RunDir(run_dir).checkpoints, step_stem(cfg, step)
+    files: Dict[str, Dict[str, Any]] = {}
+    for kind, rec in saved.items():
+        src = Path(rec["path"])
+        dest = out_dir / (best + src.name[len(source):])
+        _link_tree(src, dest) if src.is_dir() else _link_file(src, dest)
+        files[kind] = dict(rec, path=str(dest))
+    _append_hashes(out_dir, files)
+    return files
+
+
+def _link_file(src: Path, dest: Path) -> None:
+    """`dest` becomes a hard link to `src` (a copy across file systems), replaced atomically."""
+    from bp_trainer.fsutil import atomic_path
+
+    with atomic_path(dest) as tmp:
+        try:
+            tmp.unlink()
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    _replace_dir(tmp, dest)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the complete folder `tmp` to `target`; an old `target` is moved aside first, so a crash never leaves
+    neither."""
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dest: str) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
 def cpu_copy(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> torch.nn.Module:
     """A new fp32 module on the CPU with `module`'s config and `state`'s weights (the device copy is never
     duplicated on the device)."""
@@ -137,13 +203,7 @@ def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Re-saving a step (after a resume): move the old folder aside first, so a crash never leaves neither.
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    _replace_dir(tmp, target)  # re-saving a step (after a resume) replaces its folder
     weights = target / "unet" / "diffusion_pytorch_model.safetensors"
     rec: Dict[str, Any] = {"path": str(target)}
     if weights.exists():

@@ -350,3 +350,90 @@ def on_page_load(fn: Callable[[dict], Any], inputs: Optional[Mapping[str, Any]],
         raise RuntimeError("on_page_load is called while a gr.Blocks is being built")
     kwargs.setdefault("show_progress", "hidden")
     return bind(root.load, fn, inputs, outputs, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def loss_chart_svg(train: Sequence[tuple[float, float]], validation: Sequence[tuple[float, float]] = (),
+                   best_step: float | None = None, *, width: int = 720, height: int = 220,
+                   max_points: int = 600) -> str:
+    """The training loss (raw faint, smoothed bold) with the validation loss over it (dots joined by a line)
+    and the best validation step marked by a vertical line; without validation points, `line_chart_svg`."""
+    val = [(float(x), float(y)) for x, y in validation if y is not None and math.isfinite(float(y))]
+    if not val:
+        return line_chart_svg(train, title="loss", width=width, height=height, max_points=max_points)
+    pts = [(float(x), float(y)) for x, y in train if y is not None and math.isfinite(float(y))]
+    if len(pts) > max_points:
+        pts = [pts[int(i * len(pts) / max_points)] for i in range(max_points)] + [pts[-1]]
+    frame = _Frame.around(pts + val, width, height)
+    sm = smooth([y for _, y in pts]) if len(pts) > 2 else [y for _, y in pts]
+    parts = [frame.axes()]
+    if pts:
+        smoothed = [(x, y) for (x, _), y in zip(pts, sm)]
+        parts.append(f'<polyline class="bp-line-raw" points="{frame.points(pts)}"></polyline>'
+                     f'<polyline class="bp-line" points="{frame.points(smoothed)}"></polyline>')
+    parts.append(f'<polyline class="bp-line-val" points="{frame.points(val)}"></polyline>')
+    parts.extend(f'<circle class="bp-val-dot" cx="{frame.sx(x):.1f}" cy="{frame.sy(y):.1f}" r="3">'
+                 f'<title>step {esc(_num(x))}: validation {esc(_num(y))}</title></circle>' for x, y in val)
+    title = f"validation {_num(val[-1][1])}"
+    if best_step is not None:
+        best = next((y for x, y in val if x == float(best_step)), None)
+        bx = frame.sx(float(best_step))
+        parts.append(f'<line class="bp-best" x1="{bx:.1f}" x2="{bx:.1f}" y1="{frame.top}" y2="{frame.bottom}">'
+                     f'<title>best validation loss at step {esc(_num(best_step))}</title></line>')
+        title += f" · best {_num(best) if best is not None else '–'} at step {_num(best_step)}"
+    if pts:
+        title = f"loss {_num(pts[-1][1])} (smoothed {_num(sm[-1])}) · {title}"
+    return (f'<svg class="bp-chart bp-line-chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
+            f'aria-label="training and validation loss" data-best-step="{esc("" if best_step is None else best_step)}" '
+            f'xmlns="http://www.w3.org/2000/svg"><text class="bp-svg-title" x="4" y="16">{esc(title)}</text>'
+            f'{"".join(parts)}</svg>')
+
+
+class _Frame:
+    """Data -> SVG coordinates of a chart's plot area."""
+
+    def __init__(self, x0: float, x1: float, y0: float, y1: float, width: int, height: int):
+        self.x0, self.x1, self.y0, self.y1 = x0, x1, y0, y1
+        self.left, self.right, self.top, self.bottom = 56, width - 12, 24, height - 26
+        self.height = height
+
+    @classmethod
+    def around(cls, pts: Sequence[tuple[float, float]], width: int, height: int) -> "_Frame":
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        pad = (abs(y0) or 1) * 0.1 if y1 == y0 else 0.0
+        return cls(x0, x1 if x1 > x0 else x0 + 1, y0 - pad, y1 + pad, width, height)
+
+    def sx(self, x: float) -> float:
+        return self.left + (x - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
+
+    def sy(self, y: float) -> float:
+        return self.top + (1 - (y - self.y0) / (self.y1 - self.y0)) * (self.bottom - self.top)
+
+    def points(self, pts: Sequence[tuple[float, float]]) -> str:
+        return " ".join(f"{self.sx(x):.1f},{self.sy(y):.1f}" for x, y in pts)
+
+    def axes(self) -> str:
+        out = []
+        for k in range(5):
+            yv = self.y0 + (self.y1 - self.y0) * k / 4
+            yy = self.sy(yv)
+            out.append(f'<line class="bp-grid" x1="{self.left}" x2="{self.right}" y1="{yy:.1f}" y2="{yy:.1f}"></line>'
+                       f'<text class="bp-svg-label" x="{self.left - 6}" y="{yy + 4:.1f}" text-anchor="end">'
+                       f'{esc(_num(round(yv, 4)))}</text>')
+        out.append(f'<text class="bp-svg-label" x="{self.left}" y="{self.height - 8}">{esc(_num(self.x0))}</text>'
+                   f'<text class="bp-svg-label" x="{self.right}" y="{self.height - 8}" text-anchor="end">'
+                   f'step {esc(_num(self.x1))}</text>')
+        return "".join(out)
+
+
+def sample_grid_update(grid: Any) -> dict:
+    """The gallery's value for a `RunView.SampleGrid`: its cells row by row (step x prompt), as many columns as
+    the grid has. The dict is what `gr.update(value=..., columns=..., label=...)` returns in gradio 3.41 (gradio
+    maps `columns` to the gallery's own property); an empty grid empties the gallery."""
+    cols = max(1, len(grid.columns))
+    return {"__type__": "generic_update", "value": grid.gallery(), "columns": cols,
+            "label": f"Samples per save: rows are steps (newest first), columns {' | '.join(grid.columns)}"
+            if grid.rows else "Samples per save"}

@@ -283,8 +283,8 @@ class TrainCallbacks:
         }
         if version != last_version:
             with ctl.lock:
-                out["loss"] = render.line_chart_svg(ctl.view.losses, title="loss")
-                out["samples"] = ctl.view.sample_gallery()
+                out["loss"] = render.loss_chart_svg(ctl.view.losses, ctl.view.validation_curve(), ctl.view.best_step)
+                out["samples"] = render.sample_grid_update(ctl.view.sample_grid())
                 out["log"] = ctl.view.log_text()
         return out
 
