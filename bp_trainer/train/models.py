@@ -57,7 +57,13 @@ def encode_tokens(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> to
 
 
 def encode_captions(text_encoder: Any, tokenizer: Any, captions: Sequence[str], *, clip_skip: int,
-                    max_chunks: int) -> torch.Tensor:
+                    max_chunks: int, embeddings: Any = None) -> torch.Tensor:
+    """Conditioning of captions; with `embeddings` (a `TagEmbeddings`) their tags read as trained vectors."""
+    if embeddings is not None and embeddings.plans:
+        from bp_trainer.train.embedding_text import encode_with_embeddings
+
+        return encode_with_embeddings(text_encoder, tokenizer, captions, clip_skip=clip_skip, max_chunks=max_chunks,
+                                      embeddings=embeddings, comma=COMMA_TOKEN, backtrack=BACKTRACK)
     return encode_tokens(text_encoder, tokenize_chunks(tokenizer, captions, max_chunks), clip_skip)
 
 

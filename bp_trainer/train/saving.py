@@ -4,7 +4,8 @@
     fp16 by default; the UNet is the EMA's when `saving.main_unet: ema`).
 (b) `NAME-sSTEP-ema-unet.safetensors`: the EMA UNet in fp32 (LDM keys, `model.diffusion_model.*`), for
     continued training or `merge`.
-(c) optionally `NAME-sSTEP-diffusers/`: a diffusers folder (written to a temporary folder, then renamed).
+(c) optionally `NAME-sSTEP-diffusers/`: a diffusers folder (written to a temporary folder, then renamed), with
+    the run's tag embeddings in `embeddings/<name>/learned_embeds.safetensors`.
 
 Each file's full SHA-256, AutoV2 (10 hex, the infotext "Model hash") and old 8-hex hash are returned and
 appended to `checkpoints/hashes.json`.
@@ -65,7 +66,8 @@ def model_configs_metadata(unet: Any, vae: Any, text_encoder: Any, scheduler_con
 
 def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, unet: torch.nn.Module,
                  models: Any, text_encoder: torch.nn.Module, ema: Any = None,
-                 frozen: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Dict[str, Dict[str, Any]]:
+                 frozen: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+                 embeddings: Any = None) -> Dict[str, Dict[str, Any]]:
     """Write (a), (b), (c) for the current weights; returns {kind: {path, sha256, autov2, old}}.
 
     Frozen parts (the VAE; the text encoder unless trained) are written from `frozen`, their weights as loaded:
@@ -104,7 +106,8 @@ def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, 
     if s.diffusers:
         parts = {"unet": (unet, main_unet), "vae": (models.vae, vae_sd), "text_encoder": (text_encoder, te_sd)}
         files["diffusers"] = _save_diffusers(out_dir / f"{stem}-diffusers", parts=parts, tokenizer=models.tokenizer,
-                                             scheduler_config=models.scheduler_config)
+                                             scheduler_config=models.scheduler_config, embeddings=embeddings,
+                                             step=step)
     _append_hashes(out_dir, files)
     return files
 
@@ -126,7 +129,8 @@ def _record(res: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
-                    scheduler_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+                    scheduler_config: Optional[Dict[str, Any]], embeddings: Any = None, step: int = 0
+                    ) -> Dict[str, Any]:
     from diffusers import PNDMScheduler
     from bp_trainer.checkpoint.convert import write_pipeline_index
     from bp_trainer.checkpoint.hashes import file_hashes
@@ -146,6 +150,8 @@ def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
     PNDMScheduler.from_config({k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
                               ).save_pretrained(tmp / "scheduler")
     write_pipeline_index(tmp)
+    if embeddings is not None:  # the tag embeddings, each loadable with pipeline.load_textual_inversion(folder)
+        embeddings.write_diffusers_forms(tmp / "embeddings", {"bp_train_step": str(step)})
     # Re-saving a step (after a resume): move the old folder aside first, so a crash never leaves neither.
     old = target.with_name(target.name + ".old")
     if target.exists():
