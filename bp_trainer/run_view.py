@@ -49,6 +49,7 @@ class RunView:
         self.losses: list[tuple[float, float]] = []
         self.samples: deque[dict[str, Any]] = deque(maxlen=MAX_SAMPLES)
         self.checkpoints: list[dict[str, Any]] = []
+        self.embeddings: dict[str, dict[str, Any]] = {}  # tag embeddings written, by name (the newest save's)
         self.warnings: list[str] = []
         self.error: str | None = None
         self.log: deque[str] = deque(maxlen=LOG_LINES)
@@ -111,6 +112,9 @@ class RunView:
                 self.samples.append({"path": str(p), "step": _int(_first(ev, "step")), "prompt": _first(ev, "prompt")})
         elif kind == "checkpoint":
             self.checkpoints.append(dict(ev))
+            for rec in ev.get("embeddings") or []:
+                if isinstance(rec, Mapping) and rec.get("name"):
+                    self.embeddings[str(rec["name"])] = dict(rec, step=_int(_first(ev, "step")))
         elif kind == "warning":
             msg = str(_first(ev, "message", "msg", "text") or "")
             self.warnings.append(msg)
@@ -168,6 +172,7 @@ class RunView:
             "elapsed": elapsed,
             "error": self.error,
             "checkpoints": len(self.checkpoints),
+            "embeddings": sorted(self.embeddings),
         }
 
     def sample_gallery(self) -> list[tuple[str, str]]:

@@ -5,7 +5,8 @@ One JSON object per line, each with `type` and `time` (Unix seconds):
 - `start`: run_dir, config, world_size, total_steps, epochs, resumed_from_step, images, buckets
 - `step`: step, epoch, loss, lr, images_per_second, eta_seconds, total_steps
 - `sample`: step, path, prompt, ema
-- `checkpoint`: step, epoch, reason, files {kind: {path, sha256, autov2, legacy}}, state
+- `checkpoint`: step, epoch, reason, files {kind: {path, sha256, autov2, legacy}}, state, and with tag embeddings
+  `embeddings` [{name, tag, vectors, path, sha256, autov2, diffusers}]
 - `warning`: message
 - `error`: message
 - `done`: step, reason (finished | stopped), outputs
@@ -86,7 +87,9 @@ def human_line(event: Dict[str, Any]) -> str:
     if t == "checkpoint":
         files = event.get("files", {})
         main = files.get("webui", {}).get("path") if isinstance(files, dict) else None
-        return f"checkpoint at step {event.get('step')} ({event.get('reason')}): {main or event.get('state')}"
+        names = [str(e.get("name")) for e in event.get("embeddings") or [] if isinstance(e, dict)]
+        tail = f"; embeddings: {', '.join(names)}" if names else ""
+        return f"checkpoint at step {event.get('step')} ({event.get('reason')}): {main or event.get('state')}{tail}"
     if t == "done":
         return f"done ({event.get('reason')}) at step {event.get('step')}"
     return f"{t}: {event.get('message', '')}"
