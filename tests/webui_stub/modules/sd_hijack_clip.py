@@ -65,7 +65,9 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
     def __init__(self, transformer, tokenizer, hijack):
         super().__init__()
         self.transformer, self.tokenizer, self.hijack = transformer, tokenizer, hijack
-        embeddings = transformer.text_model.embeddings
+        # transformers 4.30 (the WebUI's) nests the layers in .text_model; 5.x (this test stack) does not
+        self.text_model = getattr(transformer, "text_model", transformer)
+        embeddings = self.text_model.embeddings
         embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding, hijack)
         self.id_start, self.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.comma_token = tokenizer.get_vocab().get(",</w>")
@@ -116,7 +118,7 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
         skip = int(shared.opts.CLIP_stop_at_last_layers)
         out = self.transformer(input_ids=tokens, output_hidden_states=skip > 1)
         if skip > 1:
-            return self.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+            return self.text_model.final_layer_norm(out.hidden_states[-skip])
         return out.last_hidden_state
 
     def forward(self, texts):
@@ -135,6 +137,6 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
         return chunk
 
     def encode_embedding_init_text(self, init_text, nvpt):
-        layer = self.transformer.text_model.embeddings.token_embedding.wrapped
+        layer = self.text_model.embeddings.token_embedding.wrapped
         ids = self.tokenizer(init_text, max_length=nvpt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         return layer(ids.to(layer.weight.device)).squeeze(0)
