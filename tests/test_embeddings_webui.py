@@ -17,6 +17,7 @@ from bp_trainer.run_view import RunView
 from bp_trainer.train.events import EventWriter, human_line
 from bp_trainer.ui import render, train_form
 from bp_trainer.ui.standalone import StandaloneHost
+from test_webui_host import webui  # noqa: F401 - the WebUI stand-in with BP Train's scripts loaded
 
 NAME = "by hoshizora mitsuki"
 
@@ -117,17 +118,6 @@ def test_run_view_keeps_the_newest_embeddings_and_the_checkpoint_line_names_them
 
 
 # ------------------------------------------------------------------------------------------------ the WebUI host
-
-
-@pytest.fixture
-def webui(tmp_path, monkeypatch):
-    from tests.webui_stub.harness import load_webui, unload_webui
-
-    monkeypatch.setenv("BP_TRAIN_TRAINER_ENV", str(tmp_path / "no-trainer-venv"))
-    w = load_webui(tmp_path, monkeypatch)
-    w.glue = w.script_callbacks.callback_map["callbacks_ui_settings"][0].__globals__
-    yield w
-    unload_webui()
 
 
 def loaded_model(webui, clip_tokenizer):
