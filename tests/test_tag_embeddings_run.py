@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from bp_trainer.train import config as C
+from bp_trainer.train.embeddings import auto_tags, embedding_name
 from bp_trainer.train.events import read_all
 
 pytestmark = pytest.mark.slow
@@ -103,18 +104,23 @@ def test_every_save_writes_the_webui_and_diffusers_files_and_samples_use_them(ba
     real = sampling.encode_captions
     monkeypatch.setattr(sampling, "encode_captions",
                         lambda te, tok, texts, **k: used.append((texts[0], k.get("embeddings"))) or real(te, tok, texts, **k))
-    cfg = make_cfg(base_file, dataset, tmp_path, embeddings={"train_steps": 2},
+    cfg = make_cfg(base_file, dataset, tmp_path, embeddings={"train_steps": 2, "auto": {"min_images": 5}},
                    saving={"every_n_steps": 1, "keep_states": 4, "diffusers": True},
                    sampling={"prompts": [f"1girl, {NAME}"], "steps": 2, "width": 64, "height": 64,
                              "at_saves": False, "every_n_steps": 4})
     run = tmp_path / "run"
     train(cfg, run)
     events = read_all(run)
+    captions = [p.read_text() for p in sorted(dataset.rglob("*.txt"))]
+    auto = [embedding_name(t) for t in auto_tags(captions, clip_tokenizer, 5)]  # the audit's flag (tested apart)
+    names = list(dict.fromkeys([NAME] + auto))
     start = next(e for e in events if e["type"] == "start")
-    assert start["embeddings"] == [{"tag": TAG, "name": NAME, "train_text": TAG, "images": start["embeddings"][0]["images"],
-                                    "vectors": 9}] and start["embeddings"][0]["images"] > 0
+    assert start["embeddings"][0] == {"tag": TAG, "name": NAME, "train_text": TAG, "images": 8, "vectors": 9}
+    assert [e["name"] for e in start["embeddings"]] == names and len(names) > 1
     saves = [e for e in events if e["type"] == "checkpoint"]
-    assert [s["step"] for s in saves] == [1, 2, 3, 4] and all(len(s["embeddings"]) == 1 for s in saves)
+    assert [s["step"] for s in saves] == [1, 2, 3, 4]
+    assert all([r["name"] for r in s["embeddings"]] == names for s in saves)  # one file per tag at every save
+    assert sorted(p.stem for p in (run / "embeddings").iterdir()) == sorted(names)
     rec, webui = saves[-1]["embeddings"][0], saves[-1]["files"]["webui"]
     path = run / "embeddings" / f"{NAME}.safetensors"
     assert rec["path"] == str(path) and rec["sha256"] == file_hashes(path)["sha256"]
@@ -136,7 +142,7 @@ def test_every_save_writes_the_webui_and_diffusers_files_and_samples_use_them(ba
     assert [s["step"] for s in samples] == [4]
     prompts = {text: emb for text, emb in used if text}  # the prompt and the negative prompt, with the vectors
     assert set(prompts) == {f"1girl, {NAME}", cfg.sampling.negative_prompt}
-    assert all(emb is not None and emb.names == [NAME] for emb in prompts.values())
+    assert all(emb is not None and emb.names == names for emb in prompts.values())
 
 
 def test_resume_with_embeddings_is_bit_exact(base_file, dataset, tmp_path):
