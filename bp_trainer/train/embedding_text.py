@@ -7,7 +7,8 @@
    positions hold placeholder id 0 (`PromptChunkFix`). At most `max_chunks` chunks are kept, as for any caption.
 3. Encode: right after the token-embedding lookup the vectors replace the placeholders' rows (positions
    offset+1 ..., cut at the chunk's end: `EmbeddingsWithFixes.forward`); CLIP adds the position embeddings and
-   runs its layers as usual, then clip skip and the final layer norm apply (`models.encode_tokens`).
+   runs its layers as usual, then clip skip and the final layer norm apply (`models.encode_captions` with
+   `embeddings` does all three).
 
 Gradients reach the vectors whether the text encoder's own weights are frozen or trained.
 """
@@ -114,14 +115,3 @@ def vectors_inserted(text_encoder: Any, fixes: Sequence[Sequence[Tuple[int, str]
         yield
     finally:
         handle.remove()
-
-
-def encode_with_embeddings(text_encoder: Any, tokenizer: Any, captions: Sequence[str], *, clip_skip: int,
-                           max_chunks: int, embeddings: Any, comma: int, backtrack: int) -> torch.Tensor:
-    """Conditioning (batch, 77 * chunks, dim) of captions whose tags are replaced by `embeddings`' vectors."""
-    from bp_trainer.train.models import encode_tokens
-
-    tokens = tokenize_with_embeddings(tokenizer, captions, max_chunks, embeddings.lookup, comma=comma,
-                                      backtrack=backtrack)
-    with vectors_inserted(text_encoder, tokens.fixes, embeddings):
-        return encode_tokens(text_encoder, tokens.ids, clip_skip)
