@@ -1,6 +1,6 @@
 """`modules.sd_hijack`: `model_hijack` with its embedding database (`--embeddings-dir` added at start-up,
-`sd_hijack.py` l.189-191 of the v1.10-based copy named in `textual_inversion/textual_inversion.py`) and the
-`fixes` of the chunk being encoded (l.178). `EmbeddingsWithFixes` (l.350-375) needs torch, so this stand-in keeps
+`sd_hijack.py` l.190-191 of the v1.10-based copy named in `textual_inversion/textual_inversion.py`) and the
+`fixes` of the chunk being encoded (l.178). `EmbeddingsWithFixes` (l.350-376) needs torch, so this stand-in keeps
 it in `sd_hijack_clip.py` (imported only where torch exists); this module imports on the WebUI stack without it.
 """
 

@@ -1,21 +1,21 @@
 """How WebUI v1.10.1 turns an SD 1.x prompt into conditioning with textual-inversion embeddings: the chunking of
-`modules/sd_hijack_clip.py` (`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`, l.81-172 of the v1.10-based copy
+`modules/sd_hijack_clip.py` (`FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`, l.81-174 of the v1.10-based copy
 named in `textual_inversion/textual_inversion.py`), the insertion of `modules/sd_hijack.py`
-(`EmbeddingsWithFixes.forward`, l.357-375) and the SD1 encoder (`FrozenCLIPEmbedderWithCustomWords`, clip skip
-l.350-358). Rewritten from those rules, no WebUI code copied. Not modelled: emphasis (the prompts the tests use
+(`EmbeddingsWithFixes.forward`, l.357-376) and the SD1 encoder (`FrozenCLIPEmbedderWithCustomWords`, clip skip
+l.351-358). Rewritten from those rules, no WebUI code copied. Not modelled: emphasis (the prompts the tests use
 have no brackets, so every multiplier is 1.0 and the WebUI's mean-restoring rescale leaves z unchanged), BREAK,
 SD2/SDXL. Needs torch (the trainer's test stack).
 
 tokenize_line, per token of the prompt:
   a comma sets `last_comma` to the chunk length (l.133-134); otherwise, when the chunk is full (75) and a comma
   is within `comma_padding_backtrack` tokens of its end, the tokens after that comma move to a new chunk — the
-  closed chunk keeps its fixes, even those whose placeholders moved (l.138-150); a full chunk closes (l.152-153);
+  closed chunk keeps its fixes, even those whose placeholders moved (l.138-149); a full chunk closes (l.151-152);
   an embedding found at the position (longest name match) closes the chunk first when its vectors do not fit
   (l.161-163), then records PromptChunkFix(len(chunk), embedding) and adds `vectors` placeholders of id 0
-  (l.165-169). Closing pads with EOS to 75 and wraps BOS ... EOS (l.100-118); the count is 75 per closed chunk
+  (l.165-169). Closing pads with EOS to 75 and wraps BOS ... EOS (l.100-122); the count is 75 per closed chunk
   plus the last one's real length.
 EmbeddingsWithFixes: after the token embedding lookup, for each fix of a row, rows offset+1 ... offset+n take the
-  embedding's vectors, n = min(77 - offset - 1, vectors), fixes applied in order (l.367-373); position embeddings
+  embedding's vectors, n = min(77 - offset - 1, vectors), fixes applied in order (l.367-372); position embeddings
   are added by CLIP afterwards.
 """
 

@@ -10,7 +10,7 @@ tag here). What is modelled:
 - `load_from_file` (l.157-193): the name is the file name without extension; `.safetensors` is read whole
   (l.179-180); `.pt`/`.bin` (pickles) and images are not modelled here; an embedding of another width is
   `skipped` (l.187-190).
-- `create_embedding_from_data` (l.287-324): a dict of exactly one tensor ("multiple terms" otherwise, l.301), a
+- `create_embedding_from_data` (l.287-323): a dict of exactly one tensor ("multiple terms" otherwise, l.301), a
   1-D tensor becomes one vector (l.304-305); `vectors` = rows, `shape` = width.
 - `register_embedding_by_name` (l.129-150): ids = `model.cond_stage_model.tokenize([name])[0]` (no BOS/EOS),
   kept under the first id, longest first.
