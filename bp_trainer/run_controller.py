@@ -3,8 +3,9 @@
 `RunController(host)` wraps the trainer's launcher (`bp_trainer.launcher`): Start releases the host's GPU,
 starts the child process, and a watcher thread follows `events.jsonl` into a `RunView` — whether or not a
 browser is open — publishing each saved WebUI checkpoint into the host's checkpoint folder (a hard link,
-or a copy across file systems) and refreshing the host's model list; when the child ends the GPU is
-reclaimed. A new page, a reloaded UI or a restarted host re-attaches to a live run (`attach_existing`,
+or a copy across file systems) and refreshing the host's model list, and the run's tag embeddings into the
+host's embeddings folder (`host.embeddings_dir()`, then `host.reload_embeddings()`; hosts without one skip
+it); when the child ends the GPU is reclaimed. A new page, a reloaded UI or a restarted host re-attaches to a live run (`attach_existing`,
 `find_active_run`). Controllers are shared per runs folder (`controller_for`), so every page sees the same run.
 """
 
@@ -32,12 +33,39 @@ def publish_checkpoint(src: "str | os.PathLike[str]", checkpoint_dir: "str | os.
     A hard link when possible (no extra disk space; the run folder keeps its own name), else a copy
     written atomically. An existing file of the same name is replaced only if it is a link to the same data.
     """
-    from bp_trainer.fsutil import atomic_path
-
     src = Path(src)
     ext = "".join(src.suffixes[-1:]) or ".safetensors"
     label = f"s{int(step):06d}" if isinstance(step, int) or str(step).isdigit() else (str(step) or "final")
-    dest = Path(checkpoint_dir) / PUBLISH_SUBDIR / f"{run_name}-{label}{ext}"
+    return _link_or_copy(src, Path(checkpoint_dir) / PUBLISH_SUBDIR / f"{run_name}-{label}{ext}")
+
+
+def publish_embedding(src: "str | os.PathLike[str]", embeddings_dir: "str | os.PathLike[str]") -> Path:
+    """Put a trained tag embedding where the host loads embeddings: EMB_DIR/bp-train/<name>.safetensors (the
+    WebUI names it by its file name, the text users type). A newer save of the same name replaces it."""
+    src = Path(src)
+    return _link_or_copy(src, Path(embeddings_dir) / PUBLISH_SUBDIR / src.name)
+
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".png", ".webp", ".jxl", ".avif")
+
+
+def clashing_embeddings(embeddings_dir: "str | os.PathLike[str]", published: Path) -> list[Path]:
+    """Other files in the host's embeddings folder that the WebUI would load under the same name as `published`
+    (one of them silently wins)."""
+    name, found = published.stem, []
+    for root, _dirs, files in os.walk(embeddings_dir, followlinks=True):
+        for fn in files:
+            path = Path(root) / fn
+            if path.suffix.lower() in EMBEDDING_SUFFIXES and path.stem == name and path != published:
+                found.append(path)
+    return found
+
+
+def _link_or_copy(src: Path, dest: Path) -> Path:
+    """`dest` as a hard link to `src` (no extra disk space), else an atomic copy. An existing `dest` is replaced
+    unless it already is `src`."""
+    from bp_trainer.fsutil import atomic_path
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         try:
@@ -101,6 +129,7 @@ class RunController:
         self.offset = 0
         self.exit_code: Optional[int] = None
         self.published: list[str] = []
+        self.published_embeddings: list[str] = []
         self.start_error: Optional[str] = None
         self._thread: Optional[threading.Thread] = None
         self._gpu_released = False
@@ -238,6 +267,7 @@ class RunController:
         self.offset = 0
         self.exit_code = None
         self.published = []
+        self.published_embeddings = []
         self._stop_requested_at = None
         self._thread = threading.Thread(target=self._watch, name=f"bp-train-watch-{self.run_dir.name}", daemon=True)
         self._thread.start()
@@ -259,6 +289,7 @@ class RunController:
         for ev in events:
             if ev.get("type") == "checkpoint":
                 self._publish(ev)
+                self._publish_embeddings(ev)
             elif ev.get("type") == "validation" and ev.get("best_files"):  # saving.keep_best: RUN-best
                 self._publish({"files": ev["best_files"], "step": "best"})
 
@@ -274,6 +305,35 @@ class RunController:
                 self.host.refresh_models()  # generation waits meanwhile; else the list is re-scanned at the end
         except Exception as exc:  # never let a copy problem kill the watcher
             self.view.log.append(f"warning: could not add the checkpoint to the model list: {exc}")
+
+    def _publish_embeddings(self, ev: Dict[str, Any]) -> None:
+        """A save's tag embeddings into the host's embeddings folder; the host re-reads it now when generation
+        waits for the run, else at the end (like the model list)."""
+        folder_of = getattr(self.host, "embeddings_dir", None)
+        records = [r for r in ev.get("embeddings") or [] if isinstance(r, dict) and r.get("path")]
+        if not records or not callable(folder_of):
+            return
+        try:
+            folder = folder_of()
+            for rec in records:
+                dest = publish_embedding(rec["path"], folder)
+                self.published_embeddings.append(str(dest))
+                self.view.log.append(f"embedding '{rec.get('name', dest.stem)}' published as {dest}")
+                for other in clashing_embeddings(folder, dest):
+                    self.view.log.append(f"warning: {other} has the same name: the WebUI loads only one of them "
+                                         "(rename or remove it)")
+            if not self.host.generation_may_run_during_training():
+                self._reload_embeddings()
+        except Exception as exc:  # never let a copy problem kill the watcher
+            self.view.log.append(f"warning: could not publish the tag embeddings: {exc}")
+
+    def _reload_embeddings(self) -> None:
+        reload = getattr(self.host, "reload_embeddings", None)
+        if callable(reload):
+            try:
+                reload()
+            except Exception as exc:
+                self.view.log.append(f"warning: the host could not reload its embeddings: {exc}")
 
     def _watch(self) -> None:
         handle = self.handle
@@ -305,6 +365,8 @@ class RunController:
                     self.host.refresh_models()
                 except Exception:
                     pass
+            if self.published_embeddings:
+                self._reload_embeddings()
             self._reclaim()
 
     def _reclaim(self) -> None:
@@ -371,6 +433,7 @@ class RunController:
             s["version"] = self.view.version
             s["exit_code"] = self.exit_code
             s["published"] = list(self.published)
+            s["published_embeddings"] = list(self.published_embeddings)
             return s
 
 

@@ -77,6 +77,7 @@ class RunView:
         self.best_loss: float | None = None
         self._grid: dict[int, dict[tuple[str, bool], str]] = {}  # step -> (prompt, ema) -> path
         self._grid_columns: list[tuple[str, bool]] = []
+        self.embeddings: dict[str, dict[str, Any]] = {}  # tag embeddings written, by name (the newest save's)
         self.warnings: list[str] = []
         self.error: str | None = None
         self.log: deque[str] = deque(maxlen=LOG_LINES)
@@ -142,6 +143,9 @@ class RunView:
             self._apply_validation(ev)
         elif kind == "checkpoint":
             self.checkpoints.append(dict(ev))
+            for rec in ev.get("embeddings") or []:
+                if isinstance(rec, Mapping) and rec.get("name"):
+                    self.embeddings[str(rec["name"])] = dict(rec, step=_int(_first(ev, "step")))
         elif kind == "warning":
             msg = str(_first(ev, "message", "msg", "text") or "")
             self.warnings.append(msg)
@@ -240,6 +244,7 @@ class RunView:
             "error": self.error,
             "checkpoints": len(self.checkpoints),
             "validation": self.validation_summary(),
+            "embeddings": sorted(self.embeddings),
         }
 
     def sample_gallery(self) -> list[tuple[str, str]]:

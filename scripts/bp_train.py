@@ -7,11 +7,12 @@ so `bp_trainer` is imported at module level. The "BP presets" Script is in `scri
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 from modules import script_callbacks, scripts, shared
 
@@ -187,25 +188,49 @@ class WebUIHost:
             return os.path.abspath(name)
         raise BPError(f"unknown VAE '{name}'", path=sd_vae.vae_path, hint="refresh the VAE list")
 
-    def refresh_models(self) -> None:
-        from modules import sd_models, sd_vae
-
-        # list_models() empties the checkpoint list before refilling it: a generation starting in between finds
-        # "No checkpoints found". Re-scan under the generation lock, unless a run already holds it for us.
+    @contextlib.contextmanager
+    def _generation_lock(self) -> Iterator[None]:
+        """The WebUI's generation lock (`queue_lock`), unless a run already holds it for us; after
+        REFRESH_LOCK_WAIT_S of a long generation, without it rather than hang the tab."""
         from modules import call_queue
 
         lock = call_queue.queue_lock
         got = False if self.handoff.released else _try_acquire(lock, REFRESH_LOCK_WAIT_S)
         try:
+            yield
+        finally:
+            if got:
+                lock.release()
+
+    def refresh_models(self) -> None:
+        from modules import sd_models, sd_vae
+
+        # list_models() empties the checkpoint list before refilling it: a generation starting in between finds
+        # "No checkpoints found". Re-scan under the generation lock.
+        with self._generation_lock():
             # With --ckpt, list_models() resets the selected checkpoint to --ckpt's; keep the user's selection.
             selected = shared.opts.data.get("sd_model_checkpoint")
             sd_models.list_models()
             if selected and selected in sd_models.checkpoints_list:
                 shared.opts.data["sd_model_checkpoint"] = selected
             sd_vae.refresh_vae_list()
-        finally:
-            if got:
-                lock.release()
+
+    def embeddings_dir(self) -> str:
+        """The WebUI's textual-inversion folder (`--embeddings-dir`), where trained tag embeddings are published."""
+        from modules import paths
+
+        return str(getattr(shared.cmd_opts, "embeddings_dir", None) or os.path.join(paths.data_path, "embeddings"))
+
+    def reload_embeddings(self) -> None:
+        """Re-read the embeddings folder now, as /sdapi/v1/refresh-embeddings does (forced: a new file in a
+        sub-folder leaves the folder's own mtime, which the WebUI watches, unchanged). Without a loaded model
+        nothing is done: the WebUI reloads embeddings itself when it loads one."""
+        from modules import sd_hijack, sd_models
+
+        if sd_models.model_data.sd_model is None:
+            return
+        with self._generation_lock():
+            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
 
     def checkpoint_dir(self) -> str:
         from modules import sd_models

@@ -48,6 +48,10 @@ class Chunk:
     ids: list = field(repr=False)  # 77 ids: BOS, tokens, EOS padding, EOS
     multipliers: list = field(repr=False)
     closed_by: str  # "full", "comma" (text after the last comma moved on), "BREAK", "embedding" (next one did not fit), "end"
+    # (offset, EmbeddingUse) of each embedding placed in this chunk (the WebUI's PromptChunkFix): its vectors go to
+    # positions offset+1 ... (0 is BOS). Like the WebUI, a fix stays with its chunk when the comma rule moves its
+    # placeholders on to the next one.
+    fixes: list = field(default_factory=list, repr=False)
 
     @property
     def count(self) -> int:
@@ -78,22 +82,23 @@ def chunk_segments(segments: Iterable[Segment], *, backtrack: int = DEFAULT_BACK
     chunks: list[Chunk] = []
     ids: list[int] = []
     mults: list[float] = []
+    fixes: list = []
     first = 0  # flat position of ids[0]
     count = 0
     last_comma = -1
 
     def close(reason: str, last: bool = False) -> None:
-        nonlocal ids, mults, first, count, last_comma
+        nonlocal ids, mults, fixes, first, count, last_comma
         count += len(ids) if last else chunk_length
         pad = max(0, chunk_length - len(ids))
         chunks.append(Chunk(
             index=len(chunks), start=first, end=first + len(ids),
             ids=[bos_id] + ids + [eos_id] * pad + [eos_id],
             multipliers=[1.0] + mults + [1.0] * pad + [1.0],
-            closed_by=reason,
+            closed_by=reason, fixes=fixes,
         ))
         first += len(ids)
-        ids, mults = [], []
+        ids, mults, fixes = [], [], []
         last_comma = -1
 
     for segment in segments:
@@ -121,6 +126,7 @@ def chunk_segments(segments: Iterable[Segment], *, backtrack: int = DEFAULT_BACK
                 continue
             if len(ids) + embedding.vectors > chunk_length:
                 close("embedding")
+            fixes.append((len(ids), embedding))
             ids.extend([0] * embedding.vectors)
             mults.extend([weight] * embedding.vectors)
 

@@ -120,7 +120,7 @@ def embedding_lookup(view: TokenizerView, embeddings: Optional[Mapping[str, int]
     return lookup
 
 
-def _with_embeddings(ids: list[int], lookup: dict[int, list]) -> list[Union[int, EmbeddingUse]]:
+def with_embeddings(ids: list[int], lookup: dict[int, list]) -> list[Union[int, EmbeddingUse]]:
     """Token ids with every embedding name replaced by one EmbeddingUse (find_embedding_at_position)."""
     if not lookup:
         return list(ids)
@@ -183,7 +183,7 @@ def tokenize_line(text: str, tokenizer: Any = None, *, backtrack: int = DEFAULT_
                 current = {"text": "", "ids": [], "pieces": [], "weights": [], "start": len(stream_pieces),
                            "embeddings": []}
             current["text"] += piece_text
-            piece_units = _with_embeddings(piece_ids, lookup)
+            piece_units = with_embeddings(piece_ids, lookup)
             units.extend(piece_units)
             for u in piece_units:
                 if isinstance(u, EmbeddingUse):

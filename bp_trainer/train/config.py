@@ -40,7 +40,7 @@ MAX_SEED = 2**32 - 1
 class Spec:
     """One config value: its kind, allowed values and a one-line help text (the default is the field's)."""
 
-    kind: str  # int, float, bool, str, name, path, strlist
+    kind: str  # int, float, bool, str, name, path, strlist, auto (embeddings.auto: {min_images: N})
     help: str
     choices: Optional[Tuple[Any, ...]] = None
     min: Optional[float] = None
@@ -242,10 +242,38 @@ class LoggingSection:
                               "(checks of the data order)", "bool")
 
 
+@dataclass(frozen=True)
+class AutoEmbeddings:
+    """`embeddings.auto: {min_images: N}`: every mangled tag found in at least N images."""
+
+    min_images: int = 5
+
+
+@dataclass(frozen=True)
+class EmbeddingsSection:
+    tags: Tuple[str, ...] = _f((), "tags trained as textual-inversion embeddings with the model (`_` or space form; "
+                               "the WebUI loads each as RUN_DIR/embeddings/<tag in space form>.safetensors)", "strlist")
+    auto: Optional[AutoEmbeddings] = _f(None, "also every mangled tag in at least N images: {min_images: N}",
+                                        "auto", optional=True)
+    vectors: Optional[int] = _f(None, "vectors per embedding (empty: one per CLIP piece of the tag, initialised "
+                                "from those pieces, so step 0 conditions as the plain caption; fewer: means of "
+                                "neighbouring pieces)", "int", optional=True, min=1, max=75)
+    init_text: str = _f("", "initialise every embedding from this text's tokens instead of the tag's own pieces",
+                        "str")
+    lr: float = _f(1e-3, "learning rate of the embeddings (AdamW, no weight decay)", "float", min=0.0, max=1.0)
+    train_steps: int = _f(0, "train the embeddings for the first N steps only (0: throughout)", "int", min=0,
+                          max=10**9)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tags) or self.auto is not None
+
+
 SECTIONS: Dict[str, type] = {
     "run": RunSection, "model": ModelSection, "dataset": DatasetSection, "arb": ArbConfig,
     "training": TrainingSection, "ema": EmaSection, "latents": LatentsSection, "saving": SavingSection,
     "sampling": SamplingSection, "validation": ValidationSection, "logging": LoggingSection,
+    "embeddings": EmbeddingsSection,
 }
 
 
@@ -264,6 +292,7 @@ class RunConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    embeddings: EmbeddingsSection = field(default_factory=EmbeddingsSection)
     version: int = CURRENT_VERSION
 
     def with_values(self, **sections: Mapping[str, Any]) -> "RunConfig":
@@ -282,6 +311,8 @@ class RunConfig:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -372,6 +403,8 @@ def _coerce(s: Spec, default: Any, value: Any) -> Tuple[Any, Optional[str]]:
         return default, f"expected true or false, got {value!r}"
     if s.kind in ("int", "float"):
         value, problem = _number(value, s.kind)
+    elif s.kind == "auto":
+        value, problem = _auto_embeddings(value)
     elif s.kind == "strlist":
         value = [value] if isinstance(value, str) else value
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
@@ -381,6 +414,18 @@ def _coerce(s: Spec, default: Any, value: Any) -> Tuple[Any, Optional[str]]:
     if problem:
         return default, problem
     return value, _limit_problem(s, value)
+
+
+def _auto_embeddings(value: Any) -> Tuple[Any, Optional[str]]:
+    """`{min_images: N}` (N >= 1) as AutoEmbeddings."""
+    if isinstance(value, AutoEmbeddings):
+        return value, None
+    if not isinstance(value, Mapping) or set(value) - {"min_images"}:
+        return None, f"expected {{min_images: N}}, got {value!r}"
+    n, problem = _number(value.get("min_images", AutoEmbeddings.min_images), "int")
+    if problem or n < 1:
+        return None, f"min_images: {problem or f'{n} is below the minimum 1'}"
+    return AutoEmbeddings(min_images=n), None
 
 
 def _limit_problem(s: Spec, value: Any) -> Optional[str]:
@@ -464,6 +509,10 @@ def _cross_checks(cfg: RunConfig, problems: List[str]) -> RunConfig:
     if s.every_n_epochs == 0 and s.every_n_steps == 0 and not s.at_end:
         problems.append("saving: every_n_epochs, every_n_steps and at_end are all off; the run would save nothing")
     problems.extend(_validation_problems(cfg))
+    if cfg.embeddings.tags:
+        from bp_trainer.train.embeddings import tag_problems
+
+        problems.extend(f"embeddings.tags: {p}" for p in tag_problems(cfg.embeddings.tags))
     return cfg
 
 

@@ -5,7 +5,8 @@ One JSON object per line, each with `type` and `time` (Unix seconds):
 - `start`: run_dir, config, world_size, total_steps, epochs, resumed_from_step, images, buckets
 - `step`: step, epoch, loss, lr, images_per_second, eta_seconds, total_steps
 - `sample`: step, path, prompt, ema
-- `checkpoint`: step, epoch, reason, files {kind: {path, sha256, autov2, legacy}}, state
+- `checkpoint`: step, epoch, reason, files {kind: {path, sha256, autov2, legacy}}, state, and with tag embeddings
+  `embeddings` [{name, tag, vectors, path, sha256, autov2, diffusers}]
 - `validation`: step, epoch, loss, ema_loss, buckets {"WxH": {images, loss, ema_loss}}, images, seconds, metric
   (the loss watched: ema_loss when the checkpoint's UNet is the EMA, else loss), improved, best_loss, best_step,
   since_best, evaluations, best_files (the new NAME-best files, with saving.keep_best), early_stop
@@ -89,7 +90,9 @@ def human_line(event: Dict[str, Any]) -> str:
     if t == "checkpoint":
         files = event.get("files", {})
         main = files.get("webui", {}).get("path") if isinstance(files, dict) else None
-        return f"checkpoint at step {event.get('step')} ({event.get('reason')}): {main or event.get('state')}"
+        names = [str(e.get("name")) for e in event.get("embeddings") or [] if isinstance(e, dict)]
+        tail = f"; embeddings: {', '.join(names)}" if names else ""
+        return f"checkpoint at step {event.get('step')} ({event.get('reason')}): {main or event.get('state')}{tail}"
     if t == "validation":
         ema = f" (EMA {event['ema_loss']:.5f})" if event.get("ema_loss") is not None else ""
         return (f"validation at step {event.get('step')}: loss {event.get('loss', float('nan')):.5f}{ema} on "

@@ -4,7 +4,7 @@ interface, so another family (SDXL, later) is a new module, not branches in the 
     family = family_for(cfg.model)
     models = family.load(cfg.model)                          # unet, vae, text encoder, tokenizer, noise schedule
     clip_skip = family.clip_skip(cfg.model.clip_skip, models, warn)
-    cond = family.encode_text(models, captions, clip_skip=..., max_chunks=...)
+    cond = family.encode_text(models, captions, clip_skip=..., max_chunks=..., embeddings=...)
     tensors = family.export_webui(unet=..., vae=..., text_encoder=..., scheduler_config=...)  # LDM keys
 
 `StableDiffusion` (SD 1.x and 2.x) is the only family today.
@@ -44,7 +44,7 @@ class ModelFamily(Protocol):
     def clip_skip(self, requested: int, models: TrainModels, warn: Callable[[str], None]) -> int: ...
 
     def encode_text(self, models: TrainModels, captions: Sequence[str], *, clip_skip: int,
-                    max_chunks: int, text_encoder: Any = None) -> torch.Tensor: ...
+                    max_chunks: int, text_encoder: Any = None, embeddings: Any = None) -> torch.Tensor: ...
 
     def export_webui(self, *, unet: Mapping[str, torch.Tensor], vae: Optional[Mapping[str, torch.Tensor]] = None,
                      text_encoder: Optional[Mapping[str, torch.Tensor]] = None,
@@ -77,11 +77,12 @@ class StableDiffusion:
         return requested
 
     def encode_text(self, models: TrainModels, captions: Sequence[str], *, clip_skip: int, max_chunks: int,
-                    text_encoder: Any = None) -> torch.Tensor:
+                    text_encoder: Any = None, embeddings: Any = None) -> torch.Tensor:
+        """Caption conditioning as the WebUI computes it; `embeddings`: the run's tag embeddings (or None)."""
         from bp_trainer.train.models import encode_captions
 
         return encode_captions(text_encoder if text_encoder is not None else models.text_encoder, models.tokenizer,
-                               captions, clip_skip=clip_skip, max_chunks=max_chunks)
+                               captions, clip_skip=clip_skip, max_chunks=max_chunks, embeddings=embeddings)
 
     def export_webui(self, *, unet: Mapping[str, torch.Tensor], vae: Optional[Mapping[str, torch.Tensor]] = None,
                      text_encoder: Optional[Mapping[str, torch.Tensor]] = None,

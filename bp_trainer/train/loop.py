@@ -39,6 +39,8 @@ class NonFiniteLoss(BPError):
 
 
 class TrainLoop:
+    tag_embeddings: Any = None  # the run's tag embeddings (config `embeddings:`; bp_trainer/train/tag_embeddings.py)
+
     def __init__(self, cfg: RunConfig, run_dir: "RunDir | str", accelerator: Any, events: Any, stop: Any, *,
                  progress: Any = None):
         self.cfg, self.rd, self.acc, self.events, self.stop = cfg, RunDir(run_dir), accelerator, events, stop
@@ -76,6 +78,7 @@ class TrainLoop:
         torch.manual_seed(self.cfg.training.seed)
         self._setup_models()
         self._setup_data()
+        self._setup_embeddings()
         self._setup_optimizer()
         self.generator = torch.Generator("cpu").manual_seed(int(self.cfg.training.seed) * 7919 + self.rank)
         if resume:
@@ -155,6 +158,13 @@ class TrainLoop:
             self.num_epochs = int(cfg.training.epochs)
             self.total_steps = self.num_epochs * updates_per_epoch
 
+    def _setup_embeddings(self) -> None:
+        from bp_trainer.train.tag_embeddings import setup_for_run
+
+        captions = [item.caption for item in self.data["scan"].items]
+        self.tag_embeddings = setup_for_run(self.cfg, self.models, captions, originals=self.frozen_originals,
+                                            device=self.device, accelerator=self.acc, warn=self.warn)
+
     def _setup_optimizer(self) -> None:
         from bp_trainer.train.ema import EMA
         from bp_trainer.train.optim import build_optimizer, check_available
@@ -178,6 +188,8 @@ class TrainLoop:
             te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
             groups.append({"params": [p for p in m.text_encoder.parameters() if p.requires_grad], "lr": te_lr,
                            "base_lr": te_lr})
+        if self.tag_embeddings is not None:
+            groups.append(self.tag_embeddings.param_group(float(self.cfg.embeddings.lr)))
         # built after the model is on its device: fused AdamW on a GPU (torch 2.1 refuses it for CPU parameters)
         self.optimizer = build_optimizer(groups, spec, self.device)
         _configure_deepspeed(self.acc, int(t.batch_size), self.accum)
@@ -196,6 +208,8 @@ class TrainLoop:
         if latest is None:
             self.warn("no saved state to resume from; starting from step 0")
             return
+        if self.tag_embeddings is not None:
+            self.tag_embeddings.load_state(latest)
         trainer_state = state_mod.load_state(self.acc, latest, ema=self.ema, generator=self.generator)
         self.step = int(trainer_state["step"])
         samplers = trainer_state.get("samplers") or [trainer_state["sampler"]]
@@ -234,11 +248,13 @@ class TrainLoop:
         return torch.stack([o.to(self.device, non_blocking=True) for o in out]).float()  # type: ignore[union-attr]
 
     def condition(self, captions: List[str]) -> torch.Tensor:
-        ctx = contextlib.nullcontext() if self.train_te else torch.no_grad()
+        emb = self.tag_embeddings
+        train_emb = emb is not None and emb.set_trainable(self.step, int(self.cfg.embeddings.train_steps))
+        ctx = contextlib.nullcontext() if self.train_te or train_emb else torch.no_grad()
         with ctx:
             return self.family.encode_text(self.models, captions, clip_skip=self.clip_skip,
                                            max_chunks=int(self.cfg.dataset.max_chunks),
-                                           text_encoder=self.text_encoder)
+                                           text_encoder=self.text_encoder, embeddings=emb)
 
     def train_step(self, batch: Dict[str, Any], *, loss_scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of one batch (gradients accumulate); returns the loss as a device tensor."""
@@ -263,6 +279,8 @@ class TrainLoop:
         """One optimizer update with the accumulated gradients; False when the fp16 grad scaler skipped it (an
         overflow): then neither the step counter, the LR schedule nor the EMA advance."""
         t = self.cfg.training
+        if self.tag_embeddings is not None:
+            self.tag_embeddings.sync_grads(self.acc)
         if t.max_grad_norm > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             self.acc.clip_grad_norm_(params, t.max_grad_norm)
@@ -429,12 +447,16 @@ class TrainLoop:
     # ------------------------------------------------------------------------------------------ save / sample
 
     def save(self, reason: str, *, outputs: bool, validate: bool = False) -> Optional[Dict[str, Any]]:
-        """The resumable state (always) and, with `outputs`, the checkpoints; every process calls it. With
-        `validate`, the validation runs between the two (so the state holds its result)."""
-        files = None
+        """The resumable state (always) and, with `outputs`, the checkpoints and tag embeddings; every process calls
+        it. With `validate`, the validation runs between the two (so the state holds its result)."""
+        files, emb = None, self.tag_embeddings
+        embedding_files = None
         self.acc.wait_for_everyone()
         if outputs and self.main:
             files = self._write_outputs()
+            if emb is not None:
+                embedding_files = emb.export(self.rd, metadata=emb.save_metadata(self.step, self.epoch,
+                                                                                  files.get("webui")))
         if validate:
             self.validate(files)
         mine = self.sampler.state_dict()
@@ -447,9 +469,10 @@ class TrainLoop:
                          "validation": self.best.to_dict()}
         with write_errors(self.rd.state_dir):  # a full disk is a one-line error; the last complete state stays
             path = state_mod.save_state(self.acc, self.rd, step=self.step, trainer=trainer_state, ema=self.ema,
-                                        generator=self.generator, keep=int(self.cfg.saving.keep_states))
+                                        generator=self.generator, keep=int(self.cfg.saving.keep_states),
+                                        embeddings=emb)
         self.events.emit("checkpoint", step=self.step, epoch=self.epoch, reason=reason, files=files or {},
-                         state=str(path))
+                         state=str(path), **({"embeddings": embedding_files} if embedding_files else {}))
         self.saved_at = self.step
         if files:
             self.last_files = files
@@ -462,7 +485,7 @@ class TrainLoop:
         return save_outputs(cfg=self.cfg, family=self.family, run_dir=self.rd, step=self.step, epoch=self.epoch,
                             unet=self.raw_unet, models=self.models,
                             text_encoder=self.acc.unwrap_model(self.text_encoder), ema=self.ema,
-                            frozen=self.frozen_originals, stem=stem)
+                            frozen=self.frozen_originals, stem=stem, embeddings=self.tag_embeddings)
 
     def validate(self, files: Optional[Dict[str, Any]] = None) -> None:
         """The validation loss of the trained (and EMA) weights at this step (once per step; every process calls
@@ -515,7 +538,9 @@ class TrainLoop:
                          memory_plan=self.memory_plan,
                          model=str(self.cfg.model.base), mixed_precision=self.acc.mixed_precision,
                          device=str(self.device),
-                         validation_images=[im.key for im in self.validator.images] if self.validator else None)
+                         validation_images=[im.key for im in self.validator.images] if self.validator else None,
+                         **({"embeddings": [p.to_dict() for p in self.tag_embeddings.plans]}
+                            if self.tag_embeddings is not None else {}))
 
     def _emit_done(self, reason: str) -> Dict[str, Any]:
         outputs = {k: v.get("path") for k, v in (self.last_files or {}).items()}
@@ -533,8 +558,10 @@ class TrainLoop:
 
     def _write_final_record(self) -> None:
         if self._record is not None:
-            self._record.write(json.dumps({"final": True, "step": self.step,
-                                           "weights": weights_digest(self.raw_unet)}) + "\n")
+            final = {"final": True, "step": self.step, "weights": weights_digest(self.raw_unet)}
+            if self.tag_embeddings is not None:
+                final["embeddings"] = weights_digest(self.tag_embeddings)
+            self._record.write(json.dumps(final) + "\n")
 
 
 def weights_digest(module: torch.nn.Module) -> str:

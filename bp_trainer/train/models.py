@@ -57,8 +57,16 @@ def encode_tokens(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> to
 
 
 def encode_captions(text_encoder: Any, tokenizer: Any, captions: Sequence[str], *, clip_skip: int,
-                    max_chunks: int) -> torch.Tensor:
-    return encode_tokens(text_encoder, tokenize_chunks(tokenizer, captions, max_chunks), clip_skip)
+                    max_chunks: int, embeddings: Any = None) -> torch.Tensor:
+    """Conditioning of captions; with `embeddings` (a `TagEmbeddings`) their tags read as trained vectors."""
+    if embeddings is None or not embeddings.plans:
+        return encode_tokens(text_encoder, tokenize_chunks(tokenizer, captions, max_chunks), clip_skip)
+    from bp_trainer.train.embedding_text import tokenize_with_embeddings, vectors_inserted
+
+    tokens = tokenize_with_embeddings(tokenizer, captions, max_chunks, embeddings.lookup, comma=COMMA_TOKEN,
+                                      backtrack=BACKTRACK)
+    with vectors_inserted(text_encoder, tokens.fixes, embeddings):
+        return encode_tokens(text_encoder, tokens.ids, clip_skip)
 
 
 def pad_to_same_length(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":

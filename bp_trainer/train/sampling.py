@@ -27,11 +27,12 @@ def infotext(prompt: str, negative_prompt: str, params: Dict[str, Any]) -> str:
 def sample(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler_config: Dict[str, Any],
            prompts: List[str], negative_prompt: str, steps: int, cfg_scale: float, seed: int, width: int,
            height: int, clip_skip: int, max_chunks: int, out_dir: Path, stem: str, extra: Dict[str, Any],
-           autocast: Any = None, decoder: Any = None) -> List[Dict[str, Any]]:
+           autocast: Any = None, decoder: Any = None, embeddings: Any = None) -> List[Dict[str, Any]]:
     """Render one image per prompt (seeds seed, seed+1, ...) and save PNGs with infotext; returns records.
 
     The UNet runs under `autocast`; the latents are decoded outside it by `decoder` (an fp32 VAE; default
-    `vae`), since fp16 decoding gives black images with NaN-prone VAEs.
+    `vae`), since fp16 decoding gives black images with NaN-prone VAEs. `embeddings`: the run's tag embeddings,
+    read in the prompts (and the negative prompt) as the WebUI reads loaded textual inversions.
     """
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
@@ -50,12 +51,12 @@ def sample(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler_
         with torch.no_grad():
             with (autocast or contextlib.nullcontext)():
                 neg_emb = encode_captions(text_encoder, tokenizer, [negative_prompt], clip_skip=clip_skip,
-                                          max_chunks=max_chunks)
+                                          max_chunks=max_chunks, embeddings=embeddings)
                 empty = encode_captions(text_encoder, tokenizer, [""], clip_skip=clip_skip, max_chunks=1)
             for i, prompt in enumerate(prompts):
                 with (autocast or contextlib.nullcontext)():
                     emb = encode_captions(text_encoder, tokenizer, [prompt], clip_skip=clip_skip,
-                                          max_chunks=max_chunks)
+                                          max_chunks=max_chunks, embeddings=embeddings)
                     emb, neg = pad_to_same_length(emb, neg_emb, empty)
                     generator = torch.Generator("cpu").manual_seed(seed + i)
                     latents = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=height, width=width,
@@ -118,7 +119,7 @@ def sample_run(loop: Any, files: Optional[Dict[str, Dict[str, Any]]]) -> None:
                           cfg_scale=sc.cfg_scale, seed=sc.seed, width=w, height=h, clip_skip=loop.clip_skip,
                           max_chunks=int(cfg.dataset.max_chunks), out_dir=loop.rd.samples,
                           stem=f"s{loop.step:06d}-{kind}", extra=extra, autocast=loop.acc.autocast,
-                          decoder=decoder)
+                          decoder=decoder, embeddings=loop.tag_embeddings)
         for r in recs:
             loop.events.emit("sample", step=loop.step, epoch=loop.epoch, path=r["path"], prompt=r["prompt"],
                              ema=kind == "ema", parameters=r["parameters"], decoded="fp32")

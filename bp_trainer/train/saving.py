@@ -4,7 +4,8 @@
     fp16 by default; the UNet is the EMA's when `saving.main_unet: ema`).
 (b) `NAME-sSTEP-ema-unet.safetensors`: the EMA UNet in fp32 (LDM keys, `model.diffusion_model.*`), for
     continued training or `merge`.
-(c) optionally `NAME-sSTEP-diffusers/`: a diffusers folder (written to a temporary folder, then renamed).
+(c) optionally `NAME-sSTEP-diffusers/`: a diffusers folder (written to a temporary folder, then renamed), with
+    the run's tag embeddings in `embeddings/<name>/learned_embeds.safetensors`.
 (d) with `saving.keep_best`: the same files of the step with the lowest validation loss as `NAME-best*`
     (`keep_best`: hard links to that step's files, or written anew when the step saved none).
 
@@ -68,7 +69,7 @@ def model_configs_metadata(unet: Any, vae: Any, text_encoder: Any, scheduler_con
 def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, unet: torch.nn.Module,
                  models: Any, text_encoder: torch.nn.Module, ema: Any = None,
                  frozen: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
-                 stem: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+                 stem: Optional[str] = None, embeddings: Any = None) -> Dict[str, Dict[str, Any]]:
     """Write (a), (b), (c) for the current weights; returns {kind: {path, sha256, autov2, old}}.
     `stem`: the files' name stem (default `step_stem(cfg, step)`).
 
@@ -108,7 +109,8 @@ def save_outputs(*, cfg: Any, family: Any, run_dir: Any, step: int, epoch: int, 
     if s.diffusers:
         parts = {"unet": (unet, main_unet), "vae": (models.vae, vae_sd), "text_encoder": (text_encoder, te_sd)}
         files["diffusers"] = _save_diffusers(out_dir / f"{stem}-diffusers", parts=parts, tokenizer=models.tokenizer,
-                                             scheduler_config=models.scheduler_config)
+                                             scheduler_config=models.scheduler_config, embeddings=embeddings,
+                                             step=step)
     _append_hashes(out_dir, files)
     return files
 
@@ -192,14 +194,15 @@ def _record(res: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
-                    scheduler_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+                    scheduler_config: Optional[Dict[str, Any]], embeddings: Any = None, step: int = 0
+                    ) -> Dict[str, Any]:
     from bp_trainer.checkpoint.hashes import file_hashes
 
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with write_errors(target):  # a full disk: one line, and no half folder is left
-            _write_pipeline(tmp, parts, tokenizer, scheduler_config)
+            _write_pipeline(tmp, parts, tokenizer, scheduler_config, embeddings, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -211,8 +214,8 @@ def _save_diffusers(target: Path, *, parts: Dict[str, Any], tokenizer: Any,
     return rec
 
 
-def _write_pipeline(tmp: Path, parts: Dict[str, Any], tokenizer: Any, scheduler_config: Optional[Dict[str, Any]]
-                    ) -> None:
+def _write_pipeline(tmp: Path, parts: Dict[str, Any], tokenizer: Any, scheduler_config: Optional[Dict[str, Any]],
+                    embeddings: Any = None, step: int = 0) -> None:
     from diffusers import PNDMScheduler
 
     from bp_trainer.checkpoint.convert import write_pipeline_index
@@ -230,6 +233,8 @@ def _write_pipeline(tmp: Path, parts: Dict[str, Any], tokenizer: Any, scheduler_
     PNDMScheduler.from_config({k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
                               ).save_pretrained(tmp / "scheduler")
     write_pipeline_index(tmp)
+    if embeddings is not None:  # the tag embeddings, each loadable with pipeline.load_textual_inversion(folder)
+        embeddings.write_diffusers_forms(tmp / "embeddings", {"bp_train_step": str(step)})
 
 
 def _append_hashes(out_dir: Path, files: Dict[str, Dict[str, Any]]) -> None:

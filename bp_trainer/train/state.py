@@ -2,10 +2,11 @@
 
 A state is `state/step-NNNNNNNN/`, written by accelerate's `save_state` (models, optimizer, global RNG
 states of every process) plus ours: `ema.safetensors` (the EMA UNet, fp32), `trainer.json` (step, epoch,
-batches consumed in the epoch, the bucket sampler's state, the EMA's update count) and `rng-rankN.pt`
-(the noise generator of each process). It is written under `state/.tmp-step-NNNNNNNN` and renamed when
-complete, so a `kill -9` at any moment leaves every `step-*` folder complete: the newest one is the
-resume point. Older states beyond `saving.keep_states` are deleted after a new one is complete.
+batches consumed in the epoch, the bucket sampler's state, the EMA's update count), `rng-rankN.pt`
+(the noise generator of each process) and `embeddings.safetensors` (the tag embeddings' vectors, if any).
+It is written under `state/.tmp-step-NNNNNNNN` and renamed when complete, so a `kill -9` at any moment
+leaves every `step-*` folder complete: the newest one is the resume point. Older states beyond
+`saving.keep_states` are deleted after a new one is complete.
 
 Stopping: SIGINT/SIGTERM or a `STOP` file in the run folder set a flag; the trainer checks it after
 every optimizer step (all processes agree through one all-reduce), saves and exits 0. A second SIGINT
@@ -89,8 +90,9 @@ def latest_state(run_dir: "str | os.PathLike[str]") -> Optional[Path]:
 
 
 def save_state(accelerator: Any, run_dir: "str | os.PathLike[str]", *, step: int, trainer: Dict[str, Any],
-               ema: Any, generator: torch.Generator, keep: int) -> Path:
-    """Write a complete resumable state (every process must call this)."""
+               ema: Any, generator: torch.Generator, keep: int, embeddings: Any = None) -> Path:
+    """Write a complete resumable state (every process must call this); `embeddings`: the run's tag embeddings,
+    whose vectors go to `embeddings.safetensors` (read back by `TagEmbeddings.load_state`)."""
     root = RunDir(run_dir).state_dir
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -109,6 +111,8 @@ def save_state(accelerator: Any, run_dir: "str | os.PathLike[str]", *, step: int
             save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.state_dict().items()},
                       str(tmp / "ema.safetensors"))
             trainer = dict(trainer, ema_updates=ema.num_updates)
+        if embeddings is not None:
+            embeddings.save_state(tmp)
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -43,6 +43,11 @@ class Host(Protocol):
     #       `backtrack` (int: opts.comma_padding_backtrack), `use_old_scheduling` (bool), `embeddings`
     #       ({name: vectors} of the loaded textual inversions)."""
     #   def trainer_env_status(self) -> dict:  # {"state": "ready"|..., "message": str}; see bp_trainer.trainer_env
+    #   def embeddings_dir(self) -> str:
+    #       """The host's textual-inversion folder (WebUI: --embeddings-dir): a run's tag embeddings are published
+    #       into its `bp-train/` sub-folder after each save."""
+    #   def reload_embeddings(self) -> None:
+    #       """Re-read that folder now (WebUI: the embedding database, forced)."""
     #   def has_gpu(self) -> bool:
     #       """Whether the host generates on a GPU (the WebUI: its device is not the CPU). Only the wording of
     #       the hand-off messages depends on it; without it the messages speak of the GPU."""

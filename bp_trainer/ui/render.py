@@ -60,10 +60,26 @@ def _piece_text(piece: str) -> str:
 
 
 def _flagged(tag: Mapping[str, Any]) -> bool:
-    """The tokens module's "mangled" verdict when the tag has one (bp_trainer.tokens.mangled)."""
+    """The tokens module's "mangled" verdict when the tag has one (bp_trainer.tokens.mangled); an embedding's
+    vectors are no split tag."""
+    if tag.get("embeddings"):
+        return False
     if "mangled" in tag:
         return bool(tag["mangled"])
     return len(tag.get("pieces") or []) >= 3
+
+
+def _chip_runs(pieces: Sequence[str], ids: Sequence[Any]) -> list[tuple[int, str, int]]:
+    """(first index, piece, vectors) per chip: the vectors of a textual-inversion embedding (its `<name>` pieces of
+    id 0 in a row) are one chip; any other piece is a chip of its own (vectors 0)."""
+    out: list[tuple[int, str, int]] = []
+    for j, piece in enumerate(pieces):
+        vector = piece.startswith("<") and piece.endswith(">") and j < len(ids) and ids[j] == 0
+        if vector and out and out[-1][1] == piece and out[-1][2]:
+            out[-1] = (out[-1][0], piece, out[-1][2] + 1)
+        else:
+            out.append((j, piece, 1 if vector else 0))
+    return out
 
 
 def token_chips_html(inspection: Mapping[str, Any]) -> str:
@@ -114,11 +130,16 @@ def token_chips_html(inspection: Mapping[str, Any]) -> str:
         parts.append(f'<span class="{cls}" title="{esc(tip)}" data-tag="{esc(tag.get("text", ""))}">')
         parts.append(f'<span class="bp-tag-count">{n}</span>')
         start = tag.get("start")
-        for j, piece in enumerate(pieces):
+        for j, piece, run in _chip_runs(pieces, ids):
             tid = ids[j] if j < len(ids) else ""
             pos = f", position {int(start) + j + 1}" if start is not None else ""
             position += 1
             colour = position % CHIP_COLOURS  # neighbours always differ
+            if run:  # a textual-inversion embedding: one chip for its vectors
+                parts.append(f'<span class="bp-chip bp-chip-c{colour} bp-chip-end bp-chip-embedding" '
+                             f'data-tip="embedding {esc(piece)} · {run} vectors{esc(pos)}" data-id="{esc(piece)}">'
+                             f'{esc(piece)} ×{run}</span>')
+                continue
             end = " bp-chip-end" if piece.endswith("</w>") else ""
             parts.append(
                 f'<span class="bp-chip bp-chip-c{colour}{end}" data-tip="{esc(piece)} · id {esc(tid)}{esc(pos)}" '
@@ -271,11 +292,14 @@ def progress_html(view: Mapping[str, Any]) -> str:
     note = f'<div class="bp-gpu-note">{esc(gpu)}</div>' if gpu else ""
     err = view.get("error")
     err_html = message_html(err, "error") if err else ""
+    names = view.get("embeddings") or []
+    emb = (f'<div class="bp-progress-embeddings">tag embeddings written: {esc(", ".join(names))}</div>'
+           if names else "")
     return (f'<div class="bp-progress" data-status="{esc(status)}">'
             f'<div class="bp-progress-head">{head}</div>'
             f'<div class="bp-progress-track"><div class="bp-progress-fill" style="width:{pct}"></div>'
             f'<span class="bp-progress-pct">{pct}</span></div>'
-            f'<div class="bp-progress-info">{esc(" · ".join(bits))}</div>{note}{err_html}</div>')
+            f'<div class="bp-progress-info">{esc(" · ".join(bits))}</div>{emb}{note}{err_html}</div>')
 
 
 def task_progress_html(fraction: float, text: str) -> str:

@@ -99,6 +99,32 @@ class TokensCallbacks:
     def _audit(self, rows: List[List[Any]], message: str) -> Dict[Any, Any]:
         return {self.out.table: rows, self.out.audit_msg: message}
 
+    def embeddings_for_flagged(self, dataset: str, pattern: str = "") -> "tuple[Any, str]":
+        """"Train embeddings for the flagged tags": (the Train form's embeddings list, one tag per line, most
+        images first, or None for no change; a message). Tags that cannot name a file are left out and named."""
+        from bp_trainer.tokens.audit import audit_dataset
+        from bp_trainer.train.embeddings import embedding_name, name_problem
+
+        dataset = (dataset or "").strip()
+        if not dataset:
+            return None, render.message_html("enter a dataset folder first", "warn")
+        try:
+            report = audit_dataset(dataset, self.host.tokenizer(), pattern=(pattern or "").strip() or None,
+                                   flagged_only=True, sort="count")
+        except BPError as exc:
+            return None, render.error_html(exc)
+        tags = [r["tag"] for r in report["tags"]]
+        usable = [t for t in tags if name_problem(t) is None]
+        if not usable:
+            return None, render.message_html("no flagged tag to train as an embedding", "warn")
+        text = (f"{len(usable)} flagged tags → Train tab › Tag embeddings (remove the ones you do not want); "
+                f"after training, type them in txt2img as: {', '.join(embedding_name(t) for t in usable[:5])}"
+                + (" …" if len(usable) > 5 else ""))
+        skipped = [t for t in tags if t not in usable]
+        if skipped:
+            text += f"; left out (not a file name): {', '.join(skipped[:5])}"
+        return "\n".join(usable), render.message_html(text, "ok")
+
     # ------------------------------------------------------------------------------------ rename
 
     def rename_preview(self, dataset: str, old: str, new: str) -> Dict[Any, Any]:
@@ -231,6 +257,8 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
                                            elem_id="bp_train_tok_flagged")
                 audit = gr.Button("Audit tags", variant="primary", elem_id="bp_train_tok_audit")
             audit_msg = gr.HTML(elem_id="bp_train_tok_audit_msg")
+            train_embeddings = gr.Button("Train embeddings for the flagged tags", elem_id="bp_train_tok_embeddings",
+                                         visible=_embeddings_field(train) is not None)
             table = gr.Dataframe(headers=AUDIT_HEADERS, value=render.table(AUDIT_HEADERS, []), type="array",
                                  datatype=["str", "number", "str", "number", "str"],
                                  interactive=False, wrap=True, elem_id="bp_train_tok_table",
@@ -285,7 +313,33 @@ def build(host: Any, train: Any = None) -> TokensCallbacks:
 
     table.select(on_audit_select, [table, old, sug_tag], [old, sug_tag], show_progress="hidden")
     sug_table.select(on_suggestion_select, [sug_table, sug_tag, old, new], [old, new], show_progress="hidden")
+    _wire_embeddings_button(gr, cb, train_embeddings, [dataset, focus], audit_msg, train)
     if train is not None and getattr(train, "components", None):
         train.components["dataset"].change(lambda v: v, [train.components["dataset"]], [dataset], queue=False,
                                            show_progress="hidden")
     return cb
+
+
+def _embeddings_field(train: Any) -> Any:
+    """The Train form's tag-embeddings list (None without a Train tab)."""
+    return ((getattr(train, "components", None) or {}).get("fields") or {}).get("embeddings.tags")
+
+
+def _wire_embeddings_button(gr: Any, cb: TokensCallbacks, button: Any, inputs: list, message: Any, train: Any) -> None:
+    """The audit's "Train embeddings for the flagged tags" fills the Train form's list, then its YAML box."""
+    field = _embeddings_field(train)
+    if field is None:
+        return
+
+    def fill(dataset, pattern):
+        value, text = cb.embeddings_for_flagged(dataset, pattern)
+        return (gr.update() if value is None else value), text
+
+    event = button.click(fill, inputs, [field, message], show_progress="minimal")
+    sync = getattr(train, "form_to_yaml", None)
+    comps = train.components
+    if callable(sync):
+        form = {"yaml": comps["yaml"], "base": comps["base"], "dataset": comps["dataset"], "arb": comps["arb"],
+                **comps["fields"]}
+        render.bind(event.then, lambda v: {"yaml": sync(v).get("yaml", gr.update())}, form, {"yaml": comps["yaml"]},
+                    show_progress="hidden")

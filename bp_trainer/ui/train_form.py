@@ -34,6 +34,7 @@ FORM_FIELDS: List[Tuple[str, str]] = [
     ("saving.every_n_epochs", "Save every N epochs"),
     ("saving.every_n_steps", "Save every N steps"),
     ("saving.precision", "Checkpoint precision"),
+    ("embeddings.tags", "Tag embeddings (one tag per line; typed in the WebUI in space form)"),
     ("sampling.prompts", "Sample prompts (one per line)"),
     ("sampling.negative_prompt", "Negative prompt"),
     ("sampling.every_n_steps", "Sample every N steps"),

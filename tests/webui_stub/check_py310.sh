@@ -38,5 +38,5 @@ exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_prompt_parser.py tests/test_tokens_inspect.py tests/test_tags_audit.py tests/test_tags_rename.py \
   tests/test_buckets.py tests/test_sampler.py tests/test_dataset_captions.py tests/test_dataset_scan.py \
   tests/test_ui_train.py tests/test_ui_runs.py tests/test_tokens_api.py tests/test_tags_mangled.py tests/test_tokens_tab.py \
-  tests/test_ui_validation.py \
+  tests/test_ui_validation.py tests/test_embeddings_webui.py \
   --deselect tests/test_sampler.py::test_from_sizes_and_torch_dataloader "${@:3}"

@@ -1,14 +1,16 @@
 """`modules.shared`: opts, cmd_opts, the lazily-loading `sd_model` property, upscaler names."""
 
 import argparse
+import os
 import sys
 import types
 
-from modules import options
+from modules import options, paths_internal
 from modules.options import OptionInfo, options_section  # noqa: F401
 
 cmd_opts = argparse.Namespace(ckpt_dir=None, vae_dir=None, freeze_settings=False, skip_install=False, api_auth=None,
-                              api=False, nowebui=False)
+                              api=False, nowebui=False,
+                              embeddings_dir=os.path.join(paths_internal.data_path, "embeddings"))
 
 options_templates = {}
 options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
@@ -19,6 +21,10 @@ options_templates.update(options_section(("sampler-params", "Sampler parameters"
     "eta_ddim": OptionInfo(0.0, "Eta for DDIM", infotext="Eta DDIM"),
     "eta_ancestral": OptionInfo(1.0, "Eta for k-diffusion samplers", infotext="Eta"),
     "eta_noise_seed_delta": OptionInfo(0, "Eta noise seed delta", infotext="ENSD"),
+}))
+options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
+    "comma_padding_backtrack": OptionInfo(20, "Prompt word wrap length limit"),
+    "emphasis": OptionInfo("Original", "Emphasis mode"),
 }))
 options_templates.update(options_section(("infotext", "Infotext", "ui"), {
     "add_model_hash_to_info": OptionInfo(True, "Add model hash to infotext"),
