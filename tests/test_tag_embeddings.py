@@ -109,21 +109,12 @@ def test_initial_vectors_are_the_pieces_token_embeddings_or_their_means(te, clip
     assert torch.allclose(two.vectors[0].detach(), torch.stack([weight[ids[:2]].mean(0), weight[ids[2:]].mean(0)]))
 
 
-def test_auto_selection_is_the_audit_flag_through_one_adapter(clip_tokenizer, monkeypatch):
-    from bp_trainer.tokens import audit
-
+def test_auto_selection_is_the_truthful_mangled_flag(clip_tokenizer):
+    """`embeddings.auto` picks the tags the audit flags (a word CLIP cuts into meaningless pieces) that are in at
+    least N images: the artist names, never a plain multi-word tag like multiple_girls."""
     captions = ([f"1girl, {FUZI}, multiple_girls, as109"] * 5 + [f"2girls, multiple_girls, {AMANO}"] * 4
                 + ["1girl, by amanogawa kyousuke"])
-    monkeypatch.delattr(audit, "mangled_words", raising=False)
-    # today's flag: 3+ CLIP pieces, counted here from the tokenizer itself; images per tag from the captions
-    images = Counter(embedding_name(t) for c in captions for t in set(c.split(", ")))
-    expected = [t for t in ("multiple_girls", FUZI, "as109", AMANO)
-                if images[embedding_name(t)] >= 5 and len(ids_of(clip_tokenizer, t)) >= 3]
-    assert auto_tags(captions, clip_tokenizer, 5) == expected == ["multiple_girls", FUZI, "as109", AMANO]
-    # once the truthful flag exists the adapter uses it
-    mangled = {FUZI: ["fuzichoco"], "as109": ["as109"], AMANO: ["amanogawa", "kyousuke"]}
-    monkeypatch.setattr(audit, "mangled_words", lambda tag, tok: mangled.get(tag, []), raising=False)
-    assert auto_tags(captions, clip_tokenizer, 5) == [FUZI, "as109", AMANO]
+    assert auto_tags(captions, clip_tokenizer, 5) == [FUZI, "as109", AMANO]  # by images: 5, 5, 5 (both forms)
     assert auto_tags(captions, clip_tokenizer, 6) == []
 
 
