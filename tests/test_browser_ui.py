@@ -158,7 +158,7 @@ def test_a_reloaded_page_lists_models_and_runs_added_since_the_start(page, app):
 def test_empty_tables_show_their_column_names(page):
     tables = {"Buckets": {"bp_train_bk_table": ["bucket", "aspect", "megapixels"], "bp_train_bk_skipped": ["file",
                                                                                                          "reason"]},
-              "Tokens": {"bp_train_tok_table": ["tag", "images", "pieces", "tokens", "flag"]}}
+              "Tokens": {"bp_train_tok_table": ["tag", "images", "pieces", "tokens", "words CLIP cuts apart"]}}
     for tab, elems in tables.items():
         _tab(page, tab)
         for elem, names in elems.items():
