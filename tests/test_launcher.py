@@ -211,6 +211,9 @@ def test_kill_9_leaves_a_resumable_state_and_stop_file_stops_gracefully(tiny_mod
         assert time.monotonic() < deadline
         time.sleep(0.2)
     launcher.stop_run(run_dir, force=True)  # SIGKILL to the whole process group, at whatever it is doing
+    deadline = time.monotonic() + 30  # the kernel takes the process down asynchronously
+    while handle.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert handle.poll() not in (None, 0)
     assert launcher.find_active_run(runs) is None
     state = latest_state(run_dir)
