@@ -91,26 +91,30 @@ def _tail(path: Path, n: int = 20) -> List[str]:
 
 def _lock_owner(env_dir: Path) -> Optional[int]:
     """pid of a live set-up process holding the lock, else None (a stale lock is ignored)."""
-    pid = _lock_pid(_lock_path(env_dir))
-    if pid is None:
+    lock = _lock_path(env_dir)
+    try:
+        return _live_holder(lock, lock.read_text(encoding="utf-8"))
+    except OSError:
+        return None
+
+
+def _live_holder(lock: Path, text: str) -> Optional[int]:
+    """The pid in a lock's text when that process is alive, else None (no pid, or a process that is gone)."""
+    try:
+        pid = int(text.strip() or 0)
+    except ValueError:
+        return None
+    if pid <= 0:
         return None
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows: trust a recent lock
         try:
-            fresh = time.time() - _lock_path(env_dir).stat().st_mtime < 3 * 3600
+            fresh = time.time() - lock.stat().st_mtime < 3 * 3600
         except OSError:
             return None
         return pid if fresh else None
     from bp_trainer.launcher import pid_alive
 
     return pid if pid_alive(pid) else None  # a set-up that exited but is not reaped yet (zombie) holds nothing
-
-
-def _lock_pid(lock: Path) -> Optional[int]:
-    try:
-        pid = int(lock.read_text(encoding="utf-8").strip() or 0)
-    except (OSError, ValueError):
-        return None
-    return pid if pid > 0 else None
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
@@ -124,7 +128,8 @@ def _create_exclusive(path: Path, text: str) -> bool:
         return True
     except FileExistsError:
         return False
-    except OSError:  # no hard links on this file system (FAT, some network drives): O_EXCL on the name itself
+    except OSError:  # no hard links on this file system (FAT, some network drives): O_EXCL on the name itself,
+        # the text follows a moment later (a taker reading it in between sees a stale lock: a narrow window left)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -160,13 +165,26 @@ def take_setup_lock(env_dir: "str | os.PathLike[str]", pid: int) -> Optional[int
                           hint="delete it if no set-up is running")
         if _create_exclusive(breaker, str(os.getpid())):
             try:
-                if _lock_owner(env) is None:  # still stale (re-read while no one else can remove it)
-                    lock.unlink(missing_ok=True)
+                _remove_if_stale(lock)
             finally:
                 breaker.unlink(missing_ok=True)
             continue
         _clear_stale_breaker(breaker)
         time.sleep(0.01)
+
+
+def _remove_if_stale(lock: Path) -> None:
+    """Remove the lock if it (still) names no live process; only ever called while holding the breaker.
+
+    One read decides: a lock read as stale cannot change before the unlink (only its dead holder or a breaker
+    removes a lock, and this process is the breaker), while a lock found missing may be re-created by a taker at
+    any moment, so then nothing is removed."""
+    try:
+        text = lock.read_text(encoding="utf-8")
+    except OSError:  # missing (or unreadable: then it stays, and the taker's deadline names it)
+        return
+    if _live_holder(lock, text) is None:
+        lock.unlink(missing_ok=True)
 
 
 def _clear_stale_breaker(breaker: Path) -> None:

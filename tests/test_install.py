@@ -171,7 +171,7 @@ while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() <
 """
 
 
-def _race_for_the_lock(folder, env, takers=2):
+def _race_for_the_lock(folder, env, takers=3):
     procs = [subprocess.Popen([sys.executable, "-c", _TAKER, str(env), str(folder)], stdout=subprocess.PIPE,
                               text=True, cwd=str(ROOT)) for _ in range(takers)]
     try:
@@ -192,7 +192,7 @@ def _race_for_the_lock(folder, env, takers=2):
 
 
 @pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
-def test_two_setups_started_at_once_one_takes_the_lock(tmp_path, stale):
+def test_setups_started_at_once_one_takes_the_lock(tmp_path, stale):
     env = tmp_path / "venv"
     lock = env.parent / f".{env.name}.{T.LOCK_FILE}"
     if stale:  # left by a set-up that died: taken over, by one of them only

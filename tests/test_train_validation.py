@@ -26,6 +26,16 @@ pytestmark = pytest.mark.slow
 ARB = {"base_res": [64, 64], "max_size": [96, 64], "divisible": 32, "min_dim": 32, "dim_limit": 128}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """An earlier test's in-process bf16 run leaves accelerate's process-wide state in bf16, and the next
+    `Accelerator(mixed_precision="no")` in this process refuses to start: begin each test from a clean state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """The tiny model gains nothing from a second thread, and on a busy 2-core machine two threads spin against
