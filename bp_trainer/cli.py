@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokens": ("tokens", "how CLIP tokenizes a prompt (WebUI counter and chunks) or a whole dataset's tags"),
     "tags": ("tags", "rename a tag across caption files (dry run, apply, undo) or suggest single-token replacements"),
     "demo-dataset": ("demo_dataset", "write a procedurally drawn sample dataset with tag captions"),
-    "train": ("train", "train from a run YAML in a child `accelerate launch` process"),
+    "train": ("train", "train from a run YAML in a child process (`accelerate launch` for several processes)"),
     "demo": ("demo", "headless demo: tiny model + sample dataset + a short bucketed fine-tune on CPU"),
     "ui": ("ui", "the BP Train tab as a standalone gradio app on 127.0.0.1"),
     "infotext": ("infotext", "parse a WebUI infotext into its fields and the BP preset they make"),
