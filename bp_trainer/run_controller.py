@@ -148,15 +148,9 @@ class RunController:
         """A run is starting (waiting for the GPU, launching) or running."""
         return self.active or self._starting
 
-    def gpu_note(self) -> str:
-        if getattr(self.host, "name", "") == "standalone":
-            return ""
-        if self.host.generation_may_run_during_training():
-            note = "Generation may run during training (Settings › BP Train): the GPU is shared, watch its memory."
-        else:
-            note = ("While a run holds the GPU, image generation in this WebUI waits until the run ends "
-                    "(Settings › BP Train).")
-        return note + held_note(self.host)
+    def gpu_note(self, *, starting: bool = False) -> str:
+        """What the host's generation does while the run starts or trains, and what the host still holds."""
+        return handoff_note(self.host, starting=starting) + ("" if starting else held_note(self.host))
 
     # ------------------------------------------------------------------------------------------ start
 
@@ -422,7 +416,7 @@ class RunController:
             s = self.view.summary()
             if self._starting and not self.active:
                 s["status"] = "starting"
-                s["gpu_note"] = "waiting for the GPU (a generation in progress finishes first)…"
+                s["gpu_note"] = self.gpu_note(starting=True)
                 s["active"] = True
                 s["version"] = -1
                 s["exit_code"] = None
@@ -435,6 +429,34 @@ class RunController:
             s["published"] = list(self.published)
             s["published_embeddings"] = list(self.published_embeddings)
             return s
+
+
+def host_has_gpu(host: Any) -> bool:
+    """`host.has_gpu()`; True when the host does not say (or cannot tell)."""
+    fn = getattr(host, "has_gpu", None)
+    if not callable(fn):
+        return True
+    try:
+        return bool(fn())
+    except Exception:
+        return True
+
+
+def handoff_note(host: Any, *, starting: bool) -> str:
+    """What the Train tab says about the host's image generation while a run starts or trains: whether generation
+    waits (Settings › BP Train), worded for a host with or without a GPU. Empty for a host without generation."""
+    if getattr(host, "name", "") == "standalone":
+        return ""
+    gpu = host_has_gpu(host)
+    if starting:
+        return ("waiting for the GPU (a generation in progress finishes first)…" if gpu
+                else "waiting for a generation in progress to finish…")
+    if host.generation_may_run_during_training():
+        return ("Generation may run during training (Settings › BP Train): the GPU is shared, watch its memory."
+                if gpu else "Generation may run during training (Settings › BP Train): both share the CPU and memory.")
+    return ("While a run holds the GPU, image generation in this WebUI waits until the run ends (Settings › BP Train)."
+            if gpu else "While a run trains, image generation in this WebUI waits until the run ends "
+                        "(Settings › BP Train).")
 
 
 def held_note(host: Any) -> str:

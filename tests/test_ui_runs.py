@@ -250,6 +250,9 @@ def test_pages_keep_polling_while_the_host_releases_the_gpu(tmp_path, fake_train
     gate = threading.Event()
 
     class SlowHost(RecordingHost):
+        def has_gpu(self) -> bool:  # a WebUI on a GPU (its notes are worded by whether it has one)
+            return True
+
         def release_gpu(self) -> None:
             gate.wait(20)
             super().release_gpu()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bp_trainer.ui.host import handoff_note
+from bp_trainer.run_controller import handoff_note
 from tests.webui_stub.harness import load_webui, unload_webui
 
 

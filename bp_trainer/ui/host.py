@@ -67,31 +67,3 @@ class Host(Protocol):
 
     def generation_may_run_during_training(self) -> bool:
         """The user's setting: let generation run while a training run holds the GPU."""
-
-
-def host_has_gpu(host: Any) -> bool:
-    """`host.has_gpu()`; True when the host does not say (or cannot tell)."""
-    fn = getattr(host, "has_gpu", None)
-    if not callable(fn):
-        return True
-    try:
-        return bool(fn())
-    except Exception:
-        return True
-
-
-def handoff_note(host: Any, *, starting: bool) -> str:
-    """What the Train tab says about the host's image generation while a run starts or trains: whether generation
-    waits (Settings › BP Train), worded for a host with or without a GPU. Empty for a host without generation."""
-    if getattr(host, "name", "") == "standalone":
-        return ""
-    gpu = host_has_gpu(host)
-    if starting:
-        return ("waiting for the GPU (a generation in progress finishes first)…" if gpu
-                else "waiting for a generation in progress to finish…")
-    if host.generation_may_run_during_training():
-        return ("Generation may run during training (Settings › BP Train): the GPU is shared, watch its memory."
-                if gpu else "Generation may run during training (Settings › BP Train): both share the CPU and memory.")
-    return ("While a run holds the GPU, image generation in this WebUI waits until the run ends (Settings › BP Train)."
-            if gpu else "While a run trains, image generation in this WebUI waits until the run ends "
-                        "(Settings › BP Train).")

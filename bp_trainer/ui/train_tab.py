@@ -18,8 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from bp_trainer import access
 from bp_trainer.errors import BPError
 from bp_trainer.ui import render, train_form
-from bp_trainer.run_controller import RunController, controller_for, held_note
-from bp_trainer.ui.host import handoff_note
+from bp_trainer.run_controller import RunController, controller_for
 
 STOP_LABEL = "Stop"
 FORCE_STOP_LABEL = "Force stop"
@@ -271,8 +270,6 @@ class TrainCallbacks:
             if ctl.run_dir is None:
                 self._show_latest(ctl)
         snap = ctl.snapshot()
-        snap["gpu_note"] = (handoff_note(self.host, starting=snap["status"] == "starting") + held_note(self.host)
-                            if snap["active"] else "")
         version = f"{snap.get('run_dir')}:{snap['version']}:{snap['status']}"
         stopping = snap["status"] == "stopping"
         out: Dict[str, Any] = {
