@@ -208,6 +208,11 @@ def generate_buckets(cfg: ArbConfig) -> "list[tuple[int, int]]":
     return [(w, h) for w, h, _ in bucket_table(cfg)]
 
 
+def training_buckets(cfg: ArbConfig) -> "list[tuple[int, int]]":
+    """The resolutions a run trains at: naifu's buckets, or just `base_res` when `enabled` is false."""
+    return generate_buckets(cfg) if cfg.enabled else [(int(cfg.base_res[0]), int(cfg.base_res[1]))]
+
+
 def _keys(buckets: "Sequence[tuple[int, int]]", rule: str, aspects: "Sequence[float] | None") -> "list[float]":
     if rule not in RULES:
         raise ConfigError(f"unknown bucket rule {rule!r}", hint=f"use one of {', '.join(RULES)}")

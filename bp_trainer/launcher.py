@@ -76,9 +76,7 @@ def choose_precision(value: str, capability: "Tuple[int, int] | None", *, arch: 
 def launch_precision(value: str, use_cpu: bool) -> str:
     """What the launcher tells accelerate, decided without touching a GPU in this process: the configured value,
     or for `auto` none at all (`no`) — the trainer decides `auto` itself from its GPU (`choose_precision`)."""
-    if use_cpu or value == "auto":
-        return "no" if value in ("auto", "fp16") else value
-    return value
+    return choose_precision(value, None) if use_cpu or value == "auto" else value
 
 
 def accelerate_settings(cfg: "RunConfig", *, use_cpu: Optional[bool] = None) -> Dict[str, Any]:

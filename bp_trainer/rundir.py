@@ -75,11 +75,6 @@ class RunDir:
     def looks_like_run(self) -> bool:
         return self.path.is_dir() and (self.config.exists() or self.events.exists())
 
-    def contains(self, candidate: "str | os.PathLike[str]") -> bool:
-        """Whether `candidate` (after resolving links and `..`) lies inside this run folder."""
-        root = os.path.realpath(self.path)
-        return os.path.commonpath([root, os.path.realpath(candidate)]) == root
-
     # ------------------------------------------------------------------------------------------ processes
     def read_lock(self) -> Optional[Dict[str, Any]]:
         from bp_trainer.fsutil import read_json_object

@@ -86,7 +86,7 @@ def load_arb_yaml(path: "str | os.PathLike[str]") -> "Tuple[Dict[str, Any], Opti
 
 
 def compute(args: argparse.Namespace) -> Dict[str, Any]:
-    from bp_trainer.buckets import ArbConfig, generate_buckets
+    from bp_trainer.buckets import ArbConfig, training_buckets
     from bp_trainer.dataset.plan import plan_buckets
     from bp_trainer.dataset.scan import scan_dataset
 
@@ -94,7 +94,7 @@ def compute(args: argparse.Namespace) -> Dict[str, Any]:
     arb = ArbConfig.from_dict(block, source=str(args.config))
     dataset = args.dataset or ds_path
     if not dataset:
-        buckets = generate_buckets(arb) if arb.enabled else [tuple(arb.base_res)]
+        buckets = training_buckets(arb)
         return {"arb": arb.to_dict(), "enabled": arb.enabled, "buckets": [list(b) for b in buckets]}
     caption_ext = args.caption_ext or ds_section.get("caption_extension") or ".txt"
     scan = scan_dataset(dataset, caption_ext=caption_ext, metadata_file=args.metadata,

@@ -632,9 +632,13 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"cannot read the config ({reason})", path=path,
                           hint="save it as UTF-8 text and check its permissions") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"not valid YAML{where}", path=path) from None
+        raise ConfigError(f"not valid YAML{yaml_error_where(exc)}", path=path) from None
+
+
+def yaml_error_where(exc: Exception) -> str:
+    """' at line L, column C' of a YAML parse error ('' when the parser does not say)."""
+    mark = getattr(exc, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
 def dump_config(cfg: "RunConfig | Mapping[str, Any]") -> str:

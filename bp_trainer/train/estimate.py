@@ -30,9 +30,9 @@ from bp_trainer.train.family import TrainModels
 
 def largest_bucket(cfg: RunConfig) -> Tuple[int, int]:
     """The bucket with the most pixels (the first of a tie, in naifu's order): the step's peak is there."""
-    from bp_trainer.buckets import generate_buckets
+    from bp_trainer.buckets import training_buckets
 
-    buckets = generate_buckets(cfg.arb) if cfg.arb.enabled else [tuple(cfg.arb.base_res)]
+    buckets = training_buckets(cfg.arb)
     best = max(w * h for w, h in buckets)
     return next((int(w), int(h)) for w, h in buckets if w * h == best)
 

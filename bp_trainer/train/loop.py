@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from bp_trainer.buckets import training_buckets
 from bp_trainer.errors import BPError
 from bp_trainer.fsutil import remove_stale_partials, write_errors
 from bp_trainer.rundir import RunDir
@@ -55,6 +56,7 @@ class TrainLoop:
         self.resumed_from: Optional[int] = None
         self.saved_at = -1
         self.last_files: Optional[Dict[str, Any]] = None
+        self._saved_files: Optional[Dict[str, Any]] = None  # the outputs of the save at `saved_at` (None: none)
         self.loss = float("nan")
         self.skipped_updates = 0
         self._group_losses: List[torch.Tensor] = []
@@ -108,7 +110,7 @@ class TrainLoop:
             from diffusers.models.attention_processor import AttnProcessor
 
             m.unet.set_attn_processor(AttnProcessor())
-            if max(w * h for w, h in _buckets(self.cfg)) >= 1024 * 1024:
+            if max(w * h for w, h in training_buckets(self.cfg.arb)) >= 1024 * 1024:
                 self.warn("training.attention: default materialises the full attention matrix: at 1024 buckets "
                           "that is several GiB per layer; sdpa computes the same without it")
         if t.gradient_checkpointing:
@@ -476,7 +478,7 @@ class TrainLoop:
         self.saved_at = self.step
         if files:
             self.last_files = files
-        self._sample_model_hash = files
+        self._saved_files = files
         return files
 
     def _write_outputs(self, stem: Optional[str] = None) -> Dict[str, Any]:
@@ -515,7 +517,7 @@ class TrainLoop:
         of a checkpoint saved at the same step)."""
         from bp_trainer.train import sampling
 
-        files = getattr(self, "_sample_model_hash", None) if self.saved_at == self.step else None
+        files = self._saved_files if self.saved_at == self.step else None
         if self._sampled[0] == self.step and (self._sampled[1] or not files):
             return
         self._sampled = (self.step, bool(files))
@@ -571,12 +573,6 @@ def weights_digest(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _buckets(cfg: RunConfig) -> List[Any]:
-    from bp_trainer.buckets import generate_buckets
-
-    return generate_buckets(cfg.arb) if cfg.arb.enabled else [tuple(cfg.arb.base_res)]
 
 
 def _configure_deepspeed(accelerator: Any, batch_size: int, accum: int) -> None:

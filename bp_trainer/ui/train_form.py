@@ -107,8 +107,7 @@ def parse_yaml(text: str) -> Dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        where = _cfgmod().yaml_error_where(exc)
         raise ConfigError(f"the run YAML is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if raw is None:
         return {}
