@@ -8,7 +8,7 @@ names files only inside allowed roots, checked after resolving `..` and symbolic
   folder (trained checkpoints) or a root the user allowed in Settings > BP Train.
 - `dataset.path`, `validation.path`: inside a dataset folder the user has trained from in the tab (remembered in the runs folder),
   a root allowed in Settings > BP Train, or the runs folder.
-- `latents.dir`, `run.accelerate_config`: inside the runs folder. `run.runs_dir` and `run.python` are the host's
+- `latents.dir`, `text_cache.dir`, `run.accelerate_config`: inside the runs folder. `run.runs_dir` and `run.python` are the host's
   own (a request cannot choose the folder runs go to or the program that runs).
 
 The tab and the CLI are the user's own hands and are not restricted. Importable without torch.
@@ -88,6 +88,8 @@ def check_config_paths(cfg: Any, roots: AllowedRoots) -> None:
         roots.dataset("validation.path", cfg.validation.path)
     if cfg.latents.dir:
         roots.run_file("latents.dir", cfg.latents.dir)
+    if cfg.text_cache.dir:
+        roots.run_file("text_cache.dir", cfg.text_cache.dir)
     if cfg.run.accelerate_config:
         roots.run_file("run.accelerate_config", cfg.run.accelerate_config)
 

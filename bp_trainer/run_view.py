@@ -79,6 +79,7 @@ class RunView:
         self._grid_columns: list[tuple[str, bool]] = []
         self.embeddings: dict[str, dict[str, Any]] = {}  # tag embeddings written, by name (the newest save's)
         self.warnings: list[str] = []
+        self.preparing: str | None = None  # "latents 12/500" while the trainer fills its caches (before start)
         self.error: str | None = None
         self.log: deque[str] = deque(maxlen=LOG_LINES)
         self.version = 0  # bumps on every applied event (lets a UI skip unchanged redraws)
@@ -98,7 +99,11 @@ class RunView:
             t = float(t) if t is not None else None
         except (TypeError, ValueError):
             t = None
-        if kind == "start":
+        if kind == "prepare":
+            what = {"text": "caption variants"}.get(str(ev.get("what")), str(ev.get("what") or ""))
+            self.preparing = f"encoding {what} {_int(ev.get('done')) or 0}/{_int(ev.get('total')) or 0}"
+        elif kind == "start":
+            self.preparing = None
             self.status = "running"
             self.started_at = t if t is not None else self.started_at
             self.total_steps = _int(_first(ev, "total_steps", "max_steps", "steps")) or self.total_steps
@@ -245,6 +250,7 @@ class RunView:
             "checkpoints": len(self.checkpoints),
             "validation": self.validation_summary(),
             "embeddings": sorted(self.embeddings),
+            "preparing": self.preparing,
         }
 
     def sample_gallery(self) -> list[tuple[str, str]]:

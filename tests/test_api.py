@@ -225,7 +225,8 @@ def _variants(root: Path, target: Path) -> dict:
 
 
 CONFIG_FIELDS = [("model", "base", "model.safetensors"), ("model", "vae", "model.safetensors"),
-                 ("dataset", "path", "data"), ("latents", "dir", "data"), ("run", "accelerate_config", "accelerate.yaml")]
+                 ("dataset", "path", "data"), ("latents", "dir", "data"), ("text_cache", "dir", "data"),
+                 ("run", "accelerate_config", "accelerate.yaml")]
 
 
 @pytest.mark.parametrize("section, key, name", CONFIG_FIELDS)

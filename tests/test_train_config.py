@@ -255,3 +255,15 @@ def test_real_models_pass_the_base_model_check(tiny_model_dir, tiny_components, 
     (tmp_path / "data").mkdir()
     for base in (tiny_model_dir, webui_file):
         C.validate({"model": {"base": str(base)}, "dataset": {"path": str(tmp_path / "data")}})
+
+
+def test_a_text_cache_needs_a_frozen_text_encoder_without_embeddings(paths):
+    ok = C.validate({**paths, "text_cache": {"mode": "disk", "variants": 4}})
+    assert (ok.text_cache.mode, ok.text_cache.variants, ok.text_cache.enabled) == ("disk", 4, True)
+    with pytest.raises(ConfigError) as err:
+        C.validate({**paths, "text_cache": {"mode": "memory"}, "training": {"train_text_encoder": True},
+                    "embeddings": {"tags": ["fuzichoco"]}})
+    text = str(err.value)
+    assert "2 problems" in text and "training.train_text_encoder is on" in text and "embeddings:" in text
+    with pytest.raises(ConfigError, match="text_cache.variants: 0 is below the minimum 1"):
+        C.validate({**paths, "text_cache": {"mode": "memory", "variants": 0}})

@@ -39,10 +39,13 @@ def test_estimate_reports_the_largest_bucket_and_counts_the_weights(tiny_model_d
     unet, te, vae = (tiny_components[k] for k in ("unet", "text_encoder", "vae"))
     assert fast["parts"]["parameters"] == _bytes(unet, 4) + _bytes(te, 2) + _bytes(vae, 2)
     assert fast["parts"]["gradients"] > 0 and fast["options"]["optimizer"] == "adamw"
-    # lean: bf16 UNet weights, no gradient held (fused backward), latents cached (the VAE is not resident)
-    assert {k: lean["options"][k] for k in ("optimizer", "fused_backward", "weights", "latents_cached")} == \
-        {"optimizer": "adafactor", "fused_backward": True, "weights": "bf16", "latents_cached": True}
-    assert lean["parts"]["parameters"] == _bytes(unet, 2) + _bytes(te, 2)
+    # lean: bf16 UNet weights, no gradient held (fused backward), latents and text cached (the VAE and the text
+    # encoder are not resident)
+    assert {k: lean["options"][k] for k in ("optimizer", "fused_backward", "weights", "latents_cached",
+                                            "text_cached")} == \
+        {"optimizer": "adafactor", "fused_backward": True, "weights": "bf16", "latents_cached": True,
+         "text_cached": True}
+    assert lean["parts"]["parameters"] == _bytes(unet, 2)
     assert lean["parts"]["gradients"] == 0 and lean["peak_bytes"] < fast["peak_bytes"]
     assert all(v >= 0 for v in fast["parts"].values()) and fast["peak_bytes"] >= sum(fast["parts"].values()) * 0.5
 
@@ -51,6 +54,15 @@ def test_memory_plans_are_resolved_by_the_config_check():
     lean = C.validate({"training": {"memory": "lean"}}, check_paths=False)
     assert (lean.training.optimizer, lean.training.fused_backward, lean.training.weights, lean.latents.cache,
             lean.training.max_grad_norm) == ("adafactor", True, "bf16", "memory", 0.0)
+    assert lean.text_cache.mode == "memory"  # the frozen text encoder's outputs too
+    on_disk = C.validate({"training": {"memory": "lean"}, "latents": {"cache": "disk"}}, check_paths=False)
+    assert (on_disk.latents.cache, on_disk.text_cache.mode) == ("disk", "disk")
+    for other in ({"training": {"memory": "lean", "train_text_encoder": True}},
+                  {"training": {"memory": "lean"}, "embeddings": {"tags": ["fuzichoco"]}}):
+        assert C.validate(other, check_paths=False).text_cache.mode == "none"  # the encoder's outputs change
+    opted_out = C.validate({"training": {"memory": "lean"}, "text_cache": {"mode": "none"}}, check_paths=False)
+    assert opted_out.text_cache.mode == "none"  # every epoch's own shuffle, at 0.2 GiB more
+    assert C.validate({}, check_paths=False).text_cache.mode == "none"  # manual: as written (auto: none)
     two = C.validate({"training": {"memory": "lean"}, "run": {"num_processes": 2}}, check_paths=False)
     assert two.training.fused_backward is False  # DDP averages all gradients first
     fast = C.validate({"training": {"memory": "fast", "gradient_checkpointing": True}}, check_paths=False)

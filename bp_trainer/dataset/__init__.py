@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from bp_trainer.dataset.captions import (
     CaptionProcessor,
+    CaptionVariants,
     chunk_token_ids,
     escape_brackets,
     pad_chunks,
@@ -22,6 +23,7 @@ __all__ = [
     "Batch",
     "BucketBatchSampler",
     "CaptionProcessor",
+    "CaptionVariants",
     "ImageInfo",
     "ImageItem",
     "ImageProblem",

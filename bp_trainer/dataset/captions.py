@@ -14,8 +14,9 @@ escaping off for the text a trainer tokenizes, and turn it on for captions meant
 
 from __future__ import annotations
 
+import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, List, Sequence
 
 _UNESCAPED_BRACKET = re.compile(r"(?<!\\)([()\[\]])")
@@ -96,6 +97,45 @@ class CaptionProcessor:
             tags = [underscores_to_spaces(t) for t in tags]
         text = self.joiner.join(tags)
         return escape_brackets(text) if self.escape_brackets else text
+
+
+@dataclass(frozen=True)
+class CaptionVariants:
+    """A fixed set of `count` processed versions of each caption, for a cached text encoder: the text a batch
+    trains on is one of them (drawn per epoch), so every text is known, and encoded, before training.
+
+    Variant `v` of an image's caption is `processor` (without its caption dropout) seeded by (`seed`, `v`, the
+    image's key); caption dropout stays a draw per epoch, giving "" (so it drops as often as without a cache).
+    Without shuffle and tag dropout there is one variant."""
+
+    processor: CaptionProcessor
+    count: int
+    seed: int
+
+    @property
+    def per_caption(self) -> int:
+        p = self.processor
+        return self.count if (p.shuffle or p.tag_dropout > 0) else 1
+
+    def variant(self, caption: str, image_key: str, v: int) -> str:
+        processor = replace(self.processor, caption_dropout=0.0)
+        if not processor.is_random:
+            return processor.process(caption)
+        return processor.process(caption, random.Random(f"{self.seed}:variant:{v}:{image_key}"))
+
+    def texts(self, caption: str, image_key: str) -> "list[str]":
+        """Every text `pick` can return for this caption (distinct, in variant order)."""
+        out = [self.variant(caption, image_key, v) for v in range(self.per_caption)]
+        if self.processor.caption_dropout > 0:
+            out.append("")
+        return list(dict.fromkeys(out))
+
+    def pick(self, caption: str, image_key: str, rng: Any) -> str:
+        """The text of one epoch's item (`rng`: that item's seeded rng, as `CaptionProcessor.process` takes)."""
+        if self.processor.caption_dropout > 0 and rng.random() < self.processor.caption_dropout:
+            return ""
+        n = self.per_caption
+        return self.variant(caption, image_key, min(int(rng.random() * n), n - 1))
 
 
 def chunk_token_ids(

@@ -158,6 +158,23 @@ class LatentsSection:
 
 
 @dataclass(frozen=True)
+class TextCacheSection:
+    """The frozen text encoder's outputs, computed once before training (then the encoder leaves the GPU)."""
+
+    mode: str = _f("auto", "cache the frozen text encoder's outputs: none, memory, disk (disk: reused between runs) "
+                   "or auto (as the latents under training.memory: lean, else none); needs a frozen text encoder "
+                   "and no embeddings", "str", choices=("auto", "none", "memory", "disk"))
+    variants: int = _f(8, "shuffled/dropped-out versions cached per caption (tag shuffle and tag dropout pick one "
+                       "of them each epoch; 1 when the dataset does neither)", "int", min=1, max=256)
+    dir: Optional[str] = _f(None, "disk cache folder (default: RUNS_DIR/text_cache, shared by runs)", "path",
+                            optional=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode in ("memory", "disk")
+
+
+@dataclass(frozen=True)
 class SavingSection:
     every_n_epochs: int = _f(1, "save every N epochs (0: off)", "int", min=0, max=10**6)
     every_n_steps: int = _f(0, "save every N steps (0: off)", "int", min=0, max=10**9)
@@ -271,7 +288,8 @@ class EmbeddingsSection:
 
 SECTIONS: Dict[str, type] = {
     "run": RunSection, "model": ModelSection, "dataset": DatasetSection, "arb": ArbConfig,
-    "training": TrainingSection, "ema": EmaSection, "latents": LatentsSection, "saving": SavingSection,
+    "training": TrainingSection, "ema": EmaSection, "latents": LatentsSection,
+    "text_cache": TextCacheSection, "saving": SavingSection,
     "sampling": SamplingSection, "validation": ValidationSection, "logging": LoggingSection,
     "embeddings": EmbeddingsSection,
 }
@@ -288,6 +306,7 @@ class RunConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     ema: EmaSection = field(default_factory=EmaSection)
     latents: LatentsSection = field(default_factory=LatentsSection)
+    text_cache: TextCacheSection = field(default_factory=TextCacheSection)
     saving: SavingSection = field(default_factory=SavingSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
@@ -498,6 +517,8 @@ def _cross_checks(cfg: RunConfig, problems: List[str]) -> RunConfig:
     if not cfg.ema.enabled and cfg.saving.main_unet == "ema":
         cfg = cfg.with_values(saving={"main_unet": "trained"})  # the default follows the EMA switch
     cfg = named_plan(cfg)  # training.memory: fast / lean set their options here (auto: in the trainer)
+    if cfg.training.memory == "manual" and cfg.text_cache.mode == "auto":
+        cfg = cfg.with_values(text_cache={"mode": "none"})
     if cfg.training.memory in ("manual", "fast", "lean"):
         problems.extend(config_problems(spec_of(cfg.training), world_size=cfg.run.num_processes,
                                         mixed_precision=cfg.training.mixed_precision))
@@ -509,11 +530,25 @@ def _cross_checks(cfg: RunConfig, problems: List[str]) -> RunConfig:
     if s.every_n_epochs == 0 and s.every_n_steps == 0 and not s.at_end:
         problems.append("saving: every_n_epochs, every_n_steps and at_end are all off; the run would save nothing")
     problems.extend(_validation_problems(cfg))
+    problems.extend(_text_cache_problems(cfg))
     if cfg.embeddings.tags:
         from bp_trainer.train.embeddings import tag_problems
 
         problems.extend(f"embeddings.tags: {p}" for p in tag_problems(cfg.embeddings.tags))
     return cfg
+
+
+def _text_cache_problems(cfg: RunConfig) -> List[str]:
+    if not cfg.text_cache.enabled:
+        return []
+    why = f"text_cache.mode: {cfg.text_cache.mode} caches the frozen text encoder's outputs"
+    out = []
+    if cfg.training.train_text_encoder:
+        out.append(f"{why}, but training.train_text_encoder is on (set text_cache.mode: none or freeze the encoder)")
+    if cfg.embeddings.enabled:
+        out.append(f"{why}, but embeddings: trains tag vectors that change those outputs "
+                   "(set text_cache.mode: none or remove embeddings:)")
+    return out
 
 
 def _validation_problems(cfg: RunConfig) -> List[str]:
@@ -530,7 +565,7 @@ def _validation_problems(cfg: RunConfig) -> List[str]:
 
 
 _PATH_KEYS = (("model", "base"), ("model", "vae"), ("dataset", "path"), ("run", "runs_dir"), ("latents", "dir"),
-              ("run", "accelerate_config"), ("validation", "path"))
+              ("text_cache", "dir"), ("run", "accelerate_config"), ("validation", "path"))
 
 
 def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:

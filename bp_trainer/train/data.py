@@ -23,10 +23,12 @@ from bp_trainer.train.validation import build_validation_set
 class BucketDataset(torch.utils.data.Dataset):
     """Items addressed by `(index, w, h)` keys from `BucketBatchSampler.keyed()`."""
 
-    def __init__(self, items: List[Any], *, seed: int, captions: Any, center_crop: bool, cache: Any = None):
+    def __init__(self, items: List[Any], *, seed: int, captions: Any, center_crop: bool, cache: Any = None,
+                 variants: Any = None):
         self.items = items
         self.seed = seed
         self.captions = captions
+        self.variants = variants  # a CaptionVariants when the text encoder's outputs are cached
         self.center_crop = center_crop
         self.cache = cache
         self.epoch = 0
@@ -43,8 +45,12 @@ class BucketDataset(torch.utils.data.Dataset):
         index, w, h = key
         item = self.items[index]
         rng = self.rng(index)
-        caption = self.captions.process(item.caption, rng) if self.captions.is_random else self.captions.process(
-            item.caption)
+        if self.variants is not None:
+            caption = self.variants.pick(item.caption, item.path, rng)
+        elif self.captions.is_random:
+            caption = self.captions.process(item.caption, rng)
+        else:
+            caption = self.captions.process(item.caption)
         crop = "center" if (self.center_crop or self.cache is not None) else "random"
         cache_key = self.cache.key(item.path, (w, h), crop) if self.cache is not None else None
         pixels = None
@@ -80,7 +86,7 @@ def build_data(cfg: Any, *, rank: int, world_size: int, cache: Any = None, warn:
 
     The held-out validation images (`validation`: a ValidationSet or None) are taken out of the training items
     first; `items` are the training items (times `dataset.repeats`), `images` the distinct training images."""
-    from bp_trainer.dataset import BucketBatchSampler, CaptionProcessor, scan_dataset
+    from bp_trainer.dataset import BucketBatchSampler, CaptionProcessor, CaptionVariants, scan_dataset
 
     d, t, arb = cfg.dataset, cfg.training, cfg.arb
     scan = scan_dataset(d.path, caption_ext=d.caption_extension, missing_caption="empty")
@@ -118,14 +124,16 @@ def build_data(cfg: Any, *, rank: int, world_size: int, cache: Any = None, warn:
         plan = plan_buckets(items, arb, problems=scan.problems, batch_size=int(t.batch_size),
                             world_size=world_size)
         warn("bucket plan (arb.debug):\n" + format_plan(plan.to_dict()))
+    variants = CaptionVariants(captions, int(cfg.text_cache.variants), int(t.seed)) if cfg.text_cache.enabled else None
     dataset = BucketDataset(items, seed=int(t.seed), captions=captions, center_crop=bool(d.center_crop),
-                            cache=cache)
+                            cache=cache, variants=variants)
     workers = auto_workers(d.num_workers, on_gpu=pin_memory, world_size=world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.keyed(), collate_fn=collate,
                                          num_workers=workers, pin_memory=pin_memory,
                                          persistent_workers=False)
     return {"scan": scan, "items": items, "sampler": sampler, "dataset": dataset, "loader": loader,
-            "buckets": sampler.buckets, "images": len(unique), "validation": validation}
+            "buckets": sampler.buckets, "images": len(unique), "validation": validation, "variants": variants,
+            "workers": workers}
 
 
 def relpath(path: str, root: str) -> str:

@@ -8,7 +8,8 @@ encoder's are here).
 
     bp-train train --config run.yaml [--preset 1024] [--memory lean] --estimate-memory --json
 
-A CPU EMA (the default) lives in host RAM and is left out; with latents cached the VAE does not run in the step. The
+A CPU EMA (the default) lives in host RAM and is left out; with latents cached the VAE, and with `text_cache` the
+text encoder, are not on the GPU during the steps (the trainer encodes everything first, then moves them off). The
 CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation are not in the estimate (see `MARGIN` in
 memory_plan: 10 % is kept for them until GPU measurements calibrate it).
 """
@@ -117,6 +118,16 @@ class _CachedLatents:
         return torch.zeros(self.shape)
 
 
+class _CachedText:
+    """A text cache that has every caption: the step runs without the text encoder, as a cached run does."""
+
+    def __init__(self, cfg: RunConfig, width: int, dtype: torch.dtype):
+        self.shape, self.dtype = (int(cfg.dataset.max_chunks) * 77, width), dtype
+
+    def conditioning(self, texts: List[str], device: torch.device) -> torch.Tensor:
+        return torch.zeros((len(texts),) + self.shape, dtype=self.dtype, device=device)
+
+
 def _batch(cfg: RunConfig, bucket: Tuple[int, int], cached: bool) -> Dict[str, Any]:
     """The largest batch the config can make: its batch size at the largest bucket, captions of every chunk."""
     n, (w, h) = int(cfg.training.batch_size), bucket
@@ -133,7 +144,7 @@ def estimate_run(cfg: RunConfig, *, method: str = "tally") -> Dict[str, Any]:
 
     mixed = "bf16" if cfg.training.mixed_precision == "auto" else cfg.training.mixed_precision
     cfg = cfg.with_values(ema={"enabled": cfg.ema.enabled and cfg.ema.device == "accelerator"})
-    bucket, cached = largest_bucket(cfg), cfg.latents.cache != "none"
+    bucket, cached, text_cached = largest_bucket(cfg), cfg.latents.cache != "none", cfg.text_cache.enabled
     configs = model_configs(cfg.model.base)
     latent = (int(configs["unet"].get("in_channels", 4)), bucket[1] // 8, bucket[0] // 8)
 
@@ -143,9 +154,12 @@ def estimate_run(cfg: RunConfig, *, method: str = "tally") -> Dict[str, Any]:
         loop.configure_models(empty_models(configs))
         loop.accum, loop.total_steps, loop.step = 1, 1000, 0
         loop.cache = _CachedLatents(latent) if cached else None
+        width = int(getattr(loop.models.text_encoder.config, "hidden_size", 768))
+        loop.text_cache = _CachedText(cfg, width, loop.weight_dtype) if text_cached else None
         loop.generator = torch.Generator("cpu").manual_seed(0)
         loop._setup_optimizer()
-        resident = (loop.models.unet, loop.models.text_encoder) + (() if cached else (loop.models.vae,))
+        resident = ((loop.models.unet,) + (() if text_cached else (loop.models.text_encoder,))
+                    + (() if cached else (loop.models.vae,)))
         return Traced(modules=resident, optimizer=loop.optimizer, payload=(loop, _batch(cfg, bucket, cached)))
 
     def step(traced: Traced) -> None:
@@ -160,7 +174,7 @@ def estimate_run(cfg: RunConfig, *, method: str = "tally") -> Dict[str, Any]:
             "batch_size": int(t.batch_size), "parts": est.to_dict()["parts"], "method": est.method,
             "options": {"optimizer": t.optimizer, "fused_backward": t.fused_backward, "weights": t.weights,
                         "gradient_checkpointing": t.gradient_checkpointing, "mixed_precision": mixed,
-                        "latents_cached": cached, "train_text_encoder": t.train_text_encoder,
+                        "latents_cached": cached, "text_cached": text_cached, "train_text_encoder": t.train_text_encoder,
                         "attention": t.attention, "ema_on_gpu": cfg.ema.enabled},
             "notes": list(est.notes) + (["mixed_precision auto: estimated as bf16 (a GPU of compute capability 8+)"]
                                         if cfg.training.mixed_precision == "auto" else [])}

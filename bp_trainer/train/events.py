@@ -2,6 +2,7 @@
 
 One JSON object per line, each with `type` and `time` (Unix seconds):
 
+- `prepare` (before `start`): what (latents | text), done, total: the caches being filled before the first step
 - `start`: run_dir, config, world_size, total_steps, epochs, resumed_from_step, images, buckets
 - `step`: step, epoch, loss, lr, images_per_second, eta_seconds, total_steps
 - `sample`: step, path, prompt, ema
@@ -29,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bp_trainer.rundir import RunDir
 
-TYPES = ("start", "step", "sample", "checkpoint", "validation", "warning", "error", "done")
+TYPES = ("prepare", "start", "step", "sample", "checkpoint", "validation", "warning", "error", "done")
 
 
 class EventWriter:
@@ -78,6 +79,9 @@ class EventWriter:
 def human_line(event: Dict[str, Any]) -> str:
     """One readable line for an event (terminal output, UI logs)."""
     t = event.get("type")
+    if t == "prepare":
+        what = {"latents": "latents", "text": "caption variants"}.get(str(event.get("what")), event.get("what"))
+        return f"preparing: {what} encoded {event.get('done')}/{event.get('total')}"
     if t == "start":
         return (f"start: {event.get('images')} images, {event.get('total_steps')} steps, "
                 f"{event.get('world_size')} process(es), run folder {event.get('run_dir')}")
@@ -150,9 +154,11 @@ def summarize(events: List[Dict[str, Any]], previous: Optional[Dict[str, Any]] =
     s["warnings"] = list(s.get("warnings", []))
     for ev in events:
         t = ev.get("type")
-        if t == "start":
+        if t == "prepare":
+            s["preparing"] = {k: ev.get(k) for k in ("what", "done", "total")}
+        elif t == "start":
             s.update(status="running", total_steps=ev.get("total_steps"), run_dir=ev.get("run_dir"),
-                     step=ev.get("resumed_from_step") or s.get("step", 0), error=None)
+                     step=ev.get("resumed_from_step") or s.get("step", 0), error=None, preparing=None)
         elif t == "step":
             for key in ("step", "epoch", "loss", "lr", "images_per_second", "eta_seconds", "total_steps"):
                 if key in ev:

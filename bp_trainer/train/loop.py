@@ -2,7 +2,8 @@
 `train_text_to_image.py`):
 
     loop = TrainLoop(cfg, run_dir, accelerator, events, stop)
-    loop.setup(resume=...)     models -> data (buckets) -> optimizer / EMA -> prepare -> resume
+    loop.setup(resume=...)     models -> data (buckets) -> optimizer / EMA -> accelerate's prepare -> cached
+                               latents and texts encoded, VAE / cached text encoder off the GPU -> resume
     loop.run()                 for each epoch, for each bucketed batch: train_step(batch); after each optimizer
                                update: log, stop check, save() (with validate() when due), validate() when
                                due, sample(); at the end: save("end")
@@ -19,7 +20,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -41,6 +42,9 @@ class NonFiniteLoss(BPError):
 
 class TrainLoop:
     tag_embeddings: Any = None  # the run's tag embeddings (config `embeddings:`; bp_trainer/train/tag_embeddings.py)
+    cache: Any = None  # the latent cache (config `latents:`; bp_trainer/train/latents.py)
+    text_cache: Any = None  # the frozen text encoder's outputs (config `text_cache:`; bp_trainer/train/text_cache.py)
+    offloaded: Tuple[str, ...] = ()  # the frozen parts moved off the GPU once their outputs were cached
 
     def __init__(self, cfg: RunConfig, run_dir: "RunDir | str", accelerator: Any, events: Any, stop: Any, *,
                  progress: Any = None):
@@ -82,6 +86,7 @@ class TrainLoop:
         self._setup_data()
         self._setup_embeddings()
         self._setup_optimizer()
+        self.prepare()
         self.generator = torch.Generator("cpu").manual_seed(int(self.cfg.training.seed) * 7919 + self.rank)
         if resume:
             self._resume()
@@ -202,6 +207,20 @@ class TrainLoop:
             self.text_encoder = m.text_encoder
         self.raw_unet = self.acc.unwrap_model(self.unet)
 
+    def prepare(self) -> None:
+        """Encode what the steps would otherwise ask the VAE and a cached text encoder for (every latent, every
+        caption variant, the validation images), then move those parts off the GPU (`prepare.py`)."""
+        from bp_trainer.train import prepare as prep
+
+        if self.cfg.text_cache.enabled:
+            self.text_cache = prep.build_text_cache(self)
+            prep.fill_text(self, self.text_cache)
+        if self.cache is not None:
+            prep.fill_latents(self)
+        if self.validator is not None:
+            self.validator.prepare(self)
+        self.offloaded = prep.offload_frozen(self)
+
     def _resume(self) -> None:
         if self.main:  # temporary files of writes a kill cut short (checkpoints, samples, hashes)
             for folder in (self.rd.checkpoints, self.rd.samples, self.rd.path):
@@ -250,6 +269,8 @@ class TrainLoop:
         return torch.stack([o.to(self.device, non_blocking=True) for o in out]).float()  # type: ignore[union-attr]
 
     def condition(self, captions: List[str]) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.text_cache.conditioning(captions, self.device)
         emb = self.tag_embeddings
         train_emb = emb is not None and emb.set_trainable(self.step, int(self.cfg.embeddings.train_steps))
         ctx = contextlib.nullcontext() if self.train_te or train_emb else torch.no_grad()
@@ -516,6 +537,7 @@ class TrainLoop:
         """Sample the prompts with the trained (and EMA) weights; once per step (again only to add the Model hash
         of a checkpoint saved at the same step)."""
         from bp_trainer.train import sampling
+        from bp_trainer.train.prepare import frozen_on_device
 
         files = self._saved_files if self.saved_at == self.step else None
         if self._sampled[0] == self.step and (self._sampled[1] or not files):
@@ -523,7 +545,8 @@ class TrainLoop:
         self._sampled = (self.step, bool(files))
         self.acc.wait_for_everyone()
         if self.main:
-            sampling.sample_run(self, files)
+            with frozen_on_device(self):
+                sampling.sample_run(self, files)
         self.acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ events
@@ -537,7 +560,9 @@ class TrainLoop:
                          resumed_from_step=self.resumed_from, prediction_type=self.models.prediction_type,
                          options={k: getattr(self.cfg.training, k) for k in (
                              "optimizer", "fused_backward", "weights", "gradient_checkpointing", "memory")},
-                         memory_plan=self.memory_plan,
+                         memory_plan=self.memory_plan, off_gpu=list(self.offloaded),
+                         text_cache={"mode": self.cfg.text_cache.mode, "variants": int(self.cfg.text_cache.variants)}
+                         if self.text_cache is not None else None,
                          model=str(self.cfg.model.base), mixed_precision=self.acc.mixed_precision,
                          device=str(self.device),
                          validation_images=[im.key for im in self.validator.images] if self.validator else None,

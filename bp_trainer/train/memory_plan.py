@@ -4,7 +4,9 @@
 - `fast`: AdamW (fused on a GPU), no gradient checkpointing: the fastest, the most memory.
 - `lean`: the least memory: gradient checkpointing, Adafactor stepped per parameter during backward (no
   gradients held), bf16 UNet weights (stochastic rounding; the EMA stays fp32), bf16 autocast, latents cached (the
-  VAE leaves the GPU while training). With several processes fused backward is off (DDP averages gradients first).
+  VAE leaves the GPU while training) and, with a frozen text encoder and no tag embeddings, its outputs cached
+  (`text_cache: auto`, as many variants per caption as configured; the encoder leaves the GPU too). With several
+  processes fused backward is off (DDP averages gradients first).
 - `auto`: the first set of `LADDER` whose pre-flight estimate fits `training.vram_gb` (default: the GPU's free
   memory) less a margin; decided by the trainer on its own GPU, then written into the run's config and its first
   `start` event.
@@ -28,15 +30,20 @@ MARGIN = 0.9  # the estimate leaves out the CUDA context, workspaces and fragmen
 
 
 def apply_plan(cfg: Any, options: Dict[str, Any]) -> Any:
-    """`cfg` with a set of training options (and, for bf16 weights, cached latents) laid over it."""
+    """`cfg` with a set of training options laid over it (lean: latents cached; `text_cache: auto` resolved)."""
     training = dict(options)
     if cfg.run.num_processes > 1 and training.get("fused_backward"):
         training["fused_backward"] = False  # DDP averages all gradients first
         training.pop("max_grad_norm", None)
         training.pop("gradient_accumulation", None)
     changes: Dict[str, Dict[str, Any]] = {"training": training}
-    if options is LEAN and cfg.latents.cache == "none":
-        changes["latents"] = {"cache": "memory"}
+    latents = cfg.latents.cache
+    if options is LEAN and latents == "none":
+        latents = "memory"
+        changes["latents"] = {"cache": latents}
+    if cfg.text_cache.mode == "auto":  # lean caches the frozen text encoder's outputs like the latents (disk: disk)
+        frozen_text = not cfg.training.train_text_encoder and not cfg.embeddings.enabled
+        changes["text_cache"] = {"mode": latents if options is LEAN and frozen_text else "none"}
     return cfg.with_values(**changes)
 
 

@@ -337,21 +337,45 @@ class Validator:
         return summarize(self.images, per_image[0], per_image[1] if ema else None,
                          time.perf_counter() - started)
 
-    def _loss(self, loop: Any, text_encoder: Any, i: int) -> float:
-        image, models = self.images[i], loop.models
+    def prepare(self, loop: Any) -> None:
+        """Encode, before training, what this process's validations read (latents; conditionings while the text
+        is frozen), so the VAE and a cached text encoder can leave the GPU."""
+        indices = range(len(self.images)) if loop.ema is not None else self.mine
+        te = loop.acc.unwrap_model(loop.text_encoder)
+        keep_conds = not loop.train_te and loop.tag_embeddings is None
+        with eval_mode(te), loop.acc.autocast():
+            for i in indices:
+                self._latent(loop, i)
+                if keep_conds:
+                    self._cond(loop, te, i)
+
+    def _latent(self, loop: Any, i: int) -> torch.Tensor:
         latent = self._latents.get(i)
         if latent is None:
-            latent = self._latents[i] = encode_latent(models.vae, image)
+            latent = self._latents[i] = encode_latent(loop.models.vae, self.images[i])
+        return latent
+
+    def _cond(self, loop: Any, text_encoder: Any, i: int) -> torch.Tensor:
+        """The held-out caption's conditioning (with the run's tag embeddings); kept while nothing that shapes
+        it trains (the text encoder, the embeddings)."""
+        cond = self._conds.get(i)
+        if cond is None:
+            emb = loop.tag_embeddings
+            cond = loop.family.encode_text(loop.models, [self.images[i].caption], clip_skip=loop.clip_skip,
+                                           max_chunks=int(loop.cfg.dataset.max_chunks), text_encoder=text_encoder,
+                                           embeddings=emb)
+            if not loop.train_te and emb is None:
+                self._conds[i] = cond
+        return cond
+
+    def _loss(self, loop: Any, text_encoder: Any, i: int) -> float:
+        image, models = self.images[i], loop.models
+        latent = self._latent(loop, i)
         noise, t = fixed_noise(self.seed, image.key, latent.shape, self.timesteps,
                                int(models.noise_scheduler.config.num_train_timesteps))
         device = loop.device
         with loop.acc.autocast():
-            cond = self._conds.get(i)
-            if cond is None:
-                cond = loop.family.encode_text(models, [image.caption], clip_skip=loop.clip_skip,
-                                               max_chunks=int(loop.cfg.dataset.max_chunks), text_encoder=text_encoder)
-                if not loop.train_te:
-                    self._conds[i] = cond
-            loss = image_loss(loop.raw_unet, models.noise_scheduler, latent.to(device), cond, noise.to(device),
-                              t.to(device), v_prediction=models.v_prediction)
+            cond = self._cond(loop, text_encoder, i)
+            loss = image_loss(loop.raw_unet, models.noise_scheduler, latent.to(device), cond.to(device),
+                              noise.to(device), t.to(device), v_prediction=models.v_prediction)
         return float(loss.item())

@@ -267,6 +267,8 @@ def progress_html(view: Mapping[str, Any]) -> str:
     frac = min(1.0, step / total) if total else (1.0 if status == "done" else 0.0)
     pct = f"{frac * 100:.1f}%"
     bits = []
+    if view.get("preparing") and status == "starting":
+        bits.append(str(view["preparing"]))
     if total:
         bits.append(f"step {step}/{total}")
     elif step:
