@@ -1,9 +1,10 @@
 """The pre-flight estimate (`bp-train train --estimate-memory`) of the full-size SD 1.5 architecture: the 1024 and
 768 presets' largest buckets, batch 1, the baseline (the preset as written: AdamW fp32 states, gradient
-checkpointing) and `training.memory: lean`. The base model is a header-only `.safetensors` written from the
+checkpointing), `training.memory: lean` (the text encoder's outputs cached, as lean does by default) and lean with
+`text_cache.mode: none` (the text encoder resident in bf16 and run every step). The base model is a header-only `.safetensors` written from the
 full-size checkpoint's key/shape fixture (no weights: the estimate reads only the architecture).
 
-    .venv/bin/python bench/bench_estimate.py [--out bench/out/estimate.json] [--method auto|tally|memtracker]
+    .venv/bin/python bench/bench_estimate.py [--out bench/out/estimate.json] [--method tally|memtracker]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def header_only_checkpoint(out: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "estimate.json"))
-    parser.add_argument("--method", default="auto")
+    parser.add_argument("--method", default="tally")  # MemTracker refuses the frozen text encoder and VAE
     parser.add_argument("--presets", default="1024,768")
     args = parser.parse_args()
     from bp_trainer.train import config as C
@@ -49,13 +50,15 @@ def main() -> int:
     (work / "data").mkdir()
     rows = []
     for preset in args.presets.split(","):
-        for plan in ("manual", "lean"):
+        for plan, text_cache in (("manual", "auto"), ("lean", "auto"), ("lean", "none")):
             raw = C.merge(C.preset(preset), {"model": {"base": str(base)}, "dataset": {"path": str(work / "data")},
-                                             "training": {"memory": plan, "batch_size": 1}})
+                                             "training": {"memory": plan, "batch_size": 1},
+                                             "text_cache": {"mode": text_cache}})
             cfg = C.validate(raw)
             t0 = time.perf_counter()
             r = estimate_run(cfg, method=args.method)
-            r.update(preset=preset, plan=plan, seconds=round(time.perf_counter() - t0, 1))
+            r.update(preset=preset, plan=plan if text_cache == "auto" else f"{plan}, text_cache none",
+                     seconds=round(time.perf_counter() - t0, 1))
             rows.append(r)
             print(json.dumps({k: r[k] for k in ("preset", "plan", "peak_gib", "bucket", "parts", "method", "seconds")}),
                   flush=True)

@@ -98,7 +98,7 @@ def _buckets_of_all_images(data: Path):
     return {os.path.relpath(it.path, data).replace(os.sep, "/"): sizes[i] for it, i in zip(scan.items, ids)}
 
 
-def _hand_loss(parts, unet, data: Path, key: str, bucket, seed: int, K: int = 4) -> float:
+def _hand_loss(parts, unet, data: Path, key: str, bucket, seed: int, K: int = 4, embeddings=None) -> float:
     """One image's validation loss exactly as docs/training.md derives it (no code of the validation module)."""
     from bp_trainer.dataset import load_image_for_bucket
     from bp_trainer.train.models import encode_captions
@@ -115,7 +115,8 @@ def _hand_loss(parts, unet, data: Path, key: str, bucket, seed: int, K: int = 4)
         t = torch.tensor([math.floor((k + float(u[k])) * T / K) for k in range(K)])
         noise = torch.randn((K, *latent.shape[1:]), generator=g)
         caption = (data / key).with_suffix(".txt").read_text().strip()  # as written: no shuffle, no dropout
-        cond = encode_captions(parts["text_encoder"], parts["tokenizer"], [caption], clip_skip=2, max_chunks=3)
+        cond = encode_captions(parts["text_encoder"], parts["tokenizer"], [caption], clip_skip=2, max_chunks=3,
+                               embeddings=embeddings)
         x = latent.expand(K, -1, -1, -1)
         pred = unet(sched.add_noise(x, noise, t), t, cond.expand(K, -1, -1)).sample
         per_t = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
@@ -305,3 +306,35 @@ def test_two_processes_give_the_one_process_validation_bit_for_bit(tiny_model_di
     assert [im.key for im in loop.validator.images] == start["validation_images"]
     one = loop.validator.run(loop, ema=True).to_event()
     assert (one["loss"], one["ema_loss"], one["buckets"]) == (two[4]["loss"], two[4]["ema_loss"], two[4]["buckets"])
+
+
+def test_validation_conditions_with_the_tag_embeddings_being_trained(tiny_model_dir, dataset, tmp_path):
+    """Held-out captions hold the trained tags as users will type them: their validation loss is computed with
+    the run's vectors (encode_captions with embeddings is checked against the WebUI's insertion rule elsewhere)."""
+    from bp_trainer.dataset.demo import ARTISTS
+    from bp_trainer.dataset import scan_dataset
+    from bp_trainer.train.embeddings import plan_embeddings
+    from bp_trainer.train.tag_embeddings import TagEmbeddings
+
+    cfg = make_cfg(tiny_model_dir, dataset, tmp_path, ema={"enabled": False},
+                   dataset={"tag_dropout": 0.0, "caption_dropout": 0.0},  # every training caption keeps its tag
+                   embeddings={"tags": sorted(ARTISTS), "lr": 0.05})
+    run_dir = tmp_path / "run"
+    assert _train(cfg, run_dir)["reason"] == "finished"
+    held = sorted(next(e for e in read_all(run_dir) if e["type"] == "start")["validation_images"])
+    got = _validations(run_dir)[4]["loss"]
+
+    parts = _base_parts(cfg)
+    unet = parts["unet"]
+    state = run_dir / "state" / "step-00000004"
+    unet.load_state_dict(load_file(str(state / "model.safetensors")))
+    captions = [it.caption for it in scan_dataset(dataset).items]
+    plans = plan_embeddings(cfg.embeddings, captions, parts["tokenizer"], underscores_to_spaces=False,
+                            warn=lambda m: None)
+    emb = TagEmbeddings.create(plans, parts["text_encoder"].get_input_embeddings().weight.detach())
+    emb.load_state(state)
+    buckets = _buckets_of_all_images(dataset)
+    with_vectors = [_hand_loss(parts, unet, dataset, k, buckets[k], seed=9, embeddings=emb) for k in held]
+    assert got == math.fsum(with_vectors) / len(held)  # bit for bit
+    plain = [_hand_loss(parts, unet, dataset, k, buckets[k], seed=9) for k in held]
+    assert got != math.fsum(plain) / len(held)  # the pieces alone give another loss
