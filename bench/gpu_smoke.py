@@ -598,12 +598,13 @@ def full_raw(setup: FullSetup, model_dir: Path, data_dir: Path, runs: Path, name
 
 def lean_overlay(bf16: bool) -> Dict[str, Any]:
     """The lean-memory options (issue 11) laid over the baseline: Adafactor stepped per parameter during the
-    backward pass (no global clipping there), bf16 weights where bf16 is native, latents cached."""
+    backward pass (no global clipping there), bf16 weights where bf16 is native, latents and the frozen text
+    encoder's outputs cached (both encoders leave the GPU before the first step)."""
     training: Dict[str, Any] = {"gradient_checkpointing": True, "optimizer": "adafactor", "fused_backward": True,
                                 "max_grad_norm": 0.0}
     if bf16:
         training.update(weights="bf16", mixed_precision="bf16")
-    return {"training": training, "latents": {"cache": "memory"}}
+    return {"training": training, "latents": {"cache": "memory"}, "text_cache": {"mode": "memory"}}
 
 
 def build_full_model(folder: Path, arch: str, cuda: bool) -> Dict[str, Any]:
