@@ -105,3 +105,28 @@ def test_auto_is_resolved_by_the_trainer_and_recorded(tiny_model_dir, tmp_path):
     assert plan["tried"][0]["peak_bytes"] < 0.5 * 2**30 and start["options"]["memory"] == "manual"
     saved = C.load_config(run_dir / "config.yaml")
     assert saved.training.memory == "manual" and saved.training.gradient_checkpointing is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory, text_cache", [("manual", "none"), ("lean", "none"), ("lean", "auto")])
+def test_torchs_memtracker_traces_the_whole_run_and_agrees(tiny_model_dir, tiny_components, tmp_path, memory,
+                                                           text_cache):
+    """A second tracker on the same run estimate: torch's MemTracker (it refuses frozen parameters, so the estimate
+    holds the frozen text encoder and VAE as buffers while it traces) against StorageTally. Latents cached: the VAE
+    encodes a batch image by image, and MemTracker refuses a module called twice in one step."""
+    from bp_trainer.train.estimate import estimate_run
+    from bp_trainer.train.memory import memtracker_available
+
+    if not memtracker_available():
+        pytest.fail("this torch has no MemTracker (torch >= 2.5 is in requirements.txt)")
+    (tmp_path / "data").mkdir()
+    cfg = C.validate({"model": {"base": str(tiny_model_dir)}, "dataset": {"path": str(tmp_path / "data")}, "arb": ARB,
+                      "training": {"batch_size": 2, "memory": memory}, "text_cache": {"mode": text_cache},
+                      "latents": {"cache": "memory"}})
+    tally, tracked = estimate_run(cfg, method="tally"), estimate_run(cfg, method="memtracker")
+    assert tracked["method"] == "MemTracker" and tally["method"] == "StorageTally"
+    assert tracked["parts"]["parameters"] == tally["parts"]["parameters"]  # the same resident weights, exactly
+    unet, te = tiny_components["unet"], tiny_components["text_encoder"]
+    resident_te = 0 if tally["options"]["text_cached"] else _bytes(te, 2)
+    assert tally["parts"]["parameters"] >= _bytes(unet, 2) + resident_te
+    assert abs(tracked["peak_bytes"] - tally["peak_bytes"]) <= 0.05 * tally["peak_bytes"]

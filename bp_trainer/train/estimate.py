@@ -2,9 +2,10 @@
 empty from the base model's configs (read from its header or config files, no weights), at the largest bucket of the
 config's `arb:` block and its batch size, optimizer, precision, checkpointing and caching, traced under torch's
 `FakeTensorMode` (bp_trainer.train.memory): no GPU, nothing computed. Counted with memory.py's StorageTally, which
-works on the trainer environment's torch 2.1 as on newer ones (torch's MemTracker, torch >= 2.5, agrees with it on
-the UNet step — tests/test_train_memory.py — but refuses modules whose parameters are frozen, as the text
-encoder's are here).
+works on the trainer environment's torch 2.1 as on newer ones. torch's MemTracker (torch >= 2.5; `method="memtracker"`,
+the benchmarks' cross-check) agrees with it (tests/test_train_estimate.py): it refuses frozen parameters, so the frozen
+text encoder and VAE are held as buffers while it traces, and a module called twice in one step, so it cannot trace a
+step whose VAE encodes a batch image by image (uncached latents, batch > 1).
 
     bp-train train --config run.yaml [--preset 1024] [--memory lean] --estimate-memory --json
 

@@ -143,10 +143,11 @@ def _tracked_objects(traced: Traced) -> List[Any]:
 def _peak_with_memtracker(traced: Traced, step: Callable[[Traced], Any]) -> Tuple[int, MemoryParts]:
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    tracker = MemTracker()  # one iteration per tracker
-    tracker.track_external(*_tracked_objects(traced))
-    with tracker:
-        step(traced)
+    with _frozen_as_buffers(traced.modules) as frozen_bytes:
+        tracker = MemTracker()  # one iteration per tracker
+        tracker.track_external(*_tracked_objects(traced))
+        with tracker:
+            step(traced)
     per_device = tracker.get_tracker_snapshot("peak")
     snap = max(per_device.values(), key=lambda d: d.get("Total", 0))
     parts = dict.fromkeys(PARTS, 0)
@@ -154,7 +155,37 @@ def _peak_with_memtracker(traced: Traced, step: Callable[[Traced], Any]) -> Tupl
         name = str(getattr(key, "value", key))
         if name in _MEMTRACKER_PARTS:
             parts[_MEMTRACKER_PARTS[name]] += int(nbytes)
+    moved = min(frozen_bytes, parts["other"])  # the frozen weights were filed as buffers: they are parameters
+    parts["other"] -= moved
+    parts["parameters"] += moved
     return int(snap.get("Total", sum(parts.values()))), MemoryParts(**parts)
+
+
+@contextlib.contextmanager
+def _frozen_as_buffers(modules: Tuple[torch.nn.Module, ...]) -> Iterator[int]:
+    """MemTracker hooks every parameter of a module it sees run and refuses those that need no gradient (a frozen
+    text encoder or VAE, the clip-skipped CLIP layers): hold them as buffers while tracing (the same tensors, the
+    same forward). Yields their bytes (they are counted as buffers; the caller files them as parameters)."""
+    moved: List[Tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    seen = set()
+    for module in modules:
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and not p.requires_grad:
+                    del sub._parameters[name]
+                    sub._buffers[name] = p
+                    moved.append((sub, name, p))
+    total = 0
+    for _, _, p in moved:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    try:
+        yield total
+    finally:
+        for sub, name, p in moved:
+            sub._buffers.pop(name, None)
+            sub._parameters[name] = p
 
 
 def _peak_with_tally(traced: Traced, step: Callable[[Traced], Any]) -> Tuple[int, MemoryParts]:

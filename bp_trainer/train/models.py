@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
@@ -44,15 +45,18 @@ def tokenize_chunks(tokenizer: Any, captions: Sequence[str], max_chunks: int) ->
 def encode_tokens(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
     """Hidden states (batch, chunks*77, dim) of token chunks (batch, chunks, 77) with WebUI clip skip."""
     b, n, length = tokens.shape
-    flat = tokens.reshape(b * n, length).to(next(text_encoder.parameters()).device)
+    weight = next(itertools.chain(text_encoder.parameters(), text_encoder.buffers()))  # (a traced estimate holds
+    flat = tokens.reshape(b * n, length).to(weight.device)                               # frozen weights as buffers)
     if clip_skip <= 1:
         hidden = text_encoder(flat, return_dict=True).last_hidden_state
     else:
         out = text_encoder(flat, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states[-clip_skip]
         inner = getattr(text_encoder, "module", text_encoder)  # a DDP-wrapped encoder (trained, several GPUs)
-        final_ln = getattr(getattr(inner, "text_model", inner), "final_layer_norm")
-        hidden = final_ln(hidden)
+        ln = getattr(getattr(inner, "text_model", inner), "final_layer_norm")
+        # LayerNorm.forward itself, called as a function: the module already ran inside the encoder, and torch's
+        # MemTracker (the memory estimate's cross-check) refuses a module called twice in one step
+        hidden = torch.nn.functional.layer_norm(hidden, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     return hidden.reshape(b, n * length, hidden.shape[-1])
 
 
