@@ -39,8 +39,9 @@ def header_only_checkpoint(out: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "estimate.json"))
-    parser.add_argument("--method", default="tally")  # MemTracker refuses the frozen text encoder and VAE
+    parser.add_argument("--method", default="tally", help="tally (as the product) or memtracker (the cross-check)")
     parser.add_argument("--presets", default="1024,768")
+    parser.add_argument("--batches", default="1", help="batch sizes, e.g. 1,4")
     args = parser.parse_args()
     from bp_trainer.train import config as C
     from bp_trainer.train.estimate import estimate_run
@@ -49,19 +50,22 @@ def main() -> int:
     base = header_only_checkpoint(work / "sd15-header-only.safetensors")
     (work / "data").mkdir()
     rows = []
-    for preset in args.presets.split(","):
-        for plan, text_cache in (("manual", "auto"), ("lean", "auto"), ("lean", "none")):
-            raw = C.merge(C.preset(preset), {"model": {"base": str(base)}, "dataset": {"path": str(work / "data")},
-                                             "training": {"memory": plan, "batch_size": 1},
-                                             "text_cache": {"mode": text_cache}})
-            cfg = C.validate(raw)
-            t0 = time.perf_counter()
-            r = estimate_run(cfg, method=args.method)
-            r.update(preset=preset, plan=plan if text_cache == "auto" else f"{plan}, text_cache none",
-                     seconds=round(time.perf_counter() - t0, 1))
-            rows.append(r)
-            print(json.dumps({k: r[k] for k in ("preset", "plan", "peak_gib", "bucket", "parts", "method", "seconds")}),
-                  flush=True)
+    cases = [(preset, int(batch), plan, text_cache) for batch in args.batches.split(",")
+             for preset in args.presets.split(",")
+             for plan, text_cache in (("manual", "auto"), ("lean", "auto"), ("lean", "none"))]
+    for preset, batch, plan, text_cache in cases:
+        raw = C.merge(C.preset(preset), {"model": {"base": str(base)}, "dataset": {"path": str(work / "data")},
+                                         "training": {"memory": plan, "batch_size": batch},
+                                         "text_cache": {"mode": text_cache}})
+        cfg = C.validate(raw)
+        t0 = time.perf_counter()
+        r = estimate_run(cfg, method=args.method)
+        r.update(preset=preset, plan=plan if text_cache == "auto" else f"{plan}, text_cache none",
+                 seconds=round(time.perf_counter() - t0, 1))
+        rows.append(r)
+        print(json.dumps({k: r[k] for k in ("preset", "plan", "batch_size", "peak_gib", "bucket", "parts", "method",
+                                            "seconds")}),
+              flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -315,6 +315,19 @@ def _modules_movable(mode: Any) -> Iterator[None]:
         meta.tensor_memo = weakref.WeakValueDictionary(meta.tensor_memo)
 
 
+def real_tensors() -> Any:
+    """A context in which torch makes real tensors again inside FakeTensorMode: `unset_fake_temporarily` (torch >=
+    2.2), else the dispatch modes set aside (torch 2.1, the trainer environment's)."""
+    from torch._subclasses import fake_tensor
+
+    unset = getattr(fake_tensor, "unset_fake_temporarily", None)
+    if unset is not None:
+        return unset()
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 @contextlib.contextmanager
 def _bitsandbytes_tables_real() -> Iterator[None]:
     """bitsandbytes' 8-bit optimizers build their 256-entry quantisation tables with `.tolist()`, which fake
@@ -324,12 +337,10 @@ def _bitsandbytes_tables_real() -> Iterator[None]:
     except Exception:  # noqa: BLE001 - not installed, or its native library does not load
         yield
         return
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     original = Optimizer8bit.fill_qmap
 
     def fill_qmap(self: Any) -> None:
-        with unset_fake_temporarily():
+        with real_tensors():
             original(self)
 
     Optimizer8bit.fill_qmap = fill_qmap

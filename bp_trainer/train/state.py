@@ -138,8 +138,9 @@ def load_state(accelerator: Any, state_dir: Path, *, ema: Any, generator: torch.
     GPU reads the whole optimizer state into host RAM first (AdamW's fp32 states of SD 1.5 are 9.6 GiB, more than
     many 8 GB-card machines have spare), then copies it over. On the device the states land where they stay, and
     the models' transient copy (one UNet) comes before any optimizer state exists, so the GPU peak stays below a
-    training step's."""
-    accelerator.load_state(str(state_dir), map_location="on_device")
+    training step's. On a CPU both are the same memory."""
+    on_device = getattr(accelerator.device, "type", "cpu") != "cpu"  # (accelerate names a CPU "cpu:0": refused)
+    accelerator.load_state(str(state_dir), map_location="on_device" if on_device else "cpu")
     trainer = json.loads((state_dir / "trainer.json").read_text(encoding="utf-8"))
     rng_file = state_dir / f"rng-rank{accelerator.process_index}.pt"
     if rng_file.exists():
