@@ -19,7 +19,8 @@ What it does:
    the WebUI's (`shared.sd_model.get_learned_conditioning`, through the probe): max abs difference; and the plain
    caption's difference, to show the vectors matter;
 4. the WebUI's prompt-box counter (`modules.ui.update_token_counter`) against BP Train's `POST /bp-train/v1/tokens`,
-   and that the Tokens tab's chip renderer draws each embedding as one chip.
+   and that the Tokens tab's chip renderer draws each embedding as one chip; with `--browser`, the same typed into
+   txt2img and the Tokens tab in Debian's chromium.
 
 Exit code 0 when every difference is <= --tol and every count agrees; the published files stay in place
 (remove EMB_DIR/bp-train/ yourself).
@@ -81,6 +82,43 @@ def webui_cond(url: str, prompt: str, clip_skip: int) -> "tuple[torch.Tensor, li
     return torch.from_numpy(arr.copy()), ans.get("emphasis_means") or []
 
 
+def browser_check(url: str, prompts: list, shots: "str | None") -> list:
+    """In Debian's chromium (Playwright): each prompt typed into txt2img (the WebUI's own counter) and into the
+    Tokens tab (its count and its embedding chips: one chip per embedding, however many vectors)."""
+    from playwright.sync_api import sync_playwright
+
+    rows = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60000)
+        page.goto(url)
+        page.wait_for_selector("#txt2img_prompt textarea")
+        for i, prompt in enumerate(prompts):
+            page.click("#tabs .tab-nav button:has-text('txt2img')")
+            page.fill("#txt2img_prompt textarea", prompt)
+            page.wait_for_timeout(2500)  # the WebUI's counter runs a second after typing stops
+            txt2img = page.inner_text("#txt2img_token_counter").strip()
+            page.click("#tabs .tab-nav button:has-text('BP Train')")
+            page.click("#bp_train_tabs .tab-nav button:has-text('Tokens')")
+            page.fill("#bp_train_tok_prompt textarea", prompt)
+            page.wait_for_selector("#bp_train_tok_chips .prose .bp-chip-embedding")
+            page.wait_for_timeout(1500)  # the chips follow the text box (every prompt here counts differently)
+            chips = page.locator("#bp_train_tok_chips .prose .bp-chip-embedding")
+            tips = [chips.nth(k).get_attribute("data-tip") for k in range(chips.count())]
+            row = {"prompt": prompt, "txt2img": txt2img, "tokens_tab": page.inner_text("#bp_train_token_count").strip(),
+                   "chips": len(tips), "chip_tips": tips,
+                   "embeddings": sum(prompt.count(n) for n in ("fuzichoco", "by amanogawa kyousuke", "hoshizora mitsuki"))}
+            rows.append(row)
+            print(f"browser: txt2img counter {row['txt2img']}, Tokens tab {row['tokens_tab']}, embedding chips "
+                  f"{row['chips']} {tips}  {prompt[:40]!r}")
+            if shots:
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                page.locator("#bp_train_tok_chips .prose").screenshot(path=str(Path(shots) / f"tokens-{i}.png"))
+        browser.close()
+    return rows
+
+
 def plan(tok, te, tags, captions, vectors=None):
     from bp_trainer.train import config as C
     from bp_trainer.train.embeddings import plan_embeddings
@@ -100,6 +138,9 @@ def main() -> int:
     ap.add_argument("--out", help="where the run-like export goes (default: a temporary folder)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--browser", action="store_true", help="also type the prompts into txt2img and the Tokens tab in "
+                    "Debian's chromium (Playwright) and compare the counters and the embedding chips")
+    ap.add_argument("--shots", help="with --browser: save the Tokens tab's chips as PNGs here")
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--emphasis", default="Original,None",
                     help="the WebUI's emphasis modes to measure under (comma-separated; restored afterwards)")
@@ -192,6 +233,10 @@ def main() -> int:
                                   "embeddings": used, "embedding_chips": emb_chips})
         print(f"count: WebUI {webui_count}  /bp-train/v1/tokens {ours_count}  embeddings {used}  "
               f"embedding chips {emb_chips}{'' if good else '   <-- MISMATCH'}  {prompt[:50]!r}")
+
+    if args.browser:
+        results["browser"] = browser_check(args.url, [p for _c, p in PROMPTS], args.shots)
+        ok &= all(r["txt2img"] == r["tokens_tab"] and r["chips"] == r["embeddings"] for r in results["browser"])
 
     results["max_abs_diff"], results["ok"] = worst, bool(ok)
     print(f"worst finite max abs difference {worst:.3g} (tol {args.tol}); {'OK' if ok else 'FAILED'}")
