@@ -82,7 +82,7 @@ def webui_cond(url: str, prompt: str, clip_skip: int) -> "tuple[torch.Tensor, li
     return torch.from_numpy(arr.copy()), ans.get("emphasis_means") or []
 
 
-def browser_check(url: str, prompts: list, shots: "str | None") -> list:
+def browser_check(url: str, prompts: list, shots: "str | None", names: list) -> list:
     """In Debian's chromium (Playwright): each prompt typed into txt2img (the WebUI's own counter) and into the
     Tokens tab (its count and its embedding chips: one chip per embedding, however many vectors)."""
     from playwright.sync_api import sync_playwright
@@ -102,13 +102,14 @@ def browser_check(url: str, prompts: list, shots: "str | None") -> list:
             page.click("#tabs .tab-nav button:has-text('BP Train')")
             page.click("#bp_train_tabs .tab-nav button:has-text('Tokens')")
             page.fill("#bp_train_tok_prompt textarea", prompt)
-            page.wait_for_selector("#bp_train_tok_chips .prose .bp-chip-embedding")
+            if any(n in prompt for n in names):
+                page.wait_for_selector("#bp_train_tok_chips .prose .bp-chip-embedding")
             page.wait_for_timeout(1500)  # the chips follow the text box (every prompt here counts differently)
             chips = page.locator("#bp_train_tok_chips .prose .bp-chip-embedding")
             tips = [chips.nth(k).get_attribute("data-tip") for k in range(chips.count())]
             row = {"prompt": prompt, "txt2img": txt2img, "tokens_tab": page.inner_text("#bp_train_token_count").strip(),
                    "chips": len(tips), "chip_tips": tips,
-                   "embeddings": sum(prompt.count(n) for n in ("fuzichoco", "by amanogawa kyousuke", "hoshizora mitsuki"))}
+                   "embeddings": sum(prompt.count(n) for n in names)}
             rows.append(row)
             print(f"browser: txt2img counter {row['txt2img']}, Tokens tab {row['tokens_tab']}, embedding chips "
                   f"{row['chips']} {tips}  {prompt[:40]!r}")
@@ -137,6 +138,9 @@ def main() -> int:
     ap.add_argument("--embeddings-dir", required=True, help="the WebUI's --embeddings-dir")
     ap.add_argument("--out", help="where the run-like export goes (default: a temporary folder)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--embedding", action="append", help="instead of making embeddings: a run's exported "
+                    "RUN_DIR/embeddings/<name>.safetensors, already published into EMB_DIR/bp-train/ (repeatable; "
+                    "--checkpoint: the run's trained checkpoint, loaded in the WebUI)")
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--browser", action="store_true", help="also type the prompts into txt2img and the Tokens tab in "
                     "Debian's chromium (Playwright) and compare the counters and the embedding chips")
@@ -147,7 +151,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from bp_trainer.checkpoint.convert import load_diffusers_components
-    from bp_trainer.run_controller import publish_embedding
+    from bp_trainer.run_controller import PUBLISH_SUBDIR, publish_embedding
     from bp_trainer.train.models import encode_captions
     from bp_trainer.train.tag_embeddings import TagEmbeddings
     from bp_trainer.ui import render
@@ -158,17 +162,35 @@ def main() -> int:
     te, tok = parts["text_encoder"].float().eval(), parts["tokenizer"]
     del parts
     captions = [c for c, _ in PROMPTS]
-    plans_a, init_a = plan(tok, te, ["fuzichoco", "by_amanogawa_kyousuke"], captions)
-    plans_b, init_b = plan(tok, te, ["hoshizora mitsuki"], captions, vectors=2)
-    emb = TagEmbeddings(plans_a + plans_b, init_a + init_b)
-    gen = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():  # "trained" vectors: moved by half their own spread, deterministically
-        for v in emb.vectors:
-            v.add_(0.5 * v.std() * torch.randn(v.shape, generator=gen))
-    out = Path(args.out or tempfile.mkdtemp(prefix="bp-emb-fidelity-"))
-    records = emb.export(out / "run", metadata={"bp_train_step": "1", "bp_base_model": Path(args.checkpoint).name})
-    published = {r["name"]: str(publish_embedding(r["path"], args.embeddings_dir)) for r in records}
-    results: dict = {"embeddings": [{"name": r["name"], "tag": r["tag"], "vectors": r["vectors"],
+    if args.embedding:  # a run's files, as published: compared as they are (the WebUI already loaded them)
+        plans, vectors, published = [], [], {}
+        for f in args.embedding:
+            from safetensors import safe_open
+
+            with safe_open(f, framework="pt") as fh:
+                tensor, tag = fh.get_tensor("emb_params").float(), (fh.metadata() or {}).get("bp_embedding_tag")
+            if not tag:
+                raise SystemExit(f"{f}: no bp_embedding_tag in its metadata (not a BP Train export)")
+            p, init = plan(tok, te, [tag], captions, vectors=tensor.shape[0])
+            plans += p
+            vectors.append(tensor)
+            published[p[0].name] = str(Path(args.embeddings_dir) / PUBLISH_SUBDIR / Path(f).name)
+            print(f"{f}: moved from its initial vectors by max {float((tensor - init[0]).abs().max()):.3g}")
+        emb = TagEmbeddings(plans, vectors)
+        records = [{"name": p.name, "tag": p.tag, "vectors": p.vectors} for p in plans]
+    else:
+        plans_a, init_a = plan(tok, te, ["fuzichoco", "by_amanogawa_kyousuke"], captions)
+        plans_b, init_b = plan(tok, te, ["hoshizora mitsuki"], captions, vectors=2)
+        emb = TagEmbeddings(plans_a + plans_b, init_a + init_b)
+        gen = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():  # "trained" vectors: moved by half their own spread, deterministically
+            for v in emb.vectors:
+                v.add_(0.5 * v.std() * torch.randn(v.shape, generator=gen))
+        out = Path(args.out or tempfile.mkdtemp(prefix="bp-emb-fidelity-"))
+        records = emb.export(out / "run", metadata={"bp_train_step": "1", "bp_base_model": Path(args.checkpoint).name})
+        published = {r["name"]: str(publish_embedding(r["path"], args.embeddings_dir)) for r in records}
+    results: dict = {"checkpoint": args.checkpoint,
+                     "embeddings": [{"name": r["name"], "tag": r["tag"], "vectors": r["vectors"],
                                      "pieces": len(p.init_ids), "published": published[r["name"]]}
                                     for r, p in zip(records, emb.plans)], "cond": [], "counts": []}
     for e in results["embeddings"]:
@@ -196,6 +218,8 @@ def main() -> int:
         for emphasis in args.emphasis.split(","):
             call(args.url, "/sdapi/v1/options", {"emphasis": emphasis})
             for caption, prompt in PROMPTS:
+                if args.embedding:  # the `_` forms of the captions are the trained ones'; others read as typed
+                    caption = prompt
                 for clip_skip in (1, 2):
                     with torch.no_grad():
                         ours = encode_captions(te, tok, [caption], clip_skip=clip_skip, max_chunks=8, embeddings=emb)
@@ -235,7 +259,7 @@ def main() -> int:
               f"embedding chips {emb_chips}{'' if good else '   <-- MISMATCH'}  {prompt[:50]!r}")
 
     if args.browser:
-        results["browser"] = browser_check(args.url, [p for _c, p in PROMPTS], args.shots)
+        results["browser"] = browser_check(args.url, [p for _c, p in PROMPTS], args.shots, emb.names)
         ok &= all(r["txt2img"] == r["tokens_tab"] and r["chips"] == r["embeddings"] for r in results["browser"])
 
     results["max_abs_diff"], results["ok"] = worst, bool(ok)
