@@ -219,6 +219,10 @@ class StorageTally(TorchDispatchMode):
             self._refile(p.grad, "gradients")
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if kwargs and kwargs.get("generator") is not None:
+            # fake tensors hold no values, so a generator changes nothing here; torch 2.1's fake random ops (the
+            # WebUI's torch, where the trainer env inside the WebUI runs) refuse one (`assert generator is None`)
+            kwargs = dict(kwargs, generator=None)
         out = func(*args, **(kwargs or {}))
         if self._optimizer_depth:
             part = "optimizer"
@@ -284,6 +288,19 @@ def _modules_movable(mode: Any) -> Iterator[None]:
         meta.tensor_memo = weakref.WeakValueDictionary(meta.tensor_memo)
 
 
+def _real_tensors_temporarily() -> Any:
+    """A context in which tensors are real again inside a FakeTensorMode: torch's `unset_fake_temporarily`
+    (torch >= 2.2); on torch 2.1 (the WebUI's, where the trainer env inside the WebUI runs) every dispatch mode is
+    popped for the moment, the fake mode with them."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        return _disable_current_modes()
+    return unset_fake_temporarily()
+
+
 @contextlib.contextmanager
 def _bitsandbytes_tables_real() -> Iterator[None]:
     """bitsandbytes' 8-bit optimizers build their 256-entry quantisation tables with `.tolist()`, which fake
@@ -293,12 +310,10 @@ def _bitsandbytes_tables_real() -> Iterator[None]:
     except Exception:  # noqa: BLE001 - not installed, or its native library does not load
         yield
         return
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     original = Optimizer8bit.fill_qmap
 
     def fill_qmap(self: Any) -> None:
-        with unset_fake_temporarily():
+        with _real_tensors_temporarily():
             original(self)
 
     Optimizer8bit.fill_qmap = fill_qmap
