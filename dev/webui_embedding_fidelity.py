@@ -5,7 +5,14 @@ extensions folder and `--checkpoint` loaded (the harness in /work/shared/webui-h
 
     ln -s "$PWD/dev/webui_probe" "$WEBUI/extensions/bp-dev-probe"      # then (re)start the WebUI
     .venv/bin/python dev/webui_embedding_fidelity.py --checkpoint "$WEBUI/models/Stable-diffusion/random-sd15.safetensors" \
-        --embeddings-dir "$WEBUI/embeddings" [--url http://127.0.0.1:7861] [--out DIR] [--json results.json]
+        --embeddings-dir "$WEBUI/embeddings" [--url http://127.0.0.1:7861] [--out DIR] [--json results.json] \
+        [--browser [--shots DIR]] [--emphasis Original,None]
+    # a finished run's files instead (its trained checkpoint loaded in the WebUI, its embedding published):
+    .venv/bin/python dev/webui_embedding_fidelity.py --checkpoint "$WEBUI/models/Stable-diffusion/bp-train/RUN-s000002.safetensors" \
+        --embeddings-dir "$WEBUI/embeddings" --embedding RUN_DIR/embeddings/fuzichoco.safetensors
+
+The trainer env inside the WebUI (`trainer-venv/bin/python`, with PYTHONPATH=. and HF_HUB_OFFLINE=1) runs it too
+(without --browser): that is the torch the trainer uses there.
 
 What it does:
 1. loads the checkpoint's text encoder and tokenizer the trainer's way (`load_diffusers_components`), plans tag
