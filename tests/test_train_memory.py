@@ -131,22 +131,3 @@ def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="auto, memtracker or tally"):
         estimate_peak(mlp_build(OptimizerSpec()), mlp_step, method="guess")
 
-
-@pytest.mark.parametrize("torch_21", [False, True])
-def test_tables_are_real_inside_the_fake_trace_on_every_torch(monkeypatch, torch_21):
-    """bitsandbytes builds its quantisation tables with `.tolist()` while the estimate traces with fake tensors:
-    they are built as real tensors, also on torch 2.1 (the trainer environment), which has no
-    `unset_fake_temporarily`."""
-    from torch._subclasses import fake_tensor
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from bp_trainer.train.memory import real_tensors
-
-    if torch_21:
-        monkeypatch.delattr(fake_tensor, "unset_fake_temporarily", raising=False)
-    with FakeTensorMode():
-        assert isinstance(torch.zeros(3), fake_tensor.FakeTensor)
-        with real_tensors():
-            table = torch.linspace(-1, 1, 5)
-            assert table.tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
-        assert isinstance(torch.zeros(3), fake_tensor.FakeTensor)  # fake again afterwards

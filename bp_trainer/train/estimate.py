@@ -157,7 +157,7 @@ def estimate_run(cfg: RunConfig, *, method: str = "tally") -> Dict[str, Any]:
         loop.cache = _CachedLatents(latent) if cached else None
         width = int(getattr(loop.models.text_encoder.config, "hidden_size", 768))
         loop.text_cache = _CachedText(cfg, width, loop.weight_dtype) if text_cached else None
-        loop.generator = None  # fake noise needs no generator (torch 2.1 refuses one for fake tensors)
+        loop.generator = torch.Generator("cpu").manual_seed(0)  # (the tally drops it: torch 2.1's fake ops refuse one)
         loop._setup_optimizer()
         resident = ((loop.models.unet,) + (() if text_cached else (loop.models.text_encoder,))
                     + (() if cached else (loop.models.vae,)))

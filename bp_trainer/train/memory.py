@@ -250,6 +250,10 @@ class StorageTally(TorchDispatchMode):
             self._refile(p.grad, "gradients")
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if kwargs and kwargs.get("generator") is not None:
+            # fake tensors hold no values, so a generator changes nothing here; torch 2.1's fake random ops (the
+            # WebUI's torch, where the trainer env inside the WebUI runs) refuse one (`assert generator is None`)
+            kwargs = dict(kwargs, generator=None)
         out = func(*args, **(kwargs or {}))
         if self._optimizer_depth:
             part = "optimizer"
