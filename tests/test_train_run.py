@@ -197,3 +197,32 @@ def test_text_encoder_training_checkpointing_v_prediction_and_disk_cache(tiny_mo
     assert misses > 0 and len(list((tmp_path / "cache").glob("*.safetensors"))) == misses
     train(cfg, tmp_path / "b")  # a second run over the same images reuses every cached latent
     assert read_all(tmp_path / "b")[-1]["latent_cache"]["misses"] == 0
+
+
+SDPA_BF16_BACKWARD = """
+import sys, torch, torch.nn.functional as F
+from bp_trainer.train.run import avoid_cpu_flash_attention
+print(avoid_cpu_flash_attention(torch.device("cpu")))
+torch.manual_seed(0)
+for d in (40, 80, 160):  # SD 1.5's attention head sizes
+    for lq, lk in ((96, 96), (96, 77), (24, 77), (6, 6)):
+        q, k, v = (torch.randn(1, 8, n, d, dtype=torch.bfloat16, requires_grad=True) for n in (lq, lk, lk))
+        F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+print("ok")
+"""
+
+
+def test_bf16_attention_backward_on_a_cpu_does_not_crash_the_trainer(repo_root):
+    """torch 2.1.2's CPU flash-attention kernel (the WebUI's torch, where the trainer env runs) dies with "double free
+    or corruption" in this backward pass; the trainer sends SDPA down its math path there. On this torch the kernel
+    is fine and is kept. In a subprocess: a crash must not take pytest with it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SDPA_BF16_BACKWARD], cwd=repo_root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "ok", out.stderr[-2000:]
+    from bp_trainer.train.run import avoid_cpu_flash_attention
+
+    assert out.stdout.split()[0] == str(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 2))
+    assert avoid_cpu_flash_attention(torch.device("cuda"), "2.1.2") is False  # a GPU keeps its kernels

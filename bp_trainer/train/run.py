@@ -51,6 +51,19 @@ def gpu_capability() -> "tuple[int, int] | None":
     return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
 
 
+def avoid_cpu_flash_attention(device: Any, version: str = torch.__version__) -> bool:
+    """torch 2.1's CPU flash-attention kernel corrupts memory in a bf16 backward pass at SD 1.5's head sizes (the
+    process dies with "double free or corruption"; found with the full-size UNet in the WebUI's trainer environment,
+    torch 2.1.2; torch 2.13 is fine). On a CPU with torch < 2.2, SDPA takes its math path instead: the CPU kernel
+    obeys CUDA's flash switch. True when it did so. (The memory estimate never runs kernels and keeps the flash
+    path's O(n) memory.)"""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    if getattr(device, "type", "cpu") != "cpu" or (major, minor) >= (2, 2):
+        return False
+    torch.backends.cuda.enable_flash_sdp(False)
+    return True
+
+
 def make_accelerator(cfg: RunConfig, rd: RunDir) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -89,6 +102,7 @@ def train(cfg: RunConfig, run_dir: "str | os.PathLike[str]", *, resume: bool = F
 
     rd = RunDir(os.path.abspath(run_dir))
     accelerator = make_accelerator(cfg, rd)
+    avoid_cpu_flash_attention(accelerator.device)
     main = accelerator.is_main_process
     if main:
         rd.path.mkdir(parents=True, exist_ok=True)
