@@ -231,3 +231,18 @@ def test_the_tab_and_the_api_show_the_caches_being_filled():
     assert "encoding" not in progress_html(view.summary()) and view.status == "running"
     assert summarize(filling)["preparing"] == {"what": "latents", "done": 120, "total": 5000}
     assert summarize(filling + [{"type": "start", "total_steps": 10}])["preparing"] is None
+
+
+def test_a_conditioning_stored_in_the_autocast_dtype_gives_the_same_unet_output(tiny_components):
+    """Why the cache may store bf16: under bf16 autocast the UNet reads the conditioning only through its
+    cross-attention projections, which cast it to bf16 themselves, so a bf16-stored conditioning gives the same
+    prediction, bit for bit, as the encoder's own fp32 output."""
+    unet = tiny_components["unet"]
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 154, 32, generator=g) * 3
+    t = torch.tensor([10, 700])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = unet(x, t, cond).sample
+        stored = unet(x, t, cond.to(torch.bfloat16)).sample
+        other = unet(x, t, cond.to(torch.float16).float()).sample  # rounded another way: the cond does matter
+    assert torch.equal(fresh, stored) and not torch.equal(fresh, other)
