@@ -246,3 +246,34 @@ def test_a_conditioning_stored_in_the_autocast_dtype_gives_the_same_unet_output(
         stored = unet(x, t, cond.to(torch.bfloat16)).sample
         other = unet(x, t, cond.to(torch.float16).float()).sample  # rounded another way: the cond does matter
     assert torch.equal(fresh, stored) and not torch.equal(fresh, other)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_disk_cache_and_keep_identical_weights(tiny_model_dir, small_dataset, tmp_path):
+    """Two gloo processes: each encodes its share of the caption variants into the disk cache, then both train from
+    all of them (identical weights on both ranks at the end)."""
+    import json
+
+    from bp_trainer import launcher
+    from bp_trainer.dataset import scan_dataset
+    from bp_trainer.rundir import RunDir
+
+    runs = tmp_path / "runs"
+    cfg = _run_cfg(tiny_model_dir, small_dataset, runs, run={"num_processes": 2},
+                   training={"max_steps": 4, "batch_size": 1}, text_cache={"mode": "disk"},
+                   latents={"cache": "disk"}, logging={"record_batches": True})
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    handle = launcher.start_run(cfg, use_cpu=True, env=env)
+    assert handle.wait(timeout=600) == 0, (handle.run_dir / "train.log").read_text()[-3000:]
+    processor = CaptionProcessor(shuffle=True, keep_first=1, tag_dropout=0.2, caption_dropout=0.2)
+    texts = {t for it in scan_dataset(small_dataset).items for t in CaptionVariants(processor, 3, 5).texts(it.caption,
+                                                                                                         it.path)}
+    assert len(list((runs / "text_cache").rglob("*.safetensors"))) == len(texts)  # both shares, nothing twice
+
+    def final(rank):
+        lines = RunDir(handle.run_dir).batches(rank).read_text().splitlines()
+        return [json.loads(x)["weights"] for x in lines if '"final"' in x][-1]
+
+    assert final(0) == final(1)
+    done = [e for e in read_all(handle.run_dir) if e["type"] == "done"][-1]
+    assert done["step"] == 4
