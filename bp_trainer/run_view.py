@@ -100,8 +100,10 @@ class RunView:
         except (TypeError, ValueError):
             t = None
         if kind == "prepare":
-            what = {"text": "caption variants"}.get(str(ev.get("what")), str(ev.get("what") or ""))
-            self.preparing = f"encoding {what} {_int(ev.get('done')) or 0}/{_int(ev.get('total')) or 0}"
+            from bp_trainer.train.events import prepare_label
+
+            done, total = _int(ev.get("done")) or 0, _int(ev.get("total")) or 0
+            self.preparing = f"encoding {prepare_label(dict(ev))} {done}/{total}"
         elif kind == "start":
             self.preparing = None
             self.status = "running"

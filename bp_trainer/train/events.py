@@ -76,12 +76,17 @@ class EventWriter:
             self._fh = None
 
 
+def prepare_label(event: Dict[str, Any]) -> str:
+    """What a `prepare` event says is being encoded, in words."""
+    what = str(event.get("what") or "")
+    return {"text": "caption variants"}.get(what, what)
+
+
 def human_line(event: Dict[str, Any]) -> str:
     """One readable line for an event (terminal output, UI logs)."""
     t = event.get("type")
     if t == "prepare":
-        what = {"latents": "latents", "text": "caption variants"}.get(str(event.get("what")), event.get("what"))
-        return f"preparing: {what} encoded {event.get('done')}/{event.get('total')}"
+        return f"preparing: {prepare_label(event)} encoded {event.get('done')}/{event.get('total')}"
     if t == "start":
         return (f"start: {event.get('images')} images, {event.get('total_steps')} steps, "
                 f"{event.get('world_size')} process(es), run folder {event.get('run_dir')}")

@@ -17,6 +17,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from bp_trainer.train.cache_files import read_keyed, write_keyed
+
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """A short identity of the VAE's weights (a hash of a few of its tensors' bytes and all shapes)."""
@@ -55,30 +57,10 @@ class LatentCache:
     def has(self, key: str) -> bool:
         if self.mode == "memory":
             return key in self._mem
-        return self._read_key(self._file(key)) == key
-
-    @staticmethod
-    def _read_key(file: Path) -> Optional[str]:
-        if not file.exists():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as fh:
-                return (fh.metadata() or {}).get("key")
-        except Exception:  # noqa: BLE001 - a damaged cache file is a miss
-            return None
+        return read_keyed(self._file(key), key, "latent", load=False) is not None
 
     def get(self, key: str) -> Optional[torch.Tensor]:
-        if self.mode == "memory":
-            t = self._mem.get(key)
-        else:
-            file = self._file(key)
-            t = None
-            if self._read_key(file) == key:
-                from safetensors.torch import load_file
-
-                t = load_file(str(file))["latent"]
+        t = self._mem.get(key) if self.mode == "memory" else read_keyed(self._file(key), key, "latent")
         if t is not None:
             self.hits += 1
         return t
@@ -89,12 +71,7 @@ class LatentCache:
         if self.mode == "memory":
             self._mem[key] = latent
             return
-        from safetensors.torch import save_file
-
-        from bp_trainer.fsutil import atomic_path
-
-        with atomic_path(self._file(key)) as tmp:
-            save_file({"latent": latent}, str(tmp), metadata={"key": key})
+        write_keyed(self._file(key), key, "latent", latent)
 
     @staticmethod
     def generator_for(key: str) -> torch.Generator:

@@ -167,21 +167,15 @@ def _frozen_as_buffers(modules: Tuple[torch.nn.Module, ...]) -> Iterator[int]:
     text encoder or VAE, the clip-skipped CLIP layers): hold them as buffers while tracing (the same tensors, the
     same forward). Yields their bytes (they are counted as buffers; the caller files them as parameters)."""
     moved: List[Tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
-    seen = set()
     for module in modules:
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and not p.requires_grad:
-                    del sub._parameters[name]
-                    sub._buffers[name] = p
+                    sub._buffers[name] = sub._parameters.pop(name)
                     moved.append((sub, name, p))
-    total = 0
-    for _, _, p in moved:
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
+    unique = {id(p): p for _, _, p in moved}.values()  # a tied weight counts once
     try:
-        yield total
+        yield sum(p.numel() * p.element_size() for p in unique)
     finally:
         for sub, name, p in moved:
             sub._buffers.pop(name, None)

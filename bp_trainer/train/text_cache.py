@@ -7,8 +7,8 @@ number of 77-token chunks with the output of the empty chunk, as `encode_caption
 
 Entries are keyed by the text and an identity of everything the output depends on (the text encoder's weights,
 the tokenizer, clip skip, the chunk limit, the dtype). On disk each text has one file
-`DIR/<hh>/<sha1>.safetensors` whose metadata holds its identity and text (a stale or foreign file is re-encoded and
-replaced atomically), so runs with the same encoder share the folder.
+`DIR/<hh>/<sha1>.safetensors` whose metadata holds its identity and text (`cache_files`: a stale or foreign file is
+re-encoded and replaced atomically), so runs with the same encoder share the folder.
 
 Values are stored in the autocast dtype of the run (bf16/fp16): the UNet reads the conditioning only through its
 cross-attention projections, which autocast casts to that dtype anyway, so the cached run computes the same as an
@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from bp_trainer.errors import BPError
+from bp_trainer.train.cache_files import read_keyed, write_keyed
 
 EMPTY = ""
 
@@ -69,26 +70,16 @@ class TextCache:
         assert self.dir is not None
         return self.dir / digest[:2] / f"{digest[2:26]}.safetensors"
 
-    def _read(self, text: str, *, load: bool) -> Optional[torch.Tensor]:
-        file = self._file(text)
-        if not file.exists():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                if meta.get("identity") != self.identity or meta.get("text") != text:
-                    return None
-                return fh.get_tensor("cond") if load else torch.empty(0)
-        except Exception:  # noqa: BLE001 - a damaged cache file is a miss (it is re-encoded and replaced)
-            return None
+    def _key(self, text: str) -> str:
+        return f"{self.identity}|{text}"  # (the identity is 16 hex digits: the text is the rest)
 
     def has(self, text: str) -> bool:
-        return text in self._mem if self.mode == "memory" else self._read(text, load=False) is not None
+        if self.mode == "memory":
+            return text in self._mem
+        return read_keyed(self._file(text), self._key(text), "cond", load=False) is not None
 
     def get(self, text: str) -> Optional[torch.Tensor]:
-        return self._mem.get(text) if self.mode == "memory" else self._read(text, load=True)
+        return self._mem.get(text) if self.mode == "memory" else read_keyed(self._file(text), self._key(text), "cond")
 
     def put(self, text: str, cond: torch.Tensor) -> None:
         cond = cond.detach().to("cpu", self.dtype).contiguous()
@@ -96,14 +87,7 @@ class TextCache:
         if self.mode == "memory":
             self._mem[text] = cond
             return
-        from safetensors.torch import save_file
-
-        from bp_trainer.fsutil import atomic_path
-
-        file = self._file(text)
-        file.parent.mkdir(exist_ok=True)
-        with atomic_path(file) as tmp:
-            save_file({"cond": cond}, str(tmp), metadata={"identity": self.identity, "text": text})
+        write_keyed(self._file(text), self._key(text), "cond", cond)
 
     def missing(self, texts: Iterable[str]) -> List[str]:
         return [t for t in dict.fromkeys(texts) if not self.has(t)]
