@@ -105,3 +105,19 @@ def tiny_run_raw(model_dir, data, runs, **sections) -> dict:
     for sec, body in sections.items():
         raw.setdefault(sec, {}).update(body)
     return raw
+
+
+def train_until_stopped(train, cfg, run_dir, step: int) -> dict:
+    """`train(cfg, run_dir)` stopped after `step` through RUN_DIR/STOP (as the tab's Stop does), the STOP file removed
+    afterwards so that a resume continues; returns the first run's result."""
+    from bp_trainer.rundir import RunDir
+
+    stop_file = RunDir(run_dir).stop_file
+
+    def stop_at(event):
+        if event["type"] == "step" and event["step"] == step:
+            stop_file.write_text("")
+
+    result = train(cfg, run_dir, on_event=stop_at)
+    stop_file.unlink()
+    return result

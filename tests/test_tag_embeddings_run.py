@@ -15,6 +15,7 @@ from safetensors import safe_open
 from bp_trainer.train import config as C
 from bp_trainer.train.embeddings import auto_tags, embedding_name
 from bp_trainer.train.events import read_all
+from conftest import train_until_stopped
 
 pytestmark = pytest.mark.slow
 
@@ -153,12 +154,7 @@ def test_resume_with_embeddings_is_bit_exact(base_file, dataset, tmp_path):
     train(cfg, tmp_path / "full")
     part = tmp_path / "part"
 
-    def stop_at_2(event):
-        if event["type"] == "step" and event["step"] == 2:
-            (part / "STOP").write_text("")
-
-    assert train(cfg, part, on_event=stop_at_2)["step"] == 2
-    (part / "STOP").unlink()
+    assert train_until_stopped(train, cfg, part, 2)["step"] == 2
     assert train(cfg, part, resume=True)["step"] == 4
     losses = {d: {e["step"]: e["loss"] for e in read_all(tmp_path / d) if e["type"] == "step"} for d in ("full", "part")}
     assert losses["full"] == losses["part"] and len(losses["full"]) == 4

@@ -14,7 +14,7 @@ from bp_trainer.dataset import CaptionProcessor, CaptionVariants, split_tags
 from bp_trainer.train import config as C
 from bp_trainer.train.events import read_all
 from bp_trainer.train.text_cache import TextCache
-from conftest import tiny_run_raw
+from conftest import tiny_run_raw, train_until_stopped
 
 CAPTION = "1girl, solo, long_hair, smile, blue_eyes, hat, outdoors, sky"
 
@@ -170,12 +170,7 @@ def test_a_cached_run_resumes_exactly_and_reuses_its_disk_cache(tiny_model_dir, 
 
     part = tmp_path / "part"
 
-    def stop_at_3(event):
-        if event["type"] == "step" and event["step"] == 3:
-            (part / "STOP").write_text("")
-
-    assert train(cfg, part, on_event=stop_at_3)["step"] == 3
-    (part / "STOP").unlink()
+    assert train_until_stopped(train, cfg, part, 3)["step"] == 3
     assert train(cfg, part, resume=True)["step"] == 6
     events = read_all(part)
     assert {e["step"]: e["loss"] for e in events if e["type"] == "step"} == full

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from bp_trainer.train import config as C
 from bp_trainer.train.events import read_all
+from conftest import train_until_stopped
 
 pytestmark = pytest.mark.slow
 
@@ -130,13 +131,8 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tiny_model_dir, sm
 
     part_dir = tmp_path / "part"
 
-    def stop_at_3(event):
-        if event["type"] == "step" and event["step"] == 3:
-            (part_dir / "STOP").write_text("")
-
-    first = train(cfg, part_dir, on_event=stop_at_3)
+    first = train_until_stopped(train, cfg, part_dir, 3)
     assert first["reason"] == "stopped" and first["step"] == 3
-    (part_dir / "STOP").unlink()
     second = train(cfg, part_dir, resume=True)
     assert second["reason"] == "finished" and second["step"] == 6
     events = read_all(part_dir)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from bp_trainer.train import config as C
 from bp_trainer.train.events import read_all
+from conftest import train_until_stopped
 
 pytestmark = pytest.mark.slow
 
@@ -180,13 +181,8 @@ def test_rerun_and_stop_resume_give_identical_validation(tiny_model_dir, dataset
     full = _validations(full_dir)
     assert sorted(full) == [2, 4, 6] and full[6]["evaluations"] == 3
 
-    def stop_at_4(event):
-        if event["type"] == "step" and event["step"] == 4:
-            (part_dir / "STOP").write_text("")
-
-    first = _train(cfg, part_dir, on_event=stop_at_4)
+    first = train_until_stopped(_train, cfg, part_dir, 4)
     assert first["reason"] == "stopped" and first["step"] == 4
-    (part_dir / "STOP").unlink()
     assert _train(cfg, part_dir, resume=True)["step"] == 6
     assert _validations(part_dir) == full  # losses, per-bucket losses, best step and counts
 
